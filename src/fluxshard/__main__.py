@@ -1,0 +1,3 @@
+from fluxshard.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""The ``fluxshard`` command line: one typer app, one module per command group.
+
+Every command turns :class:`~fluxshard.errors.FluxShardError` into a one-line ``error: ...`` on stderr and
+a non-zero exit code, so scripts can rely on the exit status and users never see a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from fluxshard.errors import FluxShardError
+
+app = typer.Typer(
+    name="fluxshard",
+    help="Motion-aware incremental CNN inference on video.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Imported here so that `fluxshard --help` stays fast and a broken optional part cannot break the rest.
+    from fluxshard.cli import data as data_cmd
+    from fluxshard.cli import motion as motion_cmd
+
+    app.add_typer(data_cmd.app, name="data")
+    motion_cmd.register(app)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except FluxShardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

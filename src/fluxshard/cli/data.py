@@ -35,7 +35,7 @@ def fetch(
     from fluxshard.data.fetch import fetch as do_fetch
 
     for name, path in do_fetch(names or None, progress=not quiet).items():
-        _out.print(f"{name}\t{path}", markup=False)
+        typer.echo(f"{name}\t{path}")
 
 
 @app.command()
@@ -45,7 +45,7 @@ def path(name: Annotated[str, typer.Argument(help="Clip name.")]) -> None:
 
     if name not in CLIPS:
         raise DataError(f"unknown clip {name!r}; known clips: {', '.join(CLIPS)}")
-    _out.print(clip_path(name, progress=True), markup=False)
+    typer.echo(clip_path(name, progress=True))
 
 
 @app.command("list")
@@ -110,5 +110,5 @@ def ptz(
 
         meta = make_ptz_clip(source, out, trajectory, size=wh, frames=frames, seed=seed,
                              fps=fps, crf=crf, codec_options=options, still=still, progress=tick)
-    _out.print(str(out), markup=False)
-    _out.print(str(meta), markup=False)
+    typer.echo(str(out))
+    typer.echo(str(meta))

@@ -1,5 +1,9 @@
-"""Test and demo data: verified real clips (:mod:`.fetch`) and virtual PTZ clips with exact camera motion."""
+"""Test and demo data: verified real clips (:mod:`.fetch`), virtual PTZ clips with exact motion (:mod:`.ptz`).
 
-from fluxshard.data.fetch import CLIPS, ClipSpec, cache_dir, clip_path, fetch
+``fetch`` itself is not re-exported so that ``fluxshard.data.fetch`` always names the module; call
+``fluxshard.data.fetch.fetch(...)``.
+"""
 
-__all__ = ["CLIPS", "ClipSpec", "cache_dir", "clip_path", "fetch"]
+from fluxshard.data.fetch import CLIPS, ClipSpec, cache_dir, clip_path
+
+__all__ = ["CLIPS", "ClipSpec", "cache_dir", "clip_path"]

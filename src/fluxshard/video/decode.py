@@ -23,7 +23,7 @@ from fluxshard.errors import VideoError
 
 #: Codecs whose FFmpeg decoders export motion vectors (mpegvideo family and H.264).
 MV_CODECS = frozenset(
-    {"h264", "mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "wmv1", "wmv2", "mpeg1video", "mpeg2video",
+    {"h264", "mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "msmpeg4", "wmv1", "wmv2", "mpeg1video", "mpeg2video",
      "h263", "h263p", "flv1"}
 )
 _PICT_NAMES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}

@@ -1,0 +1,80 @@
+"""Codec motion vectors → a sanitised integer field on a fixed block grid.
+
+Rules (decided here, documented in docs/design.md; the loops live in ``_kernels.codec_field``):
+
+* Vectors are rasterised onto a 4-pixel cell grid (the smallest H.264 partition), so 16×16, 16×8, 8×16,
+  8×8 and 4×4 partitions all land where they belong, then pooled to the requested block size.
+* ``motion / motion_scale`` is the sub-pixel displacement into the reference (``src − dst``); it is rounded
+  to the nearest integer with ties away from zero (symmetric: +0.5 and −0.5 both move one pixel).
+* B-frames give up to two rows per block: only the past reference (``source < 0``) is used; blocks
+  predicted only from the future are not covered (their content is in no past frame's cache).
+* A block is covered only if every cell it has carries a past vector (an intra macroblock leaves its cells
+  empty); its displacement is the majority vector of its cells, and a block where no vector covers half of
+  its cells is incoherent. Uncovered or incoherent blocks are invalid.
+* Reference span: x264 with ``ref > 1`` (and B-frames whose past anchor lies several frames back) gives
+  vectors into frame ``t − k`` with no reference index. Each vector ``v`` is resolved to the previous
+  displayed frame by testing ``round(v / k)`` for ``k = 1..max_ref_span`` on a 4×4 grid of luma samples
+  per block (a constant-velocity hypothesis, verified); k = 1 wins unless another candidate is better by
+  ``verify_margin``; candidates are only tried while the best so far is worse than ``verify_good``
+  (a block the one-frame hypothesis already explains needs no alternative). If even the best candidate's sampled mean |Δ| exceeds ``verify_tau`` → invalid.
+* Optional *fill* (on by default): an invalid block of an inter frame tries the MV-guided candidates of
+  seed 001 §4.1 — zero motion and its valid 4-neighbours' vectors — on the same sample grid and becomes
+  valid (flagged in ``field.filled``) if the best has sampled mean |Δ| ≤ ``fill_tau``. Encoders pick intra
+  modes for rate reasons too; without this, such blocks would always be recomputed.
+* I-frames, key frames and scene cuts (more than ``scene_cut_intra`` of the blocks uncovered) → all
+  invalid, nothing filled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fluxshard.motion import _kernels
+from fluxshard.motion.field import MotionField
+
+CELL = _kernels.CELL
+
+
+@dataclass(frozen=True)
+class CodecMVConfig:
+    block: int = 16
+    max_ref_span: int = 4
+    verify: bool = True
+    verify_tau: float = 24.0
+    verify_margin: float = 1.0
+    verify_good: float = 2.0  # a candidate this close needs no alternatives (early exit)
+    fill: bool = True
+    fill_tau: float = 3.0
+    scene_cut_intra: float = 0.6
+
+
+def field_from_mvs(
+    mvs: np.ndarray | None,
+    height: int,
+    width: int,
+    pict_type: str,
+    key_frame: bool,
+    cur_luma: np.ndarray | None = None,
+    prev_luma: np.ndarray | None = None,
+    config: CodecMVConfig | None = None,
+) -> MotionField:
+    """Sanitised integer field into the previous displayed frame from one frame's codec vectors."""
+    cfg = config or CodecMVConfig()
+    b = cfg.block
+    if b % CELL or b < CELL:
+        raise ValueError(f"block size must be a multiple of {CELL}, got {b}")
+    intra = pict_type == "I" or key_frame
+    if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
+        return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
+    cell = 8 if b % 8 == 0 and min(int(mvs["w"].min()), int(mvs["h"].min())) >= 8 else CELL
+    dy, dx, valid, covered, filled = _kernels.codec_field(
+        mvs["source"], mvs["w"], mvs["h"], mvs["dst_x"], mvs["dst_y"], mvs["motion_x"], mvs["motion_y"],
+        mvs["motion_scale"], height, width, b, cell, cur_luma, prev_luma,
+        cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau, cfg.verify_margin, cfg.verify_good,
+        cfg.fill, cfg.fill_tau,
+    )
+    if 1.0 - covered.mean() > cfg.scene_cut_intra:
+        return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
+    return MotionField(dy, dx, valid, b, height, width, frame_type=pict_type, source="codec", filled=filled)

@@ -1,0 +1,59 @@
+"""Alignment check: warp a reference frame block by block with a field and find the residual set.
+
+This is the input-level residual set of seed 000 (Stage 2): blocks whose motion-aligned reference does not
+reproduce the current frame. A block is residual when its vector is invalid, its source leaves the
+reference frame, or the mean absolute luma difference after alignment exceeds ``tau``. The same check with
+the zero field gives the residual set a static-camera (delta) method would have to recompute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fluxshard.motion.field import MotionField
+
+
+def warp_blocks(ref: np.ndarray, field: MotionField) -> np.ndarray:
+    """Reference pixels moved onto the current grid: ``out[y, x] = ref[y + dy(b), x + dx(b)]``.
+
+    Works for H×W or H×W×C arrays; samples outside the reference are clamped to its border (callers that
+    need exactness use :meth:`MotionField.source_inside`).
+    """
+    h, w = ref.shape[:2]
+    b = field.block
+    hb, wb = field.shape
+    yy = np.arange(hb * b).reshape(hb, b)[:, :, None] + field.dy[:, None, :]  # (hb, b, wb)
+    xx = np.arange(wb * b).reshape(wb, b)[None, :, :] + field.dx[:, :, None]  # (hb, wb, b)
+    yy = np.clip(yy, 0, h - 1)
+    xx = np.clip(xx, 0, w - 1)
+    # out[(i, r), (j, c)] = ref[yy[i, r, j], xx[i, j, c]]
+    rows = yy.transpose(0, 2, 1)[:, :, :, None]  # (hb, wb, b, 1)
+    cols = xx[:, :, None, :]  # (hb, wb, 1, b)
+    out = ref[rows, cols]  # (hb, wb, b, b[, C])
+    out = out.transpose(0, 2, 1, 3, *range(4, out.ndim)).reshape(hb * b, wb * b, *ref.shape[2:])
+    return out[:h, :w]
+
+
+def block_mad(cur: np.ndarray, aligned: np.ndarray, block: int) -> np.ndarray:
+    """Mean |cur − aligned| per block (over pixels and channels); partial edge blocks use their pixels."""
+    h, w = cur.shape[:2]
+    hb, wb = -(-h // block), -(-w // block)
+    d = np.abs(cur.astype(np.int16) - aligned.astype(np.int16))
+    if d.ndim == 3:
+        d = d.mean(axis=2, dtype=np.float32)
+    pad = np.zeros((hb * block, wb * block), np.float32)
+    cnt = np.zeros_like(pad)
+    pad[:h, :w] = d
+    cnt[:h, :w] = 1
+    s = pad.reshape(hb, block, wb, block).sum(axis=(1, 3))
+    n = cnt.reshape(hb, block, wb, block).sum(axis=(1, 3))
+    return s / n
+
+
+def residual_blocks(
+    cur: np.ndarray, ref: np.ndarray, field: MotionField, tau: float = 6.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Residual mask (Hb, Wb) and per-block MAD of ``cur`` against ``ref`` aligned with ``field``."""
+    mad = block_mad(cur, warp_blocks(ref, field), field.block)
+    residual = ~field.valid | ~field.source_inside() | (mad > tau)
+    return residual, mad

@@ -380,17 +380,21 @@ def make_ptz_clip(
     segments, records = plan_trajectory(trajectory, geom, frames, seed)
     total = len(records)
     writer = VideoWriter(out, fps=fps or src_fps, crf=crf, options=codec_options)
-    with writer:
-        for rec, (k, rgb) in zip(records, _source_frames(str(src), still, total), strict=False):
-            if rgb.shape[:2] != (geom.src_h, geom.src_w):
-                raise VideoError(f"{src}: frame {k} is {rgb.shape[1]}x{rgb.shape[0]}, "
-                                 f"first frame was {geom.src_w}x{geom.src_h}")
-            rec["source_frame"] = k
-            writer.write(resample(rgb, rec["affine"], size))
-            if progress is not None:
-                progress(writer.frames, total)
-    if writer.frames != total:
-        raise VideoError(f"{src}: only {writer.frames} of {total} PTZ frames could be rendered")
+    try:
+        with writer:
+            for rec, (k, rgb) in zip(records, _source_frames(str(src), still, total), strict=False):
+                if rgb.shape[:2] != (geom.src_h, geom.src_w):
+                    raise VideoError(f"{src}: frame {k} is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                     f"first frame was {geom.src_w}x{geom.src_h}")
+                rec["source_frame"] = k
+                writer.write(resample(rgb, rec["affine"], size))
+                if progress is not None:
+                    progress(writer.frames, total)
+        if writer.frames != total:
+            raise VideoError(f"{src}: only {writer.frames} of {total} PTZ frames could be rendered")
+    except BaseException:
+        out.unlink(missing_ok=True)  # a clip without its ground truth must not look usable
+        raise
     meta = {
         "source": str(src),
         "source_size": [geom.src_w, geom.src_h],

@@ -295,3 +295,19 @@ def test_cli_ptz(tmp_path: Path) -> None:
     assert isinstance(res.exception, DataError) and "pan:fast:3" in str(res.exception)
     res = CliRunner().invoke(app, ["ptz", "vtest", str(out), "--size", "big"])
     assert isinstance(res.exception, DataError) and "WIDTHxHEIGHT" in str(res.exception)
+
+
+def test_main_entry_reports_errors_in_one_line(tmp_path: Path) -> None:
+    """Through ``python -m fluxshard``: bad input is an ``error:`` line and exit status 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    src_dir = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src_dir), os.environ.get("PYTHONPATH", "")])}
+    out = str(tmp_path / "x.mp4")
+    cmd = [sys.executable, "-m", "fluxshard", "data", "ptz", "vtest", out, "-t", "zoom:0:3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == "error: trajectory segment 'zoom:0:3': zoom factor must be > 0"
+    assert not (tmp_path / "x.mp4").exists()

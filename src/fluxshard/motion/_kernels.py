@@ -192,3 +192,35 @@ def codec_field(
                 if filled[i, j]:
                     valid[i, j] = True
     return dy, dx, valid, covered, filled
+
+
+@njit(cache=True, nogil=True)
+def aligned_block_mad(cur, ref, dy, dx, block: int):  # noqa: ANN001
+    """Per-block mean |cur − ref shifted by the block's (dy, dx)| over all pixels of H×W luma.
+
+    Also returns whether each displaced block lies inside ``ref``; outside samples are clamped to the
+    border. Avoids materialising the warped frame: one pass over the current frame's pixels.
+    """
+    height = cur.shape[0]
+    width = cur.shape[1]
+    hb, wb = dy.shape
+    mad = np.zeros((hb, wb), np.float32)
+    inside = np.ones((hb, wb), np.bool_)
+    for i in range(hb):
+        y0 = i * block
+        y1 = min(y0 + block, height)
+        for j in range(wb):
+            x0 = j * block
+            x1 = min(x0 + block, width)
+            oy = dy[i, j]
+            ox = dx[i, j]
+            if y0 + oy < 0 or x0 + ox < 0 or y1 + oy > height or x1 + ox > width:
+                inside[i, j] = False
+            acc = 0
+            for y in range(y0, y1):
+                ry = min(max(y + oy, 0), height - 1)
+                for x in range(x0, x1):
+                    rx = min(max(x + ox, 0), width - 1)
+                    acc += abs(np.int32(cur[y, x]) - np.int32(ref[ry, rx]))
+            mad[i, j] = acc / ((y1 - y0) * (x1 - x0))
+    return mad, inside

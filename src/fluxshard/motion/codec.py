@@ -35,6 +35,7 @@ from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 CELL = _kernels.CELL
+_COLUMNS = ("source", "w", "h", "dst_x", "dst_y", "motion_x", "motion_y", "motion_scale")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ def field_from_mvs(
     if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
     cell = 8 if b % 8 == 0 and min(int(mvs["w"].min()), int(mvs["h"].min())) >= 8 else CELL
+    cols = [np.ascontiguousarray(mvs[c], np.int32) for c in _COLUMNS]  # one kernel signature for all codecs
     dy, dx, valid, covered, filled = _kernels.codec_field(
-        mvs["source"], mvs["w"], mvs["h"], mvs["dst_x"], mvs["dst_y"], mvs["motion_x"], mvs["motion_y"],
-        mvs["motion_scale"], height, width, b, cell, cur_luma, prev_luma,
+        *cols, height, width, b, cell, np.ascontiguousarray(cur_luma), np.ascontiguousarray(prev_luma),
         cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau, cfg.verify_margin, cfg.verify_good,
         cfg.fill, cfg.fill_tau,
     )

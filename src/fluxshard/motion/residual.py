@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 
@@ -51,9 +52,11 @@ def block_mad(cur: np.ndarray, aligned: np.ndarray, block: int) -> np.ndarray:
 
 
 def residual_blocks(
-    cur: np.ndarray, ref: np.ndarray, field: MotionField, tau: float = 6.0
+    cur: np.ndarray, ref: np.ndarray, field: MotionField, tau: float = 4.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Residual mask (Hb, Wb) and per-block MAD of ``cur`` against ``ref`` aligned with ``field``."""
-    mad = block_mad(cur, warp_blocks(ref, field), field.block)
-    residual = ~field.valid | ~field.source_inside() | (mad > tau)
+    """Residual mask (Hb, Wb) and per-block MAD of luma ``cur`` against ``ref`` aligned with ``field``."""
+    if cur.ndim != 2 or cur.shape != ref.shape:
+        raise ValueError(f"residual_blocks needs two equal H×W luma frames, got {cur.shape} and {ref.shape}")
+    mad, inside = _kernels.aligned_block_mad(cur, ref, field.dy, field.dx, field.block)
+    residual = ~field.valid | ~inside | (mad > tau)
     return residual, mad

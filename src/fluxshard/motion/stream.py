@@ -70,6 +70,7 @@ class MotionStream:
         self.mv_source: str = "codec" if mv_source != "blockmatch" and self.info.codec_has_mvs else "blockmatch"
         self._forced = mv_source
         self.timings = Timings()
+        _warm_up(block)
 
     def __iter__(self) -> Iterator[MotionFrame]:
         prev: DecodedFrame | None = None
@@ -113,3 +114,20 @@ def iter_motion(path: str | Path, **kwargs: object) -> Iterator[MotionFrame]:
 
 def mean_or_zero(values: list[float]) -> float:
     return float(np.mean(values)) if values else 0.0
+
+
+_WARM: set[int] = set()
+
+
+def _warm_up(block: int) -> None:
+    """Load (or compile) the numba kernels before timing starts: a one-off per process, not per frame."""
+    if block in _WARM:
+        return
+    from fluxshard.motion import _kernels
+
+    z = np.zeros((block * 2, block * 2), np.uint8)
+    mv = np.zeros(1, np.int32)
+    _kernels.codec_field(mv - 1, mv + 16, mv + 16, mv + 8, mv + 8, mv, mv, mv + 4, 2 * block, 2 * block, block,
+                         8 if block % 8 == 0 else 4, z, z, True, 4, 24.0, 1.0, 2.0, True, 3.0)
+    _kernels.aligned_block_mad(z, z, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
+    _WARM.add(block)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from synth import SynthClip, make_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def clip_p(synth_dir: Path) -> SynthClip:
+    """P-frames only, one reference frame: the codec's vectors are the truth."""
+    return make_clip(synth_dir / "p.mp4")
+
+
+@pytest.fixture(scope="session")
+def clip_b(synth_dir: Path) -> SynthClip:
+    """Two B-frames between anchors (display order ≠ decode order, two rows per block)."""
+    return make_clip(synth_dir / "b.mp4", options={"bf": "2", "x264-params": "b-adapt=0"})
+
+
+@pytest.fixture(scope="session")
+def clip_ref(synth_dir: Path) -> SynthClip:
+    """Four reference frames: x264 points many vectors 2-4 frames back."""
+    return make_clip(synth_dir / "ref.mp4", options={"refs": "4"})
+
+
+@pytest.fixture(scope="session")
+def clip_hevc(synth_dir: Path) -> SynthClip:
+    """HEVC: FFmpeg exports no motion vectors, so the block-matching fallback must be used."""
+    return make_clip(synth_dir / "hevc.mp4", codec="libx265")

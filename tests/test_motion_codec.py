@@ -1,0 +1,158 @@
+"""Motion front-end against clips with known per-block motion (synthetic) and known camera motion (PTZ)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synth import SynthClip, make_clip
+
+from fluxshard.data.fetch import clip_path
+from fluxshard.data.ptz import load_ptz_meta, make_ptz_clip, ptz_displacement
+from fluxshard.motion import CodecMVConfig, MotionField, MotionStream, field_from_mvs
+from fluxshard.motion.field import grid_shape
+
+
+def field_accuracy(clip: SynthClip, block: int = 16, **kw: object) -> tuple[float, float, str, str]:
+    """(accuracy on valid known blocks, coverage of known blocks, mv source, frame types)."""
+    ms = MotionStream(clip.path, block=block, **kw)  # type: ignore[arg-type]
+    ok = tot = known_n = 0
+    types = ""
+    for mf in ms:
+        types += mf.frame.pict_type
+        if mf.index == 0:
+            assert not mf.field.valid.any()
+            continue
+        dy, dx, known = clip.truth(mf.index, block)
+        v = mf.field.valid & known
+        ok += int(((mf.field.dy == dy) & (mf.field.dx == dx) & v).sum())
+        tot += int(v.sum())
+        known_n += int(known.sum())
+    return ok / max(tot, 1), tot / max(known_n, 1), ms.mv_source, types
+
+
+def test_codec_field_matches_truth_p_frames(clip_p: SynthClip) -> None:
+    acc, cov, src, types = field_accuracy(clip_p)
+    assert src == "codec" and set(types[1:]) == {"P"}
+    assert acc >= 0.95 and cov >= 0.9, (acc, cov)
+
+
+def test_codec_field_block8(clip_p: SynthClip) -> None:
+    acc, cov, _, _ = field_accuracy(clip_p, block=8)
+    assert acc >= 0.95 and cov >= 0.85, (acc, cov)
+
+
+def test_b_frames_use_past_reference_in_display_order(clip_b: SynthClip) -> None:
+    acc, cov, src, types = field_accuracy(clip_b)
+    assert "B" in types and src == "codec"
+    assert acc >= 0.95 and cov >= 0.7, (acc, cov)
+
+
+def test_multi_reference_vectors_are_resolved(clip_ref: SynthClip) -> None:
+    acc, cov, _, _ = field_accuracy(clip_ref)
+    assert acc >= 0.95 and cov >= 0.9, (acc, cov)
+    # The sanitiser is what makes this work: taken at face value, x264's vectors span several frames.
+    raw_acc, _, _, _ = field_accuracy(clip_ref, codec_config=CodecMVConfig(verify=False, fill=False))
+    assert raw_acc < 0.8, raw_acc
+
+
+def test_hevc_falls_back_to_block_matching(clip_hevc: SynthClip) -> None:
+    acc, cov, src, _ = field_accuracy(clip_hevc)
+    assert src == "blockmatch"
+    assert acc >= 0.95 and cov >= 0.9, (acc, cov)
+
+
+def test_block_matching_on_h264_agrees_with_truth(clip_p: SynthClip) -> None:
+    acc, cov, src, _ = field_accuracy(clip_p, mv_source="blockmatch")
+    assert src == "blockmatch" and acc >= 0.95 and cov >= 0.9, (acc, cov)
+
+
+def _mv_rows(rows: list[tuple[int, int, int, int, int, int, int, int]]) -> np.ndarray:
+    dt = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
+                   ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"),
+                   ("motion_y", "<i4"), ("motion_scale", "<u2")])
+    a = np.zeros(len(rows), dt)
+    for k, (src, w, h, dx_, dy_, mx, my, sc) in enumerate(rows):
+        a[k] = (src, w, h, 0, 0, dx_, dy_, 0, mx, my, sc)
+    return a
+
+
+@pytest.mark.parametrize(("mx", "expect"), [(2, 1), (-2, -1), (6, 2), (-6, -2), (1, 0), (-1, 0), (3, 1), (5, 1)])
+def test_subpixel_rounding_half_away_from_zero(mx: int, expect: int) -> None:
+    luma = np.zeros((16, 16), np.uint8)
+    mvs = _mv_rows([(-1, 16, 16, 8, 8, mx, 0, 4)])
+    f = field_from_mvs(mvs, 16, 16, "P", False, luma, luma, CodecMVConfig(verify=False, fill=False))
+    assert f.valid[0, 0] and f.dx[0, 0] == expect and f.dy[0, 0] == 0
+
+
+def test_future_only_and_intra_blocks_are_invalid() -> None:
+    luma = np.zeros((16, 64), np.uint8)
+    # block 0: past vector; block 1: future only; block 2: no vector (intra); block 3: past + future
+    mvs = _mv_rows([(-1, 16, 16, 8, 8, 4, 0, 4), (1, 16, 16, 24, 8, 4, 0, 4),
+                    (-1, 16, 16, 56, 8, -4, 0, 4), (1, 16, 16, 56, 8, 8, 0, 4)])
+    cfg = CodecMVConfig(verify=False, fill=False)
+    f = field_from_mvs(mvs, 16, 64, "B", False, luma, luma, cfg)
+    assert f.valid.tolist() == [[True, False, False, True]]
+    assert f.dx[0, 3] == -1  # the past row, not the future one
+    # ... but too many uncovered blocks is a scene cut: everything invalid.
+    f = field_from_mvs(_mv_rows([(1, 16, 16, 8, 8, 0, 0, 4)]), 16, 64, "B", False, luma, luma, cfg)
+    assert f.scene_cut and not f.valid.any()
+
+
+def test_i_frames_are_all_invalid(clip_b: SynthClip) -> None:
+    for mf in MotionStream(clip_b.path):
+        if mf.frame.pict_type == "I":
+            assert mf.field.scene_cut and not mf.field.valid.any()
+
+
+def test_incoherent_block_is_invalid() -> None:
+    luma = np.zeros((16, 16), np.uint8)
+    quads = [(-1, 8, 8, 4 + 8 * (k % 2), 4 + 8 * (k // 2), 4 * k, 0, 4) for k in range(4)]
+    f = field_from_mvs(_mv_rows(quads), 16, 16, "P", False, luma, luma, CodecMVConfig(verify=False, fill=False))
+    assert not f.valid[0, 0]
+    same = [(-1, 8, 8, 4 + 8 * (k % 2), 4 + 8 * (k // 2), 8 if k < 3 else 0, 0, 4) for k in range(4)]
+    f = field_from_mvs(_mv_rows(same), 16, 16, "P", False, luma, luma, CodecMVConfig(verify=False, fill=False))
+    assert f.valid[0, 0] and f.dx[0, 0] == 2  # majority of the four 8×8 partitions
+
+
+def test_ptz_pan_field_agrees_with_camera_transform(tmp_path: Path) -> None:
+    out = tmp_path / "pan.mp4"
+    make_ptz_clip(clip_path("vtest"), out, "pan:3:12,tilt:-2:12,pause:4", size=(384, 288), still=True,
+                  codec_options={"bf": "0"})
+    meta = load_ptz_meta(out)
+    ms = MotionStream(out)
+    agree = tot = 0
+    for mf in ms:
+        if mf.index == 0:
+            continue
+        f = mf.field
+        hb, wb = grid_shape(f.height, f.width, f.block)
+        cy, cx = np.meshgrid(np.arange(hb) * 16 + 7.5, np.arange(wb) * 16 + 7.5, indexing="ij")
+        d = ptz_displacement(meta, mf.index, np.stack([cx.ravel(), cy.ravel()], 1)).reshape(hb, wb, 2)
+        truth_x, truth_y = np.rint(d[..., 0]), np.rint(d[..., 1])
+        v = f.valid & f.source_inside()
+        agree += int(((np.abs(f.dx - truth_x) <= 1) & (np.abs(f.dy - truth_y) <= 1) & v).sum())
+        tot += int(v.sum())
+    assert ms.mv_source == "codec" and tot > 0
+    assert agree / tot >= 0.9, agree / tot
+
+
+def test_zero_field_and_invalid_field_helpers() -> None:
+    z = MotionField.zero(20, 40, 16)
+    assert z.shape == (2, 3) and z.valid.all() and z.mean_motion_px() == 0
+    inv = MotionField.invalid(20, 40, 8)
+    assert inv.shape == (3, 5) and not inv.valid.any()
+
+
+def test_block_size_is_checked(clip_p: SynthClip) -> None:
+    from fluxshard.errors import FluxShardError
+
+    with pytest.raises(FluxShardError, match="block size"):
+        MotionStream(clip_p.path, block=12)
+
+
+def test_synthetic_object_moves_independently(synth_dir: Path) -> None:
+    clip = make_clip(synth_dir / "obj.mp4", bg=(0, 2), obj=(-3, 3), frames=10)
+    dy, dx, known = clip.truth(5, 16)
+    assert {(int(a), int(b)) for a, b in zip(dy[known], dx[known], strict=True)} == {(0, 2), (3, -3)}

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synth import SynthClip, make_clip  # noqa: E402
+from synth import SynthClip, make_clip
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import SynthClip, make_clip
 
 from fluxshard.data.fetch import clip_path
 from fluxshard.data.ptz import load_ptz_meta, make_ptz_clip, ptz_displacement
 from fluxshard.motion import CodecMVConfig, MotionField, MotionStream, field_from_mvs
 from fluxshard.motion.field import grid_shape
+from synth import SynthClip, make_clip
 
 
 def field_accuracy(clip: SynthClip, block: int = 16, **kw: object) -> tuple[float, float, str, str]:

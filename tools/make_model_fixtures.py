@@ -20,12 +20,14 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fluxshard.data import clip_path  # noqa: E402
 from fluxshard.models import load_model  # noqa: E402
+from fluxshard.models.movenet import decode  # noqa: E402
 
 FRAMES = (0, 120)
 OUT = ROOT / "tests" / "fixtures" / "models"
@@ -58,8 +60,8 @@ def run_tfjs(model_json: Path, modules: Path, inputs: list[np.ndarray], name: st
             (tmp / f"x{r}.bin").write_bytes(np.ascontiguousarray(x).tobytes())
             runs.append({"name": name, "file": f"x{r}.bin", "shape": list(x.shape), "dtype": str(x.dtype)})
         (tmp / "inputs.json").write_text(json.dumps(runs))
-        cmd = ["node", str(ROOT / "tools" / "tfjs_reference.mjs"), str(model_json), str(tmp), str(tmp / "out"),
-               *nodes]
+        script = ROOT / "tools" / "tfjs_reference.mjs"
+        cmd = ["node", str(script), str(model_json), str(tmp), str(tmp / "out"), *nodes]
         print(subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "TFJS_MODULES": str(modules)}).stdout.strip())
         manifest = json.loads((tmp / "out" / "outputs.json").read_text())
@@ -78,6 +80,12 @@ def main() -> None:
             for f in rgb]
     inputs = [(im.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255)) for im in imgs]
     outs, version = run_tfjs(models_dir / "nanodet.json", modules, inputs, "input_1", NANODET_NODES)
+    with torch.inference_mode():
+        mine = [nd.body(torch.from_numpy(x)) for x in inputs]
+    for k, node in enumerate(NANODET_NODES):
+        diff = max(float(np.abs(m[k][0].reshape(m[k].shape[1], -1).T.numpy() - o[k][0]).max())
+                   for m, o in zip(mine, outs, strict=True))
+        print(f"nanodet {node} {list(outs[0][k].shape)}: max abs diff native vs TF.js (fp32) {diff:.3g}")
     data = {"image": np.stack(imgs), "tfjs_version": np.array(version)}
     for k, node in enumerate(NANODET_NODES):
         data[node] = np.stack([o[k][0] for o in outs]).astype(np.float16)
@@ -88,9 +96,19 @@ def main() -> None:
     imgs = [mn.to_model_input(c)[0] for c in crops]
     inputs = [im[None].astype(np.int32) for im in imgs]
     outs, version = run_tfjs(models_dir / "movenet-thunder.json", modules, inputs, "input", MOVENET_NODES)
+    heads = ("heatmap", "center", "regress", "offset")
+    with torch.inference_mode():
+        mine = [mn.body(mn.body_input(im)) for im in imgs]
+    for k, key in enumerate(heads):
+        diff = max(float(np.abs(m[k][0].permute(1, 2, 0).numpy() - o[k][0]).max())
+                   for m, o in zip(mine, outs, strict=True))
+        print(f"movenet {key} {list(outs[0][k].shape)}: max abs diff native vs TF.js (fp32) {diff:.3g}")
+    kp = [decode(m, mn.center_weight, mn.dist_offset).numpy() for m in mine]
+    diff = max(float(np.abs(a - o[4][0, 0]).max()) for a, o in zip(kp, outs, strict=True))
+    print(f"movenet keypoints (y, x, score): max abs diff native decode vs TF.js graph {diff:.3g}")
     data = {"image": np.stack(imgs), "tfjs_version": np.array(version)}
-    for k, key in enumerate(("heatmap", "center", "regress", "offset")):
-        data[key] = np.stack([o[k][0] for o in outs]).astype(np.float16)
+    for k, key in enumerate(heads):  # head maps of the first frame only (fixture size)
+        data[key] = outs[0][k][0].astype(np.float16)
     data["keypoints"] = np.stack([o[4][0, 0] for o in outs]).astype(np.float32)  # 17×3 (y, x, score)
     np.savez_compressed(OUT / "movenet_tfjs.npz", **data)
     for p in sorted(OUT.glob("*.npz")):

@@ -224,18 +224,17 @@ def nanodet_convs(g: Graph) -> list[dict]:
         if n.op != "Conv2D":
             continue
         if n.attr_str("padding") != "VALID":
-            raise ValueError(f"{n.name}: expected VALID padding (explicit Pad before), got {n.attr_str('padding')}")
+            raise ValueError(f"{n.name}: expected VALID padding after an explicit Pad, got "
+                             f"{n.attr_str('padding')}")
         w = g.const(n.inputs[1])  # HWIO
         src = _upstream(g, n.inputs[0])
         pad = [0, 0, 0, 0]  # top, bottom, left, right
         if src.op == "Pad":
             p = g.const(src.inputs[1])
-            # Pad is applied before the NCHW->NHWC transpose in this export: rows are N, C, H, W.
-            pre = g.node(src.inputs[0])
+            # The ONNX->TF export pads before the NCHW->NHWC transpose (rows N, C, H, W); plain TF: NHWC.
             layout_nchw = _pad_layout_is_nchw(g, src, n)
             hw = (p[2], p[3]) if layout_nchw else (p[1], p[2])
             pad = [int(hw[0][0]), int(hw[0][1]), int(hw[1][0]), int(hw[1][1])]
-            del pre
         bias_node = [c for c in g.consumers(n.name) if c.op in ("Add", "BiasAdd", "AddV2")]
         if len(bias_node) != 1:
             raise ValueError(f"{n.name}: expected exactly one bias Add consumer")
@@ -350,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, digest in g.sha256.items():
         print(f"sha256 {name} {digest}")
     out_digest = hashlib.sha256(Path(args.out).read_bytes()).hexdigest()
-    print(f"wrote {args.out}: {len(arrays)} arrays, {Path(args.out).stat().st_size} bytes, sha256 {out_digest}")
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {len(arrays)} arrays, {size} bytes, sha256 {out_digest}")
     return 0
 
 

@@ -32,14 +32,14 @@ def motion(
     """Decode CLIP with its motion field; report the residual set with and without MV alignment."""
     if source not in ("auto", "codec", "blockmatch"):
         raise typer.BadParameter(f"--source must be auto, codec or blockmatch, not {source!r}")
+    from fluxshard.video import open_video
+
     path = clip_path(clip)
+    total = open_video(path).info.frames_expected  # fails here, before any progress output, on bad input
     with Progress(
         TextColumn("[bold]motion[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=as_json,
     ) as progress:
-        from fluxshard.video import open_video
-
-        total = open_video(path).info.frames_expected
         if max_frames is not None:
             total = min(total or max_frames, max_frames)
         task = progress.add_task(Path(str(path)).name, total=total)

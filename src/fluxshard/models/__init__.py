@@ -21,8 +21,8 @@ from fluxshard.models.registry import (
 )
 
 # Importing the adapter modules registers them.
-from fluxshard.models import movenet as _movenet  # noqa: E402, F401  isort: skip
-from fluxshard.models import nanodet as _nanodet  # noqa: E402, F401  isort: skip
+from fluxshard.models import movenet as _movenet  # noqa: F401  isort: skip
+from fluxshard.models import nanodet as _nanodet  # noqa: F401  isort: skip
 
 __all__ = [
     "COCO_CLASSES",

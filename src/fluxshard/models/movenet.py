@@ -42,7 +42,8 @@ _BLOCKS = [
     (1680, 280, 1), (1680, 280, 1), (1680, 560, 1),
 ]  # fmt: skip
 _HEADS = (("heatmap", NUM_KEYPOINTS, "kpt_heatmap_0", 4, 5), ("center", 1, "center_0", 3, 4),
-          ("regress", 2 * NUM_KEYPOINTS, "kpt_regress_0", 5, 6), ("offset", 2 * NUM_KEYPOINTS, "kpt_offset_0", 6, 7))
+          ("regress", 2 * NUM_KEYPOINTS, "kpt_regress_0", 5, 6),
+          ("offset", 2 * NUM_KEYPOINTS, "kpt_offset_0", 6, 7))
 _FPN = "center_net_mobile_net_v2fpn_feature_extractor/model_1"
 
 
@@ -176,7 +177,9 @@ def decode(outputs: Sequence[torch.Tensor], center_weight: torch.Tensor, dist_of
     ky = cy + reg[:, 0]
     kx = cx + reg[:, 1]
     grid = torch.arange(n, dtype=torch.float32)
-    dist = torch.sqrt((grid[None, :, None] - ky[:, None, None]) ** 2 + (grid[None, None, :] - kx[:, None, None]) ** 2)
+    dy = grid[None, :, None] - ky[:, None, None]
+    dx = grid[None, None, :] - kx[:, None, None]
+    dist = torch.sqrt(dy**2 + dx**2)
     weighted = heat / (dist + dist_offset)
     kidx = torch.argmax(weighted.reshape(NUM_KEYPOINTS, -1), dim=1)
     rows = torch.div(kidx, n, rounding_mode="floor")
@@ -216,7 +219,8 @@ class MoveNet(ModelAdapter):
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
         x = torch.zeros(1, 3, side, side)
-        x[0, :, top:top + h, left:left + w] = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        src = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        x[0, :, top:top + h, left:left + w] = src
         if side != INPUT_SIZE:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         img = x[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()  # truncation like tf.cast

@@ -125,7 +125,7 @@ def decode(outputs: Sequence[torch.Tensor], input_size: int = INPUT_SIZE, score_
     for lvl, stride in enumerate(STRIDES):
         cls, reg = outputs[2 * lvl][0], outputs[2 * lvl + 1][0]
         _, h, w = cls.shape
-        loc, cid = torch.nonzero(cls.reshape(NUM_CLASSES, -1).T > score_threshold, as_tuple=True)
+        loc, cid = torch.nonzero(score_threshold < cls.reshape(NUM_CLASSES, -1).T, as_tuple=True)
         if loc.numel() == 0:
             continue
         scores = cls.reshape(NUM_CLASSES, -1)[cid, loc]

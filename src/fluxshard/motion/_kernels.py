@@ -22,7 +22,7 @@ def _round_half_away(v: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:  # noqa: ANN001
+def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
     """Mean |Δluma| over a 4×4 grid of samples of one block (clamped to the frame)."""
     step = block // 4 if block >= 4 else 1
     acc = 0
@@ -40,9 +40,9 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:  # n
 
 @njit(cache=True, nogil=True)
 def codec_field(
-    source, w, h, dst_x, dst_y, mx, my, mscale,  # noqa: ANN001  (motion-vector columns)
+    source, w, h, dst_x, dst_y, mx, my, mscale,
     height: int, width: int, block: int, cell: int,
-    cur, prev,  # noqa: ANN001  (uint8 luma, current and previous displayed frame)
+    cur, prev,
     verify: bool, max_span: int, tau: float, margin: float, good: float,
     fill: bool, fill_tau: float,
 ):
@@ -195,7 +195,7 @@ def codec_field(
 
 
 @njit(cache=True, nogil=True)
-def aligned_block_mad(cur, ref, dy, dx, block: int):  # noqa: ANN001
+def aligned_block_mad(cur, ref, dy, dx, block: int):
     """Per-block mean |cur − ref shifted by the block's (dy, dx)| over all pixels of H×W luma.
 
     Also returns whether each displaced block lies inside ``ref``; outside samples are clamped to the

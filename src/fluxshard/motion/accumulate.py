@@ -46,18 +46,19 @@ def compose(step: MotionField, acc: MotionField, strict: bool = True) -> MotionF
     hb, wb = grid_shape(step.height, step.width, b)
     ys = np.arange(hb)[:, None] * b + step.dy
     xs = np.arange(wb)[None, :] * b + step.dx
-    inside = step.source_inside()
     if strict:
         rows = (np.floor_divide(ys, b), np.floor_divide(ys + b - 1, b))
         cols = (np.floor_divide(xs, b), np.floor_divide(xs + b - 1, b))
     else:
         c = (np.floor_divide(ys + b // 2, b),)
         rows, cols = c, (np.floor_divide(xs + b // 2, b),)
-    valid = step.valid & inside
+    # Whether the final source lies inside the cache frame is checked where the field is used (the residual
+    # check): testing it at every step would invalidate a whole block per frame from the edges inwards.
+    valid = step.valid.copy()
     ref_y = ref_x = None
     for r in rows:
         for c in cols:
-            rc = np.clip(r, 0, hb - 1)
+            rc = np.clip(r, 0, hb - 1)  # footprints past the edge take the edge shard's vector
             cc = np.clip(c, 0, wb - 1)
             ay, ax, av = acc.dy[rc, cc], acc.dx[rc, cc], acc.valid[rc, cc]
             valid &= av

@@ -62,7 +62,6 @@ def _refine(
     cur: np.ndarray, ref: np.ndarray, b: int, dy: np.ndarray, dx: np.ndarray, extra_zero: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """±1 refinement around per-block predictions; returns dy, dx and the best mean |Δ|."""
-    h, w = cur.shape
     hb, wb = dy.shape
     m = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0))) + 2
     refp = np.pad(ref, m, mode="edge")

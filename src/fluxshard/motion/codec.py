@@ -16,7 +16,8 @@ Rules (decided here, documented in docs/design.md; the loops live in ``_kernels.
   displayed frame by testing ``round(v / k)`` for ``k = 1..max_ref_span`` on a 4×4 grid of luma samples
   per block (a constant-velocity hypothesis, verified); k = 1 wins unless another candidate is better by
   ``verify_margin``; candidates are only tried while the best so far is worse than ``verify_good``
-  (a block the one-frame hypothesis already explains needs no alternative). If even the best candidate's sampled mean |Δ| exceeds ``verify_tau`` → invalid.
+  (a block the one-frame hypothesis already explains needs no alternative). If even the best candidate's
+  sampled mean |Δ| exceeds ``verify_tau`` → invalid.
 * Optional *fill* (on by default): an invalid block of an inter frame tries the MV-guided candidates of
   seed 001 §4.1 — zero motion and its valid 4-neighbours' vectors — on the same sample grid and becomes
   valid (flagged in ``field.filled``) if the best has sampled mean |Δ| ≤ ``fill_tau``. Encoders pick intra

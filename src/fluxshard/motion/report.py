@@ -127,10 +127,7 @@ def analyze_motion(
     s.valid_fraction = float(np.mean(valid)) if valid else 0.0
     s.filled_fraction = float(np.mean(filled)) if filled else 0.0
     s.frame_types = dict(sorted(types.items()))
-    if stream.video.problems:
-        p = stream.video.problems[0]
-        more = f" (+{len(stream.video.problems) - 1} more)" if len(stream.video.problems) > 1 else ""
-        s.error = f"{path}: {p.message} after frame {p.frame_index}{more}; {s.frames} frames decoded"
+    s.error = stream.video.problem_text() or None
     return s
 
 

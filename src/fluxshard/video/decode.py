@@ -26,6 +26,8 @@ MV_CODECS = frozenset(
     {"h264", "mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "msmpeg4", "wmv1", "wmv2", "mpeg1video", "mpeg2video",
      "h263", "h263p", "flv1"}
 )
+# Formats whose duration FFmpeg only estimates from the bytes present: no way to notice truncation.
+_NO_LENGTH = frozenset({"mpegts", "h264", "hevc", "m4v", "mpegvideo", "rawvideo"})
 _PICT_NAMES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}
 _URL_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://", "file:")
 
@@ -127,7 +129,9 @@ class VideoSource:
         rate = self._stream.average_rate or self._stream.guessed_rate or Fraction(25)
         expected = int(self._stream.frames) if self._stream.frames else None
         if expected is None and self._stream.duration and self._stream.time_base:
-            expected = int(round(float(self._stream.duration * self._stream.time_base) * float(rate)))
+            expected = round(float(self._stream.duration * self._stream.time_base) * float(rate))
+        if expected is None and self._container.duration and self._container.format.name not in _NO_LENGTH:
+            expected = round(self._container.duration / 1e6 * float(rate))
         self.info = VideoInfo(
             path=self.path,
             codec=ctx.name,
@@ -145,13 +149,14 @@ class VideoSource:
             self._container.close()
         self._check_complete()
         if self.problems and self.on_error == "raise":
-            first = self.problems[0]
-            more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
-            raise VideoError(
-                f"{self.path}: {first.message} after frame {first.frame_index}{more}; "
-                f"{self.frames_decoded} frames decoded",
-                frames_decoded=self.frames_decoded,
-            )
+            raise VideoError(self.problem_text(), frames_decoded=self.frames_decoded)
+
+    def problem_text(self) -> str:
+        """One line naming the file, the first problem, how many more, and how many frames were decoded."""
+        if not self.problems:
+            return ""
+        more = f" (+{len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+        return f"{self.path}: {self.problems[0].message}{more}; {self.frames_decoded} frames decoded"
 
     def _frames(self) -> Iterator[DecodedFrame]:
         stream = self._stream
@@ -162,14 +167,23 @@ class VideoSource:
             except StopIteration:
                 break
             except av.error.FFmpegError as exc:
-                self.problems.append(DecodeProblem(self.frames_decoded, f"demux error ({_msg(exc)})"))
+                self.problems.append(
+                    DecodeProblem(self.frames_decoded, f"demux error after frame {self.frames_decoded} ({_msg(exc)})")
+                )
                 break
             try:
                 frames = packet.decode()  # a None packet (end of stream) flushes the decoder
             except av.error.FFmpegError as exc:
-                self.problems.append(DecodeProblem(self.frames_decoded, f"corrupt packet ({_msg(exc)})"))
+                self.problems.append(DecodeProblem(
+                    self.frames_decoded, f"corrupt packet after frame {self.frames_decoded} ({_msg(exc)})"
+                ))
                 continue
             for frame in frames:
+                if frame.is_corrupt:
+                    self.problems.append(
+                        DecodeProblem(self.frames_decoded,
+                                      f"corrupt data in frame {self.frames_decoded} (decoder concealed errors)")
+                    )
                 yield self._wrap(frame)
                 if self.max_frames is not None and self.frames_decoded >= self.max_frames:
                     return
@@ -203,7 +217,8 @@ class VideoSource:
         # Containers round durations; a frame or two of slack avoids false alarms on intact files.
         if self.frames_decoded < exp - max(2, int(0.01 * exp)):
             self.problems.append(
-                DecodeProblem(self.frames_decoded, f"truncated: container announces {exp} frames")
+                DecodeProblem(self.frames_decoded,
+                              f"truncated: ended after {self.frames_decoded} of {exp} announced frames")
             )
 
 

@@ -61,13 +61,14 @@ def test_detections_map_to_frame_pixels(model):
     assert d1.boxes.min() >= 0 and d1.boxes[:, [0, 2]].max() <= 416 and d1.boxes[:, [1, 3]].max() <= 416
 
 
+@pytest.mark.slow
 def test_vtest_people(model):
     from fluxshard.data import clip_path
 
     counts = []
     with av.open(clip_path("vtest")) as c:
         for i, frame in enumerate(c.decode(video=0)):
-            if i % 10 == 0:
+            if i % 40 == 0:  # 20 frames spread over the whole 795-frame clip
                 rgb = frame.to_ndarray(format="rgb24")
                 det = model(rgb)
                 people = det.filter(0.5, "person")
@@ -79,6 +80,7 @@ def test_vtest_people(model):
             if len(counts) == 20:
                 break
     frac = sum(n >= 4 for n in counts) / len(counts)
-    # measured: 13/20 frames with ≥ 4 persons at score ≥ 0.5, mean 4.3 (scene has 6–8 people)
+    # measured: see the assertion message; over every 5th frame of the clip: 71 % of frames ≥ 4, mean 4.65
+    print(f"vtest persons>=0.5 per frame: {counts} (frames with >=4: {frac:.0%})")
     assert frac > 0.5, counts
     assert np.mean(counts) >= 3.5, counts

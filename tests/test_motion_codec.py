@@ -11,6 +11,7 @@ from fluxshard.data.fetch import clip_path
 from fluxshard.data.ptz import load_ptz_meta, make_ptz_clip, ptz_displacement
 from fluxshard.motion import CodecMVConfig, MotionField, MotionStream, field_from_mvs
 from fluxshard.motion.field import grid_shape
+from fluxshard.motion.stream import MV_DTYPE
 from synth import SynthClip, make_clip
 
 
@@ -69,10 +70,7 @@ def test_block_matching_on_h264_agrees_with_truth(clip_p: SynthClip) -> None:
 
 
 def _mv_rows(rows: list[tuple[int, int, int, int, int, int, int, int]]) -> np.ndarray:
-    dt = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
-                   ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"),
-                   ("motion_y", "<i4"), ("motion_scale", "<u2")])
-    a = np.zeros(len(rows), dt)
+    a = np.zeros(len(rows), MV_DTYPE)
     for k, (src, w, h, dx_, dy_, mx, my, sc) in enumerate(rows):
         a[k] = (src, w, h, 0, 0, dx_, dy_, 0, mx, my, sc)
     return a

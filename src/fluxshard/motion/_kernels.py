@@ -39,33 +39,45 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
 
 
 @njit(cache=True, nogil=True)
-def codec_field(
-    source, w, h, dst_x, dst_y, mx, my, mscale,
-    height: int, width: int, block: int, cell: int,
-    cur, prev,
-    verify: bool, max_span: int, tau: float, margin: float, good: float,
-    fill: bool, fill_tau: float,
-):
+def codec_field(mvs, params, cur, prev):
     """Rasterise, pool, resolve the reference span, verify and (optionally) fill one frame's vectors.
 
-    ``cell`` is the rasterisation grid (4, or 8 when no partition is smaller — H.264 exports 8×8 at least).
-    Returns dy, dx (int32), valid, covered, filled (bool) on the block grid. See ``codec.py`` for rules.
+    ``mvs`` is the side data's AVMotionVector record array, read in place (no column copies). ``params``
+    packs height, width, block, cell, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments
+    keep numba's per-call dispatch cheap). ``cell`` is the rasterisation grid (4, or 8 when no partition
+    is smaller — H.264 exports 8×8 at least). Returns dy, dx (int32), valid, covered, filled (bool) on the
+    block grid. See ``codec.py`` for the rules.
     """
+    height = int(params[0])
+    width = int(params[1])
+    block = int(params[2])
+    cell = int(params[3])
+    verify = params[4] != 0
+    max_span = int(params[5])
+    tau = params[6]
+    margin = params[7]
+    good = params[8]
+    fill = params[9] != 0
+    fill_tau = params[10]
+    prior = max(int(params[11]), 1)
     hc = (height + cell - 1) // cell
     wc = (width + cell - 1) // cell
     cdy = np.zeros((hc, wc), np.float32)
     cdx = np.zeros((hc, wc), np.float32)
     have = np.zeros((hc, wc), np.bool_)
-    for r in range(source.shape[0]):
-        if source[r] >= 0:
+    for r in range(mvs.shape[0]):
+        row = mvs[r]
+        if row.source >= 0:  # future reference
             continue
-        s = float(mscale[r]) if mscale[r] != 0 else 1.0
-        vx = float(mx[r]) / s
-        vy = float(my[r]) / s
-        bw = max(int(w[r]) // cell, 1)
-        bh = max(int(h[r]) // cell, 1)
-        cx0 = (int(dst_x[r]) - int(w[r]) // 2) // cell
-        cy0 = (int(dst_y[r]) - int(h[r]) // 2) // cell
+        s = float(row.motion_scale) if row.motion_scale != 0 else 1.0
+        vx = float(row.motion_x) / s
+        vy = float(row.motion_y) / s
+        w = int(row.w)
+        h = int(row.h)
+        bw = max(w // cell, 1)
+        bh = max(h // cell, 1)
+        cx0 = (int(row.dst_x) - w // 2) // cell
+        cy0 = (int(row.dst_y) - h // 2) // cell
         for cy in range(max(cy0, 0), min(cy0 + bh, hc)):
             for cx in range(max(cx0, 0), min(cx0 + bw, wc)):
                 cdy[cy, cx] = vy
@@ -137,23 +149,34 @@ def codec_field(
             bx = _round_half_away(fx[i, j])
             ok = True
             if verify:
-                best_cost = _sampled_mad(cur, prev, i * block, j * block, block, height, width, by, bx)
-                py = by
-                px = bx
-                for span in range(2, max_span + 1):
-                    if best_cost <= good:  # the one-frame hypothesis already explains the block
+                # Candidates in order: the frame's expected span (distance to the previous anchor in display
+                # order), then one frame, then the other spans. The first is the baseline; a later one must
+                # beat it by ``margin``; stop as soon as the best explains the block (``good``).
+                best_cost = 1e30
+                for n_try in range(max_span + 1):
+                    if n_try == 0:
+                        span = prior
+                    elif n_try == 1:
+                        span = 1
+                        if prior == 1:
+                            continue
+                    else:
+                        span = n_try
+                        if span == prior or span == 1:
+                            continue
+                    if span > max_span and n_try > 0:
                         break
                     cy = _round_half_away(fy[i, j] / span)
                     cx = _round_half_away(fx[i, j] / span)
-                    if cy == py and cx == px:
+                    if n_try > 0 and cy == by and cx == bx:
                         continue
-                    py = cy
-                    px = cx
                     c = _sampled_mad(cur, prev, i * block, j * block, block, height, width, cy, cx)
-                    if c + margin < best_cost:
+                    if n_try == 0 or c + margin < best_cost:
                         best_cost = c
                         by = cy
                         bx = cx
+                    if best_cost <= good:
+                        break
                 ok = best_cost <= tau
             if ok:
                 dy[i, j] = by

@@ -14,8 +14,10 @@ Rules (decided here, documented in docs/design.md; the loops live in ``_kernels.
 * Reference span: x264 with ``ref > 1`` (and B-frames whose past anchor lies several frames back) gives
   vectors into frame ``t − k`` with no reference index. Each vector ``v`` is resolved to the previous
   displayed frame by testing ``round(v / k)`` for ``k = 1..max_ref_span`` on a 4×4 grid of luma samples
-  per block (a constant-velocity hypothesis, verified); k = 1 wins unless another candidate is better by
-  ``verify_margin``; candidates are only tried while the best so far is worse than ``verify_good``
+  per block (a constant-velocity hypothesis, verified). The expected span — frames since the last I/P
+  frame in display order, the default past reference of B-frames and of P-frames after B-frames — is tried
+  first and is the baseline; another span wins only if better by ``verify_margin``; candidates are only
+  tried while the best so far is worse than ``verify_good``
   (a block the one-frame hypothesis already explains needs no alternative). If even the best candidate's
   sampled mean |Δ| exceeds ``verify_tau`` → invalid.
 * Optional *fill* (on by default): an invalid block of an inter frame tries the MV-guided candidates of
@@ -36,7 +38,6 @@ from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 CELL = _kernels.CELL
-_COLUMNS = ("source", "w", "h", "dst_x", "dst_y", "motion_x", "motion_y", "motion_scale")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class CodecMVConfig:
     verify: bool = True
     verify_tau: float = 24.0
     verify_margin: float = 1.0
-    verify_good: float = 2.0  # a candidate this close needs no alternatives (early exit)
+    verify_good: float = 3.0  # a candidate this close needs no alternatives (early exit)
     fill: bool = True
     fill_tau: float = 3.0
     scene_cut_intra: float = 0.6
@@ -61,8 +62,13 @@ def field_from_mvs(
     cur_luma: np.ndarray | None = None,
     prev_luma: np.ndarray | None = None,
     config: CodecMVConfig | None = None,
+    prior_span: int = 1,
 ) -> MotionField:
-    """Sanitised integer field into the previous displayed frame from one frame's codec vectors."""
+    """Sanitised integer field into the previous displayed frame from one frame's codec vectors.
+
+    ``prior_span`` is the expected reference distance: frames since the last I/P frame in display order
+    (the past anchor of a B-frame, and of a P-frame that follows B-frames); tried first.
+    """
     cfg = config or CodecMVConfig()
     b = cfg.block
     if b % CELL or b < CELL:
@@ -71,11 +77,10 @@ def field_from_mvs(
     if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
     cell = 8 if b % 8 == 0 and min(int(mvs["w"].min()), int(mvs["h"].min())) >= 8 else CELL
-    cols = [np.ascontiguousarray(mvs[c], np.int32) for c in _COLUMNS]  # one kernel signature for all codecs
+    params = np.array([height, width, b, cell, cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau,
+                       cfg.verify_margin, cfg.verify_good, cfg.fill, cfg.fill_tau, prior_span], np.float64)
     dy, dx, valid, covered, filled = _kernels.codec_field(
-        *cols, height, width, b, cell, np.ascontiguousarray(cur_luma), np.ascontiguousarray(prev_luma),
-        cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau, cfg.verify_margin, cfg.verify_good,
-        cfg.fill, cfg.fill_tau,
+        mvs, params, np.ascontiguousarray(cur_luma), np.ascontiguousarray(prev_luma)
     )
     if 1.0 - covered.mean() > cfg.scene_cut_intra:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)

@@ -75,6 +75,7 @@ class MotionStream:
     def __iter__(self) -> Iterator[MotionFrame]:
         prev: DecodedFrame | None = None
         inter_without_mvs = 0
+        self._last_anchor = -1
         t0 = time.perf_counter()
         for frame in self.video:
             t1 = time.perf_counter()
@@ -96,11 +97,15 @@ class MotionStream:
     def _field(self, frame: DecodedFrame, prev: DecodedFrame | None) -> MotionField:
         h, w = frame.height, frame.width
         if prev is None or (prev.height, prev.width) != (h, w):
+            self._last_anchor = frame.index
             return MotionField.invalid(h, w, self.block, frame_type=frame.pict_type, source=self.mv_source,
                                        scene_cut=True)
         if self.mv_source == "codec":
+            prior = frame.index - self._last_anchor if self._last_anchor >= 0 else 1
+            if frame.pict_type != "B":
+                self._last_anchor = frame.index
             return field_from_mvs(frame.mvs, h, w, frame.pict_type, frame.key_frame, frame.luma, prev.luma,
-                                  self.codec_config)
+                                  self.codec_config, prior_span=prior)
         fld = block_match(frame.luma, prev.luma, self.match_config, frame_type=frame.pict_type)
         if 1.0 - fld.valid_fraction > self.codec_config.scene_cut_intra:
             fld.valid[:] = False
@@ -117,6 +122,11 @@ def mean_or_zero(values: list[float]) -> float:
 
 
 _WARM: set[int] = set()
+# FFmpeg's AVMotionVector as PyAV exposes it (used to warm the kernels up and to build test rows).
+MV_DTYPE = np.dtype({"names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags", "motion_x",
+                               "motion_y", "motion_scale"],
+                     "formats": ["<i4", "u1", "u1", "<i2", "<i2", "<i2", "<i2", "<u8", "<i4", "<i4", "<u2"],
+                     "offsets": [0, 4, 5, 6, 8, 10, 12, 16, 24, 28, 32], "itemsize": 40, "aligned": True})
 
 
 def _warm_up(block: int) -> None:
@@ -124,10 +134,11 @@ def _warm_up(block: int) -> None:
     if block in _WARM:
         return
     from fluxshard.motion import _kernels
+    from fluxshard.motion.codec import field_from_mvs
 
     z = np.zeros((block * 2, block * 2), np.uint8)
-    mv = np.zeros(1, np.int32)
-    _kernels.codec_field(mv - 1, mv + 16, mv + 16, mv + 8, mv + 8, mv, mv, mv + 4, 2 * block, 2 * block, block,
-                         8 if block % 8 == 0 else 4, z, z, True, 4, 24.0, 1.0, 2.0, True, 3.0)
+    mv = np.zeros(1, MV_DTYPE)
+    mv[0] = (-1, 16, 16, 0, 0, 8, 8, 0, 4, 0, 4)
+    field_from_mvs(mv, 2 * block, 2 * block, "P", False, z, z, CodecMVConfig(block=block))
     _kernels.aligned_block_mad(z, z, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
     _WARM.add(block)

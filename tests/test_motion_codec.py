@@ -11,7 +11,7 @@ from fluxshard.data.fetch import clip_path
 from fluxshard.data.ptz import load_ptz_meta, make_ptz_clip, ptz_displacement
 from fluxshard.motion import CodecMVConfig, MotionField, MotionStream, field_from_mvs
 from fluxshard.motion.field import grid_shape
-from fluxshard.motion.stream import MV_DTYPE
+from fluxshard.video.decode import MV_DTYPE
 from synth import SynthClip, make_clip
 
 

@@ -38,15 +38,22 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
     return acc / n
 
 
+VALID = 1
+COVERED = 2
+FILLED = 4
+
+
 @njit(cache=True, nogil=True)
-def codec_field(mvs, params, cur, prev):
+def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
     """Rasterise, pool, resolve the reference span, verify and (optionally) fill one frame's vectors.
 
-    ``mvs`` is the side data's AVMotionVector record array, read in place (no column copies). ``params``
-    packs height, width, block, cell, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments
-    keep numba's per-call dispatch cheap). ``cell`` is the rasterisation grid (4, or 8 when no partition
-    is smaller — H.264 exports 8×8 at least). Returns dy, dx (int32), valid, covered, filled (bool) on the
-    block grid. See ``codec.py`` for the rules.
+    ``mvs`` is the side data's AVMotionVector record array, read in place. ``params`` packs height, width,
+    block, cell, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
+    dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
+    FILLED bits) and ``cells`` (float32, 2 × Hc × Wc) / ``have`` (uint8, Hc × Wc) are scratch: returning
+    arrays from numba costs ~7 µs each, more than the work itself. ``cell`` is the rasterisation grid (4,
+    or 8 when no partition is smaller — H.264 exports 8×8 at least). Returns the number of covered blocks.
+    See ``codec.py`` for the rules.
     """
     height = int(params[0])
     width = int(params[1])
@@ -60,11 +67,9 @@ def codec_field(mvs, params, cur, prev):
     fill = params[9] != 0
     fill_tau = params[10]
     prior = max(int(params[11]), 1)
-    hc = (height + cell - 1) // cell
-    wc = (width + cell - 1) // cell
-    cdy = np.zeros((hc, wc), np.float32)
-    cdx = np.zeros((hc, wc), np.float32)
-    have = np.zeros((hc, wc), np.bool_)
+    hc = have.shape[0]
+    wc = have.shape[1]
+    have[:, :] = 0
     for r in range(mvs.shape[0]):
         row = mvs[r]
         if row.source >= 0:  # future reference
@@ -74,27 +79,26 @@ def codec_field(mvs, params, cur, prev):
         vy = float(row.motion_y) / s
         w = int(row.w)
         h = int(row.h)
-        bw = max(w // cell, 1)
-        bh = max(h // cell, 1)
         cx0 = (int(row.dst_x) - w // 2) // cell
         cy0 = (int(row.dst_y) - h // 2) // cell
-        for cy in range(max(cy0, 0), min(cy0 + bh, hc)):
-            for cx in range(max(cx0, 0), min(cx0 + bw, wc)):
-                cdy[cy, cx] = vy
-                cdx[cy, cx] = vx
-                have[cy, cx] = True
+        for cy in range(max(cy0, 0), min(cy0 + max(h // cell, 1), hc)):
+            for cx in range(max(cx0, 0), min(cx0 + max(w // cell, 1), wc)):
+                cells[0, cy, cx] = vy
+                cells[1, cy, cx] = vx
+                have[cy, cx] = 1
 
-    hb = (height + block - 1) // block
-    wb = (width + block - 1) // block
+    hb = out.shape[1]
+    wb = out.shape[2]
     k = block // cell
-    fy = np.zeros((hb, wb), np.float32)
-    fx = np.zeros((hb, wb), np.float32)
-    covered = np.zeros((hb, wb), np.bool_)
-    coherent = np.zeros((hb, wb), np.bool_)
     vys = np.empty(k * k, np.float32)
     vxs = np.empty(k * k, np.float32)
+    n_covered = 0
     for i in range(hb):
         for j in range(wb):
+            out[0, i, j] = 0
+            out[1, i, j] = 0
+            out[2, i, j] = 0
+            # --- pool the block's cells: majority vector, covered, coherent
             n = 0
             cov = True
             for a in range(k):
@@ -105,49 +109,37 @@ def codec_field(mvs, params, cur, prev):
                     cx = j * k + b
                     if cx >= wc:
                         break
-                    if not have[cy, cx]:
+                    if have[cy, cx] == 0:
                         cov = False
                     else:
-                        vys[n] = cdy[cy, cx]
-                        vxs[n] = cdx[cy, cx]
+                        vys[n] = cells[0, cy, cx]
+                        vxs[n] = cells[1, cy, cx]
                         n += 1
-            covered[i, j] = cov
-            if n == 0:
+            if not cov or n == 0:
                 continue
-            uniform = True
+            out[2, i, j] = COVERED
+            n_covered += 1
+            best = 0
+            best_c = n
             for p in range(1, n):
                 if vys[p] != vys[0] or vxs[p] != vxs[0]:
-                    uniform = False
+                    best_c = 0
                     break
-            if uniform:  # the common case: one partition covers the block
-                fy[i, j] = vys[0]
-                fx[i, j] = vxs[0]
-                coherent[i, j] = True
-                continue
-            best = 0
-            best_c = 0
-            for p in range(n):
-                c = 0
-                for q in range(n):
-                    if vys[p] == vys[q] and vxs[p] == vxs[q]:
-                        c += 1
-                if c > best_c:
-                    best_c = c
-                    best = p
-            fy[i, j] = vys[best]
-            fx[i, j] = vxs[best]
-            coherent[i, j] = 2 * best_c >= n
-
-    dy = np.zeros((hb, wb), np.int32)
-    dx = np.zeros((hb, wb), np.int32)
-    valid = np.zeros((hb, wb), np.bool_)
-    for i in range(hb):
-        for j in range(wb):
-            if not (covered[i, j] and coherent[i, j]):
-                continue
-            by = _round_half_away(fy[i, j])
-            bx = _round_half_away(fx[i, j])
-            ok = True
+            if best_c == 0:  # partitions disagree: majority vote
+                for p in range(n):
+                    c = 0
+                    for q in range(n):
+                        if vys[p] == vys[q] and vxs[p] == vxs[q]:
+                            c += 1
+                    if c > best_c:
+                        best_c = c
+                        best = p
+                if 2 * best_c < n:
+                    continue  # incoherent
+            fy = vys[best]
+            fx = vxs[best]
+            by = _round_half_away(fy)
+            bx = _round_half_away(fx)
             if verify:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must
@@ -166,8 +158,8 @@ def codec_field(mvs, params, cur, prev):
                             continue
                     if span > max_span and n_try > 0:
                         break
-                    cy = _round_half_away(fy[i, j] / span)
-                    cx = _round_half_away(fx[i, j] / span)
+                    cy = _round_half_away(fy / span)
+                    cx = _round_half_away(fx / span)
                     if n_try > 0 and cy == by and cx == bx:
                         continue
                     c = _sampled_mad(cur, prev, i * block, j * block, block, height, width, cy, cx)
@@ -177,19 +169,18 @@ def codec_field(mvs, params, cur, prev):
                         bx = cx
                     if best_cost <= good:
                         break
-                ok = best_cost <= tau
-            if ok:
-                dy[i, j] = by
-                dx[i, j] = bx
-                valid[i, j] = True
+                if best_cost > tau:
+                    continue
+            out[0, i, j] = by
+            out[1, i, j] = bx
+            out[2, i, j] = COVERED | VALID
 
-    filled = np.zeros((hb, wb), np.bool_)
     if fill:
         for i in range(hb):
             for j in range(wb):
-                if valid[i, j]:
+                if out[2, i, j] & VALID:
                     continue
-                # MV-guided candidates: zero motion and the valid 4-neighbours' vectors.
+                # MV-guided candidates: zero motion and the (originally) valid 4-neighbours' vectors.
                 best_cost = _sampled_mad(cur, prev, i * block, j * block, block, height, width, 0, 0)
                 by = 0
                 bx = 0
@@ -198,23 +189,23 @@ def codec_field(mvs, params, cur, prev):
                         break
                     ni = i + di
                     nj = j + dj
-                    if ni < 0 or nj < 0 or ni >= hb or nj >= wb or not valid[ni, nj]:
+                    if ni < 0 or nj < 0 or ni >= hb or nj >= wb or out[2, ni, nj] & (VALID | FILLED) != VALID:
                         continue
                     c = _sampled_mad(cur, prev, i * block, j * block, block, height, width,
-                                     dy[ni, nj], dx[ni, nj])
+                                     out[0, ni, nj], out[1, ni, nj])
                     if c < best_cost:
                         best_cost = c
-                        by = dy[ni, nj]
-                        bx = dx[ni, nj]
+                        by = out[0, ni, nj]
+                        bx = out[1, ni, nj]
                 if best_cost <= fill_tau:
-                    dy[i, j] = by
-                    dx[i, j] = bx
-                    filled[i, j] = True
+                    out[0, i, j] = by
+                    out[1, i, j] = bx
+                    out[2, i, j] |= FILLED
         for i in range(hb):
             for j in range(wb):
-                if filled[i, j]:
-                    valid[i, j] = True
-    return dy, dx, valid, covered, filled
+                if out[2, i, j] & FILLED:
+                    out[2, i, j] |= VALID
+    return n_covered
 
 
 @njit(cache=True, nogil=True)

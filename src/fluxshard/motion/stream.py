@@ -14,7 +14,7 @@ from fluxshard.errors import FluxShardError
 from fluxshard.motion.blockmatch import BlockMatchConfig, block_match
 from fluxshard.motion.codec import CodecMVConfig, field_from_mvs
 from fluxshard.motion.field import MotionField
-from fluxshard.video.decode import DecodedFrame, VideoSource, open_video
+from fluxshard.video.decode import MV_DTYPE, DecodedFrame, VideoSource, open_video
 
 MVSource = Literal["auto", "codec", "blockmatch"]
 
@@ -122,11 +122,7 @@ def mean_or_zero(values: list[float]) -> float:
 
 
 _WARM: set[int] = set()
-# FFmpeg's AVMotionVector as PyAV exposes it (used to warm the kernels up and to build test rows).
-MV_DTYPE = np.dtype({"names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags", "motion_x",
-                               "motion_y", "motion_scale"],
-                     "formats": ["<i4", "u1", "u1", "<i2", "<i2", "<i2", "<i2", "<u8", "<i4", "<i4", "<u2"],
-                     "offsets": [0, 4, 5, 6, 8, 10, 12, 16, 24, 28, 32], "itemsize": 40, "aligned": True})
+
 
 
 def _warm_up(block: int) -> None:
@@ -139,6 +135,7 @@ def _warm_up(block: int) -> None:
     z = np.zeros((block * 2, block * 2), np.uint8)
     mv = np.zeros(1, MV_DTYPE)
     mv[0] = (-1, 16, 16, 0, 0, 8, 8, 0, 4, 0, 4)
-    field_from_mvs(mv, 2 * block, 2 * block, "P", False, z, z, CodecMVConfig(block=block))
-    _kernels.aligned_block_mad(z, z, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
+    for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
+        field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
+        _kernels.aligned_block_mad(img, img, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
     _WARM.add(block)

@@ -77,10 +77,13 @@ def make_clip(
     codec: str = "libx264",
     options: dict[str, str] | None = None,
     seed: int = 0,
+    cut_at: int | None = None,
 ) -> SynthClip:
+    """Encode the clip; ``cut_at`` switches to unrelated content from that frame on (a scene cut)."""
     w, h = size
     margin = 4 * frames * max(abs(v) for v in bg) + 8
     big = texture(h + margin * 2, w + margin * 2, seed)
+    other = texture(h + margin * 2, w + margin * 2, seed + 7) if cut_at is not None else big
     obj_tex = texture(obj_size, obj_size, seed + 1)
     clip = SynthClip(path, frames, size, bg, obj, obj_size, (h // 2 - obj_size // 2, w // 2 - obj_size // 2))
     opts = {"g": "1000", "bf": "0", "refs": "1"} if codec == "libx264" else {"x265-params": "log-level=none"}
@@ -88,7 +91,8 @@ def make_clip(
     with VideoWriter(path, fps=25, codec=codec, crf=16, options=opts) as wr:
         for t in range(frames):
             oy, ox = margin + t * bg[0], margin + t * bg[1]
-            img = big[oy : oy + h, ox : ox + w].copy()
+            src = other if cut_at is not None and t >= cut_at else big
+            img = src[oy : oy + h, ox : ox + w].copy()
             y0, x0, y1, x1 = clip.object_box(t)
             ys, xs = slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w))
             img[ys, xs] = obj_tex[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]

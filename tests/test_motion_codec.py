@@ -98,10 +98,35 @@ def test_future_only_and_intra_blocks_are_invalid() -> None:
     assert f.scene_cut and not f.valid.any()
 
 
-def test_i_frames_are_all_invalid(clip_b: SynthClip) -> None:
-    for mf in MotionStream(clip_b.path):
-        if mf.frame.pict_type == "I":
-            assert mf.field.scene_cut and not mf.field.valid.any()
+def test_i_frames_codec_field_is_invalid_and_stream_block_matches_them(synth_dir: Path) -> None:
+    clip = make_clip(synth_dir / "gop5.mp4", frames=16, options={"g": "5", "keyint_min": "5",
+                                                                 "x264-params": "scenecut=0"})
+    n_i = 0
+    for mf in MotionStream(clip.path):
+        f = mf.frame
+        if f.pict_type != "I" or f.index == 0:
+            continue
+        n_i += 1
+        # the codec rule: an I-frame has no vectors, so its codec field is all invalid
+        raw = field_from_mvs(f.mvs, f.height, f.width, "I", f.key_frame)
+        assert raw.scene_cut and not raw.valid.any()
+        # the stream block-matches periodic key frames instead of throwing the cache away
+        dy, dx, known = clip.truth(f.index, 16)
+        v = mf.field.valid & known
+        assert mf.field.source == "blockmatch" and not mf.field.scene_cut
+        assert v.sum() >= 0.9 * known.sum() and ((mf.field.dy == dy) & (mf.field.dx == dx))[v].mean() >= 0.95
+    assert n_i >= 2
+    # ... and with match_intra off every I-frame is a full refresh
+    assert all(not mf.field.valid.any() for mf in MotionStream(clip.path, match_intra=False)
+               if mf.frame.pict_type == "I")
+
+
+def test_scene_cut_invalidates_everything(synth_dir: Path) -> None:
+    clip = make_clip(synth_dir / "cut.mp4", frames=12, cut_at=6, options={"x264-params": "scenecut=40"})
+    fields = {mf.index: mf.field for mf in MotionStream(clip.path)}
+    assert fields[6].scene_cut and not fields[6].valid.any()
+    assert not fields[5].scene_cut and fields[5].valid.mean() > 0.8
+    assert not fields[8].scene_cut and fields[8].valid.mean() > 0.8
 
 
 def test_incoherent_block_is_invalid() -> None:

@@ -44,7 +44,9 @@ class MotionStream:
 
     ``mv_source="auto"`` uses codec vectors when the decoder exports them and falls back to hierarchical
     block matching otherwise (HEVC, VP9, raw video, or an H.264 stream whose first inter frames carry no
-    vectors). :attr:`mv_source` reports the source actually used.
+    vectors). :attr:`mv_source` reports the source actually used; each field's ``source`` says where that
+    frame's vectors came from. With ``match_intra`` (default), I-frames of a codec-MV stream — which carry
+    no vectors — are block-matched too and only become all-invalid scene cuts if matching fails as well.
     """
 
     def __init__(
@@ -56,10 +58,12 @@ class MotionStream:
         match_config: BlockMatchConfig | None = None,
         max_frames: int | None = None,
         on_error: Literal["raise", "collect"] = "raise",
+        match_intra: bool = True,
     ) -> None:
         if block not in (8, 16):
             raise FluxShardError(f"block size must be 8 or 16, got {block}")
         self.block = block
+        self.match_intra = match_intra
         self.video: VideoSource = open_video(path, export_mvs=mv_source != "blockmatch",
                                              max_frames=max_frames, on_error=on_error)
         self.info = self.video.info
@@ -76,10 +80,9 @@ class MotionStream:
         prev: DecodedFrame | None = None
         inter_without_mvs = 0
         self._last_anchor = -1
-        t0 = time.perf_counter()
         for frame in self.video:
             t1 = time.perf_counter()
-            self.timings.decode += t1 - t0
+            self.timings.decode = self.video.decode_seconds
             if (self.mv_source == "codec" and self._forced == "auto" and frame.mvs is None
                     and frame.pict_type in ("P", "B") and not frame.key_frame):
                 inter_without_mvs += 1
@@ -92,7 +95,6 @@ class MotionStream:
             self.timings.frames += 1
             yield MotionFrame(frame, fld)
             prev = frame
-            t0 = time.perf_counter()
 
     def _field(self, frame: DecodedFrame, prev: DecodedFrame | None) -> MotionField:
         h, w = frame.height, frame.width
@@ -104,8 +106,12 @@ class MotionStream:
             prior = frame.index - self._last_anchor if self._last_anchor >= 0 else 1
             if frame.pict_type != "B":
                 self._last_anchor = frame.index
-            return field_from_mvs(frame.mvs, h, w, frame.pict_type, frame.key_frame, frame.luma, prev.luma,
-                                  self.codec_config, prior_span=prior)
+            fld = field_from_mvs(frame.mvs, h, w, frame.pict_type, frame.key_frame, frame.luma, prev.luma,
+                                 self.codec_config, prior_span=prior)
+            if not (self.match_intra and fld.scene_cut and frame.pict_type == "I"):
+                return fld
+            # An I-frame carries no vectors, but periodic key frames are rarely scene cuts: estimate the
+            # field by block matching, and call it a cut only if that fails too.
         fld = block_match(frame.luma, prev.luma, self.match_config, frame_type=frame.pict_type)
         if 1.0 - fld.valid_fraction > self.codec_config.scene_cut_intra:
             fld.valid[:] = False

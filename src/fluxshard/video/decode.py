@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -113,6 +114,7 @@ class VideoSource:
         self.max_frames = max_frames
         self.problems: list[DecodeProblem] = []
         self.frames_decoded = 0
+        self.decode_seconds = 0.0  # time inside demux + decode (in whichever thread ran them)
         if not _is_url(self.path):
             if not os.path.exists(self.path):
                 raise VideoError(f"{self.path}: no such file")
@@ -212,7 +214,9 @@ class VideoSource:
         stream = self._stream
         demux = self._container.demux(stream)
         n = 0
+        clock = time.perf_counter
         while True:
+            t0 = clock()
             try:
                 packet = next(demux)
             except StopIteration:
@@ -225,6 +229,8 @@ class VideoSource:
             except av.error.FFmpegError as exc:
                 self.problems.append(DecodeProblem(n, f"corrupt packet after frame {n} ({_msg(exc)})"))
                 continue
+            finally:
+                self.decode_seconds += clock() - t0
             for frame in frames:
                 if frame.is_corrupt:
                     self.problems.append(DecodeProblem(n, f"corrupt data in frame {n} (decoder concealed errors)"))

@@ -7,6 +7,7 @@ from fluxshard.models.base import (
     Detections,
     Keypoints,
     ModelAdapter,
+    Segmentations,
     batched_nms,
     box_iou,
     nms,
@@ -23,6 +24,7 @@ from fluxshard.models.registry import (
 # Importing the adapter modules registers them.
 from fluxshard.models import movenet as _movenet  # noqa: F401  isort: skip
 from fluxshard.models import nanodet as _nanodet  # noqa: F401  isort: skip
+from fluxshard.models import ultralytics as _ultralytics  # noqa: F401  isort: skip
 
 __all__ = [
     "COCO_CLASSES",
@@ -33,6 +35,7 @@ __all__ = [
     "Keypoints",
     "ModelAdapter",
     "ModelError",
+    "Segmentations",
     "available_models",
     "batched_nms",
     "box_iou",

@@ -80,6 +80,36 @@ class Detections:
 
 
 @dataclass
+class Segmentations(Detections):
+    """Detections plus one boolean full-frame mask per instance (``masks`` N×H×W, original-frame pixels)."""
+
+    masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=bool))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.masks = np.asarray(self.masks, dtype=bool)
+        if self.masks.ndim != 3 or len(self.masks) != len(self.scores):
+            raise ValueError(f"masks must be N×H×W with N={len(self.scores)}, got {self.masks.shape}")
+
+    def filter(self, min_score: float = 0.0, class_name: str | None = None) -> Segmentations:
+        keep = self.scores >= min_score
+        if class_name is not None:
+            keep &= self.class_ids == self.class_names.index(class_name)
+        return Segmentations(self.boxes[keep], self.scores[keep], self.class_ids[keep], self.class_names,
+                             self.masks[keep])
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Masks as COCO RLE (``size`` [h, w], ``counts`` string), the compact form every COCO tool reads."""
+        from pycocotools import mask as mask_utils
+
+        out = super().to_json()
+        for d, m in zip(out, self.masks, strict=True):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            d["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        return out
+
+
+@dataclass
 class Keypoints:
     """Pose instances: ``keypoints`` N×K×3 (x, y, score) in original-frame pixels, instance ``scores`` (N),
     and ``boxes`` N×4 xyxy enclosing the keypoints whose score ≥ ``box_min_score``."""
@@ -106,14 +136,14 @@ class Keypoints:
         ]
 
 
-Results = Detections | Keypoints
+Results = Detections | Segmentations | Keypoints
 
 
 class ModelAdapter(ABC):
     """A model split into ``preprocess`` -> ``body`` (incrementally runnable) -> ``postprocess``."""
 
     name: str
-    task: str  # "detect" | "pose"
+    task: str  # "detect" | "segment" | "pose"
     input_size: tuple[int, int]  # (height, width) of the body input
     body: nn.Module
 

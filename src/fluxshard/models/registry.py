@@ -14,6 +14,7 @@ DEFAULT_MODEL = "nanodet"
 
 _FACTORIES: dict[str, Callable[..., ModelAdapter]] = {}
 _SUFFIX_LOADERS: dict[str, Callable[[Path], ModelAdapter]] = {}
+_NAME_SUFFIXES: set[str] = set()  # suffixes whose loader also resolves bare names (``yolo11n.yaml``)
 
 
 class ModelError(FluxShardError):
@@ -32,9 +33,15 @@ def register(name: str) -> Callable[[Callable[..., ModelAdapter]], Callable[...,
     return deco
 
 
-def register_suffix(suffix: str, loader: Callable[[Path], ModelAdapter]) -> None:
-    """Let ``load_model(path)`` open weights files ending in ``suffix`` (e.g. ``.pt``) with ``loader``."""
+def register_suffix(suffix: str, loader: Callable[[Path], ModelAdapter], accepts_names: bool = False) -> None:
+    """Let ``load_model(path)`` open weights files ending in ``suffix`` (e.g. ``.pt``) with ``loader``.
+
+    With ``accepts_names`` a bare file name that does not exist (e.g. ``yolo11n.yaml``, a config bundled with
+    a library) is passed to ``loader`` too, which must raise :class:`ModelError` if it cannot resolve it.
+    """
     _SUFFIX_LOADERS[suffix.lower()] = loader
+    if accepts_names:
+        _NAME_SUFFIXES.add(suffix.lower())
 
 
 def available_models() -> list[str]:
@@ -59,9 +66,11 @@ def load_model(name_or_path: str | Path | None = None) -> ModelAdapter:
     looks_like_path = path.suffix != "" or "/" in key or "\\" in key
     if not looks_like_path:
         raise ModelError(f"unknown model {key!r}; {_available_line()}")
+    suffix = path.suffix.lower()
+    if not path.is_file() and suffix in _NAME_SUFFIXES and path.name == key:
+        return _SUFFIX_LOADERS[suffix](path)
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file; {_available_line()}")
-    suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:

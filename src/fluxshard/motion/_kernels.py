@@ -23,14 +23,26 @@ def _round_half_away(v: float) -> int:
 
 @njit(cache=True, nogil=True)
 def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
-    """Mean |Δluma| over a 4×4 grid of samples of one block (clamped to the frame)."""
+    """Mean |Δluma| over a 4×4 grid of samples of one block (clamped to the frame).
+
+    Interior blocks (the vast majority) take a branch-free path without clamping.
+    """
     step = block // 4 if block >= 4 else 1
+    o = step // 2
     acc = 0
+    if (y0 + dy >= 0 and x0 + dx >= 0 and y0 + 3 * step + o + max(dy, 0) < height
+            and x0 + 3 * step + o + max(dx, 0) < width):
+        for a in range(4):
+            y = y0 + o + a * step
+            for b in range(4):
+                x = x0 + o + b * step
+                acc += abs(np.int32(cur[y, x]) - np.int32(prev[y + dy, x + dx]))
+        return acc / 16.0
     n = 0
-    for sy in range(step // 2, block, step):
+    for sy in range(o, block, step):
         y = min(y0 + sy, height - 1)
         ry = min(max(y + dy, 0), height - 1)
-        for sx in range(step // 2, block, step):
+        for sx in range(o, block, step):
             x = min(x0 + sx, width - 1)
             rx = min(max(x + dx, 0), width - 1)
             acc += abs(np.int32(cur[y, x]) - np.int32(prev[ry, rx]))
@@ -44,21 +56,28 @@ FILLED = 4
 
 
 @njit(cache=True, nogil=True)
-def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
+def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
     """Rasterise, pool, resolve the reference span, verify and (optionally) fill one frame's vectors.
 
     ``mvs`` is the side data's AVMotionVector record array, read in place. ``params`` packs height, width,
     block, cell, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
     dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
-    FILLED bits) and ``cells`` (float32, 2 × Hc × Wc) / ``have`` (uint8, Hc × Wc) are scratch: returning
-    arrays from numba costs ~7 µs each, more than the work itself. ``cell`` is the rasterisation grid (4,
-    or 8 when no partition is smaller — H.264 exports 8×8 at least). Returns the number of covered blocks.
+    FILLED bits) and the bool maps ``valid`` / ``filled``; ``cells`` (float32, 2 × Hc × Wc) and ``have``
+    (uint8, Hc × Wc) are scratch for the 4-px cell grid: returning arrays from numba costs ~7 µs each, more
+    than the work itself. Cells are pooled 2×2 when no partition is smaller than 8 px (H.264 exports 8×8 at
+    least), so most frames rasterise at 8 px. Returns the number of covered blocks.
     See ``codec.py`` for the rules.
     """
     height = int(params[0])
     width = int(params[1])
     block = int(params[2])
-    cell = int(params[3])
+    cell = 8 if block % 8 == 0 else 4
+    for r in range(mvs.shape[0]):
+        if mvs[r].w < 8 or mvs[r].h < 8:
+            cell = 4
+            break
+    hc = (height + cell - 1) // cell
+    wc = (width + cell - 1) // cell
     verify = params[4] != 0
     max_span = int(params[5])
     tau = params[6]
@@ -67,9 +86,7 @@ def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
     fill = params[9] != 0
     fill_tau = params[10]
     prior = max(int(params[11]), 1)
-    hc = have.shape[0]
-    wc = have.shape[1]
-    have[:, :] = 0
+    have[:hc, :wc] = 0
     for r in range(mvs.shape[0]):
         row = mvs[r]
         if row.source >= 0:  # future reference
@@ -98,6 +115,8 @@ def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
             out[0, i, j] = 0
             out[1, i, j] = 0
             out[2, i, j] = 0
+            valid[i, j] = False
+            filled[i, j] = False
             # --- pool the block's cells: majority vector, covered, coherent
             n = 0
             cov = True
@@ -174,6 +193,7 @@ def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
             out[0, i, j] = by
             out[1, i, j] = bx
             out[2, i, j] = COVERED | VALID
+            valid[i, j] = True
 
     if fill:
         for i in range(hb):
@@ -201,10 +221,12 @@ def codec_field(mvs, params, cur, prev, out, cells, have) -> int:
                     out[0, i, j] = by
                     out[1, i, j] = bx
                     out[2, i, j] |= FILLED
+                    filled[i, j] = True
         for i in range(hb):
             for j in range(wb):
                 if out[2, i, j] & FILLED:
                     out[2, i, j] |= VALID
+                    valid[i, j] = True
     return n_covered
 
 

@@ -76,19 +76,18 @@ def field_from_mvs(
     intra = pict_type == "I" or key_frame
     if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
-    cell = 8 if b % 8 == 0 and min(int(mvs["w"].min()), int(mvs["h"].min())) >= 8 else CELL
-    params = np.array([height, width, b, cell, cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau,
+    params = np.array([height, width, b, 0, cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau,
                        cfg.verify_margin, cfg.verify_good, cfg.fill, cfg.fill_tau, prior_span], np.float64)
     hb, wb = grid_shape(height, width, b)
-    hc, wc = -(-height // cell), -(-width // cell)
     out = np.empty((3, hb, wb), np.int32)
+    valid = np.empty((hb, wb), np.bool_)
+    filled = np.empty((hb, wb), np.bool_)
+    hc, wc = -(-height // CELL), -(-width // CELL)
     n_covered = _kernels.codec_field(  # decoder planes are strided views: passed as they are, no copies
-        mvs, params, cur_luma, prev_luma, out, np.empty((2, hc, wc), np.float32), np.empty((hc, wc), np.uint8)
+        mvs, params, cur_luma, prev_luma, out, valid, filled,
+        np.empty((2, hc, wc), np.float32), np.empty((hc, wc), np.uint8),
     )
     if 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
-    flags = out[2]
     dy, dx = out[0], out[1]
-    valid = (flags & _kernels.VALID) != 0
-    filled = (flags & _kernels.FILLED) != 0
     return MotionField(dy, dx, valid, b, height, width, frame_type=pict_type, source="codec", filled=filled)

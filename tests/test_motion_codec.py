@@ -179,3 +179,16 @@ def test_synthetic_object_moves_independently(synth_dir: Path) -> None:
     clip = make_clip(synth_dir / "obj.mp4", bg=(0, 2), obj=(-3, 3), frames=10)
     dy, dx, known = clip.truth(5, 16)
     assert {(int(a), int(b)) for a, b in zip(dy[known], dx[known], strict=True)} == {(0, 2), (3, -3)}
+
+
+def test_mpeg4_part2_with_b_frames(synth_dir: Path) -> None:
+    """MPEG-4 Part 2: P-frames have one past reference (no span search needed); FFmpeg's exported B-frame
+    vectors are unusable (direct mode leaves them zero), so B-frames are block-matched."""
+    clip = make_clip(synth_dir / "mpeg4.avi", codec="mpeg4", options={"bf": "2", "qscale": "3"})
+    ms = MotionStream(clip.path)
+    assert not ms.codec_config.verify
+    sources = {(mf.frame.pict_type, mf.field.source) for mf in ms if mf.index > 0}
+    assert ("P", "codec") in sources and ("B", "blockmatch") in sources and ("B", "codec") not in sources
+    acc, cov, src, types = field_accuracy(clip)
+    assert src == "codec" and "B" in types, types
+    assert acc >= 0.95 and cov >= 0.7, (acc, cov)

@@ -157,8 +157,8 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
                     continue  # incoherent
             fy = vys[best]
             fx = vxs[best]
-            by = _round_half_away(fy)
-            bx = _round_half_away(fx)
+            by = _round_half_away(fy / prior)  # without verification the expected span is taken as exact
+            bx = _round_half_away(fx / prior)
             if verify:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must

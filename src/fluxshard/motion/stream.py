@@ -17,6 +17,10 @@ from fluxshard.motion.field import MotionField
 from fluxshard.video.decode import MV_DTYPE, DecodedFrame, VideoSource, open_video
 
 MVSource = Literal["auto", "codec", "blockmatch"]
+SINGLE_REFERENCE_CODECS = frozenset(
+    {"mpeg1video", "mpeg2video", "mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "msmpeg4", "wmv1", "wmv2", "h263",
+     "h263p", "flv1"}
+)
 
 
 @dataclass
@@ -68,7 +72,13 @@ class MotionStream:
         self.video: VideoSource = open_video(path, export_mvs=mv_source != "blockmatch",
                                              max_frames=max_frames, on_error=on_error)
         self.info = self.video.info
-        self.codec_config = codec_config or CodecMVConfig(block=block)
+        self._single_ref = self.info.codec in SINGLE_REFERENCE_CODECS
+        if codec_config is None:
+            # MPEG-1/2/4 Part 2, H.263 and WMV predict P-frames from the previous anchor only and B-frames from
+            # the surrounding anchors: the expected span is exact, no span search needed. H.264 may use any of
+            # up to 16 references per block, so its vectors are verified.
+            codec_config = CodecMVConfig(block=block, verify=not self._single_ref)
+        self.codec_config = codec_config
         self.match_config = match_config or BlockMatchConfig(block=block)
         if mv_source == "codec" and not self.info.codec_has_mvs:
             raise FluxShardError(f"{self.info.path}: codec {self.info.codec} exports no motion vectors")
@@ -103,7 +113,10 @@ class MotionStream:
             self._last_anchor = frame.index
             return MotionField.invalid(h, w, self.block, frame_type=frame.pict_type, source=self.mv_source,
                                        scene_cut=True)
-        if self.mv_source == "codec":
+        # FFmpeg exports the B-frame vectors of the MPEG-4 Part 2 family from tables that direct-mode blocks do
+        # not fill (measured: all-zero vectors on a panning clip), so those B-frames are block-matched.
+        unusable = self._single_ref and frame.pict_type == "B"
+        if self.mv_source == "codec" and not unusable:
             prior = frame.index - self._last_anchor if self._last_anchor >= 0 else 1
             if frame.pict_type != "B":
                 self._last_anchor = frame.index

@@ -260,3 +260,52 @@ def aligned_block_mad(cur, ref, dy, dx, block: int):
                     acc += abs(np.int32(cur[y, x]) - np.int32(ref[ry, rx]))
             mad[i, j] = acc / ((y1 - y0) * (x1 - x0))
     return mad, inside
+
+
+@njit(cache=True, nogil=True)
+def _block_cost(cur, ref, y0, x0, bh, bw, dy, dx) -> float:
+    acc = 0.0
+    for y in range(y0, y0 + bh):
+        for x in range(x0, x0 + bw):
+            acc += abs(np.float32(cur[y, x]) - np.float32(ref[y + dy, x + dx]))
+    return acc / (bh * bw)
+
+
+@njit(cache=True, nogil=True)
+def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, out_dy, out_dx, out_cost) -> None:
+    """One level of hierarchical block matching: for every block, search ``pred ± radius`` (and the zero
+    vector when asked) for the least mean absolute difference; candidates whose displaced block leaves the
+    frame are skipped. The prediction is evaluated first and a candidate must be strictly better to win, so
+    ties keep the prediction (then zero). Blocks with no admissible candidate get cost +inf."""
+    height, width = cur.shape
+    hb, wb = out_dy.shape
+    for i in range(hb):
+        y0 = i * block
+        bh = min(block, height - y0)
+        for j in range(wb):
+            x0 = j * block
+            bw = min(block, width - x0)
+            py = pred_dy[i, j]
+            px = pred_dx[i, j]
+            best = np.inf
+            by = 0
+            bx = 0
+            for n in range(-1 if try_zero else 0, (2 * radius + 1) ** 2):
+                if n < 0:
+                    cy = 0
+                    cx = 0
+                else:
+                    # spiral-free order: the prediction first, then the square around it
+                    k = (n + (2 * radius + 1) ** 2 // 2) % (2 * radius + 1) ** 2
+                    cy = py + k // (2 * radius + 1) - radius
+                    cx = px + k % (2 * radius + 1) - radius
+                if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
+                    continue
+                c = _block_cost(cur, ref, y0, x0, bh, bw, cy, cx)
+                if c < best:
+                    best = c
+                    by = cy
+                    bx = cx
+            out_dy[i, j] = by
+            out_dx[i, j] = bx
+            out_cost[i, j] = best

@@ -158,4 +158,5 @@ def _warm_up(block: int) -> None:
     for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
         field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
         _kernels.aligned_block_mad(img, img, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
+    block_match(z[:, :], z, BlockMatchConfig(block=block))
     _WARM.add(block)

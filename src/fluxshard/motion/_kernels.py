@@ -263,20 +263,24 @@ def aligned_block_mad(cur, ref, dy, dx, block: int):
 
 
 @njit(cache=True, nogil=True)
-def _block_cost(cur, ref, y0, x0, bh, bw, dy, dx) -> float:
+def _block_cost(cur, ref, y0, x0, bh, bw, dy, dx, step) -> float:
     acc = 0.0
-    for y in range(y0, y0 + bh):
-        for x in range(x0, x0 + bw):
+    n = 0
+    for y in range(y0, y0 + bh, step):
+        for x in range(x0, x0 + bw, step):
             acc += abs(np.float32(cur[y, x]) - np.float32(ref[y + dy, x + dx]))
-    return acc / (bh * bw)
+            n += 1
+    return acc / n
 
 
 @njit(cache=True, nogil=True)
-def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, out_dy, out_dx, out_cost) -> None:
+def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, step: int, out_dy, out_dx,
+                out_cost) -> None:
     """One level of hierarchical block matching: for every block, search ``pred ± radius`` (and the zero
     vector when asked) for the least mean absolute difference; candidates whose displaced block leaves the
     frame are skipped. The prediction is evaluated first and a candidate must be strictly better to win, so
-    ties keep the prediction (then zero). Blocks with no admissible candidate get cost +inf."""
+    ties keep the prediction (then zero). Blocks with no admissible candidate get cost +inf. ``step`` > 1
+    evaluates the cost on every step-th pixel in each direction."""
     height, width = cur.shape
     hb, wb = out_dy.shape
     for i in range(hb):
@@ -301,7 +305,7 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                     cx = px + k % (2 * radius + 1) - radius
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
                     continue
-                c = _block_cost(cur, ref, y0, x0, bh, bw, cy, cx)
+                c = _block_cost(cur, ref, y0, x0, bh, bw, cy, cx, step)
                 if c < best:
                     best = c
                     by = cy

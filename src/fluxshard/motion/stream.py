@@ -91,6 +91,7 @@ class MotionStream:
         prev: DecodedFrame | None = None
         inter_without_mvs = 0
         self._last_anchor = -1
+        self._last_field: MotionField | None = None
         for frame in self.video:
             t1 = time.thread_time()
             self.timings.decode = self.video.decode_seconds
@@ -100,6 +101,8 @@ class MotionStream:
                 if inter_without_mvs >= 2:  # the decoder does not export vectors for this stream
                     self.mv_source = "blockmatch"
             fld = self._field(frame, prev)
+            if not fld.scene_cut:
+                self._last_field = fld
             t0 = time.thread_time()
             self.timings.motion += t0 - t1
             self.timings.per_frame_motion.append(t0 - t1)
@@ -124,13 +127,29 @@ class MotionStream:
                                  self.codec_config, prior_span=prior)
             if not (self.match_intra and fld.scene_cut and frame.pict_type == "I"):
                 return fld
+            if histogram_distance(frame.luma, prev.luma) > HIST_CUT:
+                return fld  # an obvious cut: no need to try matching
             # An I-frame carries no vectors, but periodic key frames are rarely scene cuts: estimate the
             # field by block matching, and call it a cut only if that fails too.
-        fld = block_match(frame.luma, prev.luma, self.match_config, frame_type=frame.pict_type)
+        # Between coded fields (I-frames, MPEG-4 B-frames) the last field predicts the motion well.
+        predictor = self._last_field if self.mv_source == "codec" else None
+        fld = block_match(frame.luma, prev.luma, self.match_config, frame_type=frame.pict_type, predictor=predictor)
         if 1.0 - fld.valid_fraction > self.codec_config.scene_cut_intra:
             fld.valid[:] = False
             fld.scene_cut = True
         return fld
+
+
+# L1 distance between normalised 32-bin luma histograms above which consecutive frames are a scene cut.
+# Measured: periodic key frames of cup.mp4 / vtest.avi ≤ 0.09, the cuts of bikes.mp4 ≥ 0.42.
+HIST_CUT = 0.3
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """L1 distance of the 32-bin luma histograms (on every other pixel): ~0.3 ms at 640×480."""
+    ha = np.bincount((a[::2, ::2] >> 3).ravel(), minlength=32).astype(np.float32)
+    hb = np.bincount((b[::2, ::2] >> 3).ravel(), minlength=32).astype(np.float32)
+    return float(np.abs(ha / ha.sum() - hb / hb.sum()).sum())
 
 
 def iter_motion(path: str | Path, **kwargs: object) -> Iterator[MotionFrame]:
@@ -158,5 +177,6 @@ def _warm_up(block: int) -> None:
     for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
         field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
         _kernels.aligned_block_mad(img, img, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
-    block_match(z[:, :], z, BlockMatchConfig(block=block))
+    block_match(z, z, BlockMatchConfig(block=block))
+    block_match(z, z, BlockMatchConfig(block=block), predictor=MotionField.zero(2 * block, 2 * block, block))
     _WARM.add(block)

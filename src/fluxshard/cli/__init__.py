@@ -24,10 +24,12 @@ app = typer.Typer(
 def _register() -> None:
     # Imported here so that `fluxshard --help` stays fast and a broken optional part cannot break the rest.
     from fluxshard.cli import data as data_cmd
+    from fluxshard.cli import detect as detect_cmd
     from fluxshard.cli import motion as motion_cmd
 
     app.add_typer(data_cmd.app, name="data")
     motion_cmd.register(app)
+    detect_cmd.register(app)
 
 
 def main() -> None:

@@ -78,3 +78,23 @@ def test_unreadable_weights_and_bad_clip(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = fluxshard("detect", str(tmp_path / "nope.mp4"))
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.mp4'}: no such file"]
+
+
+def test_drawing_boxes_masks_skeletons():
+    import numpy as np
+
+    from fluxshard.models.base import Detections, Keypoints, Segmentations
+    from fluxshard.viz import draw_results
+
+    rgb = np.zeros((60, 80, 3), np.uint8)
+    masks = np.zeros((1, 60, 80), bool)
+    masks[0, 20:40, 30:50] = True
+    seg = Segmentations([[28, 18, 52, 42]], [0.9], [0], masks=masks)
+    out = draw_results(rgb, seg)
+    assert out.shape == rgb.shape and out[30, 40].any()  # mask tint inside
+    assert out[18, 40].any() and not out[50, 5].any()  # box outline drawn, far background untouched
+    assert not draw_results(rgb, Detections(np.zeros((0, 4)), [], [])).any()
+    kp = np.zeros((1, 17, 3), np.float32)
+    kp[0, :, 0], kp[0, :, 1], kp[0, :, 2] = np.linspace(10, 70, 17), 30, 0.9
+    pose = draw_results(rgb, Keypoints(kp, [0.9], [[10, 25, 70, 35]]))
+    assert pose[30, 10].any() and pose[30, 70].any()

@@ -93,8 +93,10 @@ def test_future_only_and_intra_blocks_are_invalid() -> None:
     f = field_from_mvs(mvs, 16, 64, "B", False, luma, luma, cfg)
     assert f.valid.tolist() == [[True, False, False, True]]
     assert f.dx[0, 3] == -1  # the past row, not the future one
-    # ... but too many uncovered blocks is a scene cut: everything invalid.
+    # A B-frame predicted mostly from the future is not a cut; a P-frame that is mostly intra is.
     f = field_from_mvs(_mv_rows([(1, 16, 16, 8, 8, 0, 0, 4)]), 16, 64, "B", False, luma, luma, cfg)
+    assert not f.scene_cut and not f.valid.any()
+    f = field_from_mvs(_mv_rows([(-1, 16, 16, 8, 8, 0, 0, 4)]), 16, 64, "P", False, luma, luma, cfg)
     assert f.scene_cut and not f.valid.any()
 
 

@@ -24,8 +24,8 @@ Rules (decided here, documented in docs/design.md; the loops live in ``_kernels.
   seed 001 §4.1 — zero motion and its valid 4-neighbours' vectors — on the same sample grid and becomes
   valid (flagged in ``field.filled``) if the best has sampled mean |Δ| ≤ ``fill_tau``. Encoders pick intra
   modes for rate reasons too; without this, such blocks would always be recomputed.
-* I-frames, key frames and scene cuts (more than ``scene_cut_intra`` of the blocks uncovered) → all
-  invalid, nothing filled.
+* I-frames, key frames and scene cuts (a P-frame with more than ``scene_cut_intra`` of its blocks intra)
+  → all invalid, nothing filled.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def field_from_mvs(
         mvs, params, cur_luma, prev_luma, out, valid, filled,
         np.empty((2, hc, wc), np.float32), np.empty((hc, wc), np.uint8),
     )
-    if 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
+    # Only P-frames: their uncovered blocks are intra-coded. A B-frame's uncovered blocks are mostly predicted
+    # from the future (common in still scenes), which says nothing about a cut.
+    if pict_type != "B" and 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
         return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
     dy, dx = out[0], out[1]
     return MotionField(dy, dx, valid, b, height, width, frame_type=pict_type, source="codec", filled=filled)

@@ -65,6 +65,7 @@ def seg(masks, scores=None) -> Segmentations:
                          masks=masks)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools' decode
 def test_mask_ap_known_values():
     gt = np.zeros((1, 40, 60), bool)
     gt[0, 10:30, 10:50] = True  # 20×40 = 800 px

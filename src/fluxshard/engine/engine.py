@@ -20,12 +20,15 @@ valid, on a shape change, and every ``refresh_every`` frames if set.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fluxshard.engine.graph import GraphInfo, trace
@@ -41,10 +44,35 @@ class EngineError(FluxShardError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    mode: Literal["exact"] = "exact"
+    """``exact``: τ_in = 0, strict RFAP at every convolution, no truncation — output equals dense inference.
+    ``fast``: RFAP at the first convolution only (seed 000's practical relaxation), changes propagated layer
+    by layer and truncated where they stay under the layer's threshold τ^l (seed 000 Eq. 2–4)."""
+
+    mode: Literal["exact", "fast"] = "exact"
     tau_in: float = 0.0  # input residual threshold (absolute, in input units); 0 = every changed pixel
+    thresholds: dict[str, float] = field(default_factory=dict)  # τ^l per conv node name (fast mode)
+    default_threshold: float = 0.0  # τ^l for convs not in ``thresholds``
     refresh_every: int | None = None  # dense refresh period in frames (None = only when needed)
     sparse: bool = True  # use the tile-sparse executor when it is available
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "fast"):
+            raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
+        if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0):
+            raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation); use mode='fast'")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> EngineConfig:
+        """Fast-mode thresholds from a JSON profile: ``{"tau_in": .., "default_threshold": ..,
+        "thresholds": {"conv_node": τ, ...}}``."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EngineError(f"{path}: cannot read engine thresholds ({exc})") from exc
+        if not isinstance(data, dict):
+            raise EngineError(f"{path}: engine thresholds must be a JSON object")
+        kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every") if k in data}
+        return cls(mode="fast", **{**kw, **overrides})
 
 
 @dataclass
@@ -179,29 +207,31 @@ class Engine:
 
 
 class _Runner(fx.Interpreter):
-    """Executes the traced body; convolutions go through the cache when ``maps`` is given."""
+    """Executes the traced body. Exact mode: convolutions go through the cache with strict RFAP masks.
+    Fast mode: every node also propagates a *change mask* (positions whose value differs from the motion-
+    shifted cache), convolutions recompute the window-dilation of their input's mask and truncate."""
 
     def __init__(self, engine: Engine, maps: PixelMaps | None) -> None:
         super().__init__(engine.gm)
         self.engine = engine
         self.maps = maps
+        self.fast = maps is not None and engine.config.mode == "fast"
         self.new_caches: dict[str, torch.Tensor] = {}
         self.layer_stats: list[LayerStats] = []
+        self.changed: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._conv_set = set(engine.info.convs)
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and n.name in self.engine.info.geoms and n.name in self._conv_names:
+        if n.op == "call_module" and n.name in self._conv_set:
             args, _ = self.fetch_args_kwargs_from_env(n)
             return self._conv(n, args[0])
-        return super().run_node(n)
+        out = super().run_node(n)
+        if self.fast:
+            self._propagate(n, out)
+        return out
 
-    @property
-    def _conv_names(self) -> set[str]:
-        names = getattr(self, "_conv_set", None)
-        if names is None:
-            names = self._conv_set = set(self.engine.info.convs)
-        return names
-
+    # -- exact + fast convolution ------------------------------------------------------------------------
     def _conv(self, n: fx.Node, x: torch.Tensor) -> torch.Tensor:
         conv = self.module.get_submodule(str(n.target))
         cache = self.engine._caches.get(n.name)
@@ -210,27 +240,115 @@ class _Runner(fx.Interpreter):
             self.new_caches[n.name] = y
             return y
         t0 = time.perf_counter()
-        g = self.engine.info.geoms[n.name]
         ho, wo = cache.shape[-2:]
-        key = (*g.key(), ho, wo)
-        if key not in self._masks:
-            self._masks[key] = reuse_mask(self.maps, g, (ho, wo))
-        ok, sy, sx = self._masks[key]
-        reuse = float(ok.mean())
-        if reuse == 0.0:
-            y, path = conv(x), "dense"
+        src = _tensor_inputs(n)[0]
+        if not self.fast or self.engine.info.ops.get(src.name) == ("input",):
+            ok, sy, sx = self._strict(n.name, (ho, wo))  # exact mode, or the first convolution in fast mode
+            recompute = torch.from_numpy(~ok)
+        else:
+            g = self.engine.info.geoms[n.name]
+            ok_shift, sy, sx = self._shift_map(g.S, (ho, wo))
+            _, k, s, p, d = self.engine.info.ops[n.name]
+            recompute = _dilate(self.changed[src.name], k, s, p, d, (ho, wo)) | torch.from_numpy(~ok_shift)
+        active_fraction = float(recompute.float().mean())
+        if active_fraction == 1.0:
+            y, path, base = conv(x), "dense", None
         else:
             base = _shift(cache, sy, sx)
-            active = torch.from_numpy(~ok)
             if self.engine._sparse is not None:
-                y, st = self.engine._sparse(x, conv, base, active)
+                y, st = self.engine._sparse(x, conv, base.clone() if base is cache else base, recompute)
                 path = getattr(st, "path", "sparse")
             else:
-                y = torch.where(active, conv(x), base)
+                y = torch.where(recompute, conv(x), base)
                 path = "dense+select"
+        if self.fast:
+            if base is None:
+                self.changed[n.name] = torch.ones((ho, wo), dtype=torch.bool)
+            else:
+                tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
+                delta = (y - base).abs().amax(dim=1)[0]
+                self.changed[n.name] = recompute & (delta > tau)
         self.new_caches[n.name] = y
-        self.layer_stats.append(LayerStats(n.name, reuse, 1.0 - reuse, (time.perf_counter() - t0) * 1e3, path))
+        self.layer_stats.append(
+            LayerStats(n.name, 1.0 - active_fraction, active_fraction, (time.perf_counter() - t0) * 1e3, path)
+        )
         return y
+
+    def _strict(self, name: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.maps is not None
+        g = self.engine.info.geoms[name]
+        if self.fast:  # first conv: equivariance of this layer alone
+            g = type(g)(g.S, g.S, g.lo_y, g.hi_y, g.lo_x, g.hi_x, g.barrier)
+        key = (*g.key(), *hw)
+        if key not in self._masks:
+            self._masks[key] = reuse_mask(self.maps, g, hw)
+        return self._masks[key]
+
+    def _shift_map(self, S: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fast mode: one displacement per shard at this resolution, rounded to whole feature pixels."""
+        key = ("shift", S, *hw)
+        if key not in self._masks:
+            assert self.maps is not None
+            ho, wo = hw
+            py = np.minimum(np.arange(ho) * S + S // 2, self.maps.height - 1)
+            px = np.minimum(np.arange(wo) * S + S // 2, self.maps.width - 1)
+            dy = self.maps.dy[py][:, px]
+            dx = self.maps.dx[py][:, px]
+            valid = self.maps.valid[py][:, px]
+            sy = (np.sign(dy) * np.floor(np.abs(dy) / S + 0.5)).astype(np.int32)
+            sx = (np.sign(dx) * np.floor(np.abs(dx) / S + 0.5)).astype(np.int32)
+            iy = np.arange(ho)[:, None] + sy
+            ix = np.arange(wo)[None, :] + sx
+            ok = valid & (iy >= 0) & (iy < ho) & (ix >= 0) & (ix < wo)
+            self._masks[key] = (ok, np.where(ok, sy, 0), np.where(ok, sx, 0))
+        return self._masks[key]
+
+    # -- fast mode: change masks through non-conv nodes -------------------------------------------------
+    def _propagate(self, n: fx.Node, out: Any) -> None:
+        op = self.engine.info.ops.get(n.name)
+        if op is None:
+            return
+        if op[0] == "input":
+            assert self.maps is not None
+            self.changed[n.name] = torch.from_numpy(self.maps.residual)
+            return
+        ins = [self.changed[a.name] for a in _tensor_inputs(n) if a.name in self.changed]
+        shape = self.engine.info.shapes.get(n.name)
+        if not ins or shape is None or len(shape) != 4:
+            if ins:
+                self.changed[n.name] = ins[0]
+            return
+        hw = tuple(shape[-2:])
+        if op[0] == "window":
+            self.changed[n.name] = _dilate(ins[0], op[1], op[2], op[3], op[4], hw)
+        elif op[0] == "resample":
+            m = ins[0]
+            if op[1] != "nearest":
+                m = _dilate(m, (3, 3), (1, 1), (1, 1), (1, 1), tuple(m.shape))
+            self.changed[n.name] = F.interpolate(m[None, None].float(), size=hw, mode="nearest")[0, 0] > 0
+        elif op[0] == "pointwise" and all(tuple(m.shape) == hw for m in ins):
+            acc = ins[0].clone()
+            for m in ins[1:]:
+                acc |= m
+            self.changed[n.name] = acc
+        else:  # barrier, or broadcasting across space: anything changed anywhere changes everything
+            self.changed[n.name] = torch.full(hw, any(bool(m.any()) for m in ins), dtype=torch.bool)
+
+
+def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
+    from fluxshard.engine.graph import _tensor_args
+
+    return _tensor_args(n)
+
+
+def _dilate(mask: torch.Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int],
+            out_hw: tuple[int, ...]) -> torch.Tensor:
+    """Output positions whose window (kernel k, stride s, padding p, dilation d) touches a changed input."""
+    m = F.max_pool2d(mask[None, None].float(), k, s, p, d)[0, 0] > 0
+    ho, wo = out_hw[-2], out_hw[-1]
+    if m.shape != (ho, wo):
+        m = F.pad(m, (0, max(0, wo - m.shape[1]), 0, max(0, ho - m.shape[0])), value=True)[:ho, :wo]
+    return m
 
 
 def _shift(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:

@@ -70,6 +70,9 @@ class GraphInfo:
     geoms: dict[str, Geom]
     shapes: dict[str, tuple[int, ...]]
     barriers: list[str] = field(default_factory=list)  # human-readable "node: op" entries
+    # How a change at the input of each node spreads to its output (used by fast mode):
+    # ("window", k, s, p, d) | ("resample", mode) | ("pointwise",) | ("barrier",) | ("input",)
+    ops: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     convs: list[str] = field(default_factory=list)  # names of Conv2d call_module nodes, in order
 
 
@@ -162,11 +165,14 @@ def trace(body: nn.Module, example: torch.Tensor) -> GraphInfo:
         g = _rule(gm, node, ins, info)
         if g is not None:
             geoms[node.name] = g
+            info.ops.setdefault(node.name, ("barrier",) if g.barrier and not any(i.barrier for i in ins)
+                                else ("pointwise",))
     return info
 
 
 def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -> Geom | None:
     if node.op == "placeholder":
+        info.ops[node.name] = ("input",)
         return Geom()
     if node.op == "output" or node.op == "get_attr":
         return None
@@ -179,13 +185,17 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return _mark(info, node, f"Conv2d padding={m.padding!r}/{m.padding_mode}")
             info.convs.append(node.name)
+            info.ops[node.name] = ("window", _pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
+                                   _pair(m.dilation))
             return _window(ins[0], m.kernel_size, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             k = _pair(m.kernel_size)
-            return _window(ins[0], k, _pair(m.stride or m.kernel_size), _pair(m.padding),
-                           _pair(getattr(m, "dilation", 1)))
+            s_, p_, d_ = _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(getattr(m, "dilation", 1))
+            info.ops[node.name] = ("window", k, s_, p_, d_)
+            return _window(ins[0], k, s_, p_, d_)
         if isinstance(m, nn.Upsample):
             src = info.shapes[_tensor_args(node)[0].name]
+            info.ops[node.name] = ("resample", m.mode)
             return _resample(ins[0], src[-2:], shape[-2:], m.mode)
         if isinstance(m, _POINTWISE_MODULES):
             return _union(ins)
@@ -197,6 +207,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
         if fn is F.interpolate:
             src = info.shapes[_tensor_args(node)[0].name]
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            info.ops[node.name] = ("resample", str(mode))
             return _resample(ins[0], src[-2:], shape[-2:], str(mode))
         if fn in _POINTWISE_FUNCS or fn in _CHANNEL_FUNCS:
             return _union(ins)
@@ -212,6 +223,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
 
 def _mark(info: GraphInfo, node: fx.Node, what: str) -> Geom:
     info.barriers.append(f"{node.name}: {what}")
+    info.ops[node.name] = ("barrier",)
     return _barrier()
 
 
@@ -225,6 +237,7 @@ def _pool_from_args(node: fx.Node, ins: list[Geom], info: GraphInfo) -> Geom:
     d = _pair(kw.get("dilation", args[4] if node.target is F.max_pool2d and args[4] is not None else 1))
     if kw.get("ceil_mode", False):
         return _mark(info, node, "pool with ceil_mode")
+    info.ops[node.name] = ("window", k, s, p, d)
     return _window(ins[0], k, s, p, d)
 
 

@@ -42,6 +42,7 @@ class PixelMaps:
     dy: np.ndarray  # int32 H×W
     dx: np.ndarray
     residual: np.ndarray  # bool H×W
+    valid: np.ndarray  # bool H×W: the pixel's block has a valid vector
     i_dy: np.ndarray
     i_dx: np.ndarray
     i_dy2: np.ndarray
@@ -57,7 +58,7 @@ class PixelMaps:
         dx = np.repeat(np.repeat(field.dx, b, 0), b, 1)[:h, :w].astype(np.int64)
         valid = np.repeat(np.repeat(field.valid, b, 0), b, 1)[:h, :w]
         res = residual | ~valid
-        return cls(h, w, dy.astype(np.int32), dx.astype(np.int32), res,
+        return cls(h, w, dy.astype(np.int32), dx.astype(np.int32), res, valid,
                    _integral(dy), _integral(dx), _integral(dy * dy), _integral(dx * dx),
                    _integral(res.astype(np.int64)), _integral(np.ones((h, w), np.int64)))
 

@@ -1,0 +1,80 @@
+"""Fast mode: relaxed RFAP + truncation. Exact when nothing needs relaxing; cheaper than exact mode on
+real video; bad configuration is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fluxshard.engine.engine import Engine, EngineConfig, EngineError
+from fluxshard.engine.inputs import InputMapper
+from fluxshard.motion.field import MotionField
+from test_engine_exact import ConvStack, run_parity, sequence
+
+
+def test_fast_mode_is_exact_when_motion_is_aligned() -> None:
+    """Shifts that are multiples of every stride, no thresholds: nothing is approximated."""
+    torch.manual_seed(0)
+    stats = run_parity(ConvStack().eval(), sequence(5, 96, 128, (0, 8), (4, 4)), mode="fast")
+    assert np.mean([s.active_fraction for s in stats[1:]]) < 0.9
+
+
+def test_truncation_reduces_work_and_bounds_error() -> None:
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    frames = sequence(6, 96, 128, (0, 8), (4, 4))
+    noisy = []
+    g = torch.Generator().manual_seed(1)
+    for x, f in frames:  # small noise everywhere: what lossy video looks like to an exact engine
+        noisy.append(((x + 0.004 * torch.randn(x.shape, generator=g)).clamp(0, 1), f))
+    act = {}
+    err = {}
+    for name, cfg in {"exact": EngineConfig(), "fast": EngineConfig(mode="fast", tau_in=0.02,
+                                                                     default_threshold=0.02)}.items():
+        eng = Engine(body, (96, 128), cfg)
+        a, e = [], []
+        with torch.inference_mode():
+            for x, f in noisy:
+                y, st = eng.step(x, f)
+                e.append(float((y - body(x)).abs().max()))
+                if not st.dense:
+                    a.append(st.active_fraction)
+        act[name], err[name] = np.mean(a), max(e)
+    assert err["exact"] < 1e-5
+    assert act["fast"] < 0.5 * act["exact"], act
+    assert err["fast"] < 0.1, err  # sigmoid outputs; bounded by the thresholds' budget
+
+
+def test_config_errors_are_named(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="exact mode takes no thresholds"):
+        EngineConfig(tau_in=0.1)
+    with pytest.raises(EngineError, match="mode must be"):
+        EngineConfig(mode="turbo")  # type: ignore[arg-type]
+    bad = tmp_path / "t.json"
+    bad.write_text("{not json")
+    with pytest.raises(EngineError, match=r"t\.json: cannot read engine thresholds"):
+        EngineConfig.from_file(bad)
+    good = tmp_path / "g.json"
+    good.write_text(json.dumps({"tau_in": 0.01, "default_threshold": 0.03, "thresholds": {"c1": 0.0}}))
+    cfg = EngineConfig.from_file(good)
+    assert cfg.mode == "fast" and cfg.thresholds == {"c1": 0.0} and cfg.tau_in == 0.01
+
+
+def test_input_mapper_keeps_shifts_whole_pixels() -> None:
+    m = InputMapper((270, 500), factor=2)
+    assert m.scaled_hw == (135, 250) and m.input_hw == (160, 256)
+    rgb = np.random.default_rng(0).integers(0, 256, (270, 500, 3), dtype=np.uint8)
+    x = m.tensor(rgb)
+    assert tuple(x.shape) == (1, 3, 160, 256) and float(x[..., 135:, :].abs().max()) == 0.0
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), rgb[:2, :2].reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+    f = MotionField.zero(270, 500, 16)
+    f.dx[:] = 4
+    f.dx[0, 0] = 3  # odd: not a whole pixel at half resolution
+    g = m.field(f)
+    assert g.block == 8 and (g.height, g.width) == (160, 256)
+    assert not g.valid[0, 0] and g.valid[0, 1] and g.dx[0, 1] == 2
+    assert g.valid[-1, -1] and g.dx[-1, -1] == 0  # padding: zero motion

@@ -26,10 +26,12 @@ def _register() -> None:
     from fluxshard.cli import data as data_cmd
     from fluxshard.cli import detect as detect_cmd
     from fluxshard.cli import motion as motion_cmd
+    from fluxshard.cli import run as run_cmd
 
     app.add_typer(data_cmd.app, name="data")
     motion_cmd.register(app)
     detect_cmd.register(app)
+    run_cmd.register(app)
 
 
 def main() -> None:

@@ -92,6 +92,7 @@ class StepStats:
     input_residual_fraction: float
     ms: float
     layers: list[LayerStats] = field(default_factory=list)
+    recompute_map: np.ndarray | None = None  # first convolution's recomputed positions (for overlays)
 
     @property
     def active_fraction(self) -> float:
@@ -149,8 +150,8 @@ class Engine:
             assert field is not None and self._x_cache is not None
             residual = self._input_residual(x, field)
             maps = PixelMaps.build(field, residual)
-            out, layers = self._run_incremental(x, maps)
-            stats = StepStats(self._frames, False, "", float(maps.residual.mean()), 0.0, layers)
+            out, layers, first = self._run_incremental(x, maps)
+            stats = StepStats(self._frames, False, "", float(maps.residual.mean()), 0.0, layers, first)
             self._since_refresh += 1
         self._x_cache = x.detach().clone()
         self._frames += 1
@@ -199,11 +200,12 @@ class Engine:
         self._caches = runner.new_caches
         return out
 
-    def _run_incremental(self, x: torch.Tensor, maps: PixelMaps) -> tuple[Any, list[LayerStats]]:
+    def _run_incremental(self, x: torch.Tensor, maps: PixelMaps,
+                         ) -> tuple[Any, list[LayerStats], np.ndarray | None]:
         runner = _Runner(self, maps)
         out = runner.run(x)
         self._caches = runner.new_caches
-        return out, runner.layer_stats
+        return out, runner.layer_stats, runner.first_recompute
 
 
 class _Runner(fx.Interpreter):
@@ -221,6 +223,7 @@ class _Runner(fx.Interpreter):
         self.changed: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._conv_set = set(engine.info.convs)
+        self.first_recompute: np.ndarray | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_module" and n.name in self._conv_set:
@@ -251,6 +254,8 @@ class _Runner(fx.Interpreter):
             _, k, s, p, d = self.engine.info.ops[n.name]
             recompute = _dilate(self.changed[src.name], k, s, p, d, (ho, wo)) | torch.from_numpy(~ok_shift)
         active_fraction = float(recompute.float().mean())
+        if self.first_recompute is None:
+            self.first_recompute = recompute.numpy()
         if active_fraction == 1.0:
             y, path, base = conv(x), "dense", None
         else:

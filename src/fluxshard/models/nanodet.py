@@ -116,11 +116,13 @@ class NanoDetBody(nn.Module):
         return tuple(outs)
 
 
-def decode(outputs: Sequence[torch.Tensor], input_size: int = INPUT_SIZE, score_threshold: float = 0.2,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode(outputs: Sequence[torch.Tensor], input_size: int | tuple[int, int] = INPUT_SIZE,
+           score_threshold: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GFL decoding (NanoDet reference): centre ``(i + 0.5)·stride``, side distance = expectation of the
     softmax over 11 bins × stride; boxes clipped to the input. Returns (boxes xyxy in input pixels, scores,
     class ids) for every (location, class) pair with score > ``score_threshold``."""
+    ih, iw = (input_size, input_size) if isinstance(input_size, int) else input_size
+    limit = torch.tensor([iw, ih, iw, ih], dtype=torch.float32)
     boxes_all, scores_all, cls_all = [], [], []
     for lvl, stride in enumerate(STRIDES):
         cls, reg = outputs[2 * lvl][0], outputs[2 * lvl + 1][0]
@@ -135,7 +137,7 @@ def decode(outputs: Sequence[torch.Tensor], input_size: int = INPUT_SIZE, score_
         cx = ((loc % w).to(bins.dtype) + 0.5) * stride
         cy = ((loc // w).to(bins.dtype) + 0.5) * stride
         boxes = torch.stack([cx - dist[0], cy - dist[1], cx + dist[2], cy + dist[3]], dim=1)
-        boxes_all.append(boxes.clamp(0, input_size))
+        boxes_all.append(torch.minimum(boxes.clamp(min=0), limit.to(boxes.dtype)))
         scores_all.append(scores)
         cls_all.append(cid)
     if not boxes_all:
@@ -169,6 +171,21 @@ class NanoDet(ModelAdapter):
         rgb = check_frame(rgb)
         x = resize_bilinear(rgb, self.input_size) / 255.0
         return x.contiguous(), {"frame_hw": rgb.shape[:2]}
+
+    def postprocess_input(self, outputs: Sequence[torch.Tensor], input_hw: tuple[int, int]) -> Detections:
+        """Detections in body-input pixels for a body run at any size that is a multiple of 32 (the engine
+        feeds frames at native resolution; NanoDet is fully convolutional)."""
+        boxes, scores, cids = self._decode_nms([o.float().contiguous() for o in outputs], input_hw)
+        return Detections(boxes.numpy(), scores.numpy(), cids.numpy(), self.class_names)
+
+    def _decode_nms(self, outputs: Sequence[torch.Tensor], input_hw: tuple[int, int],
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores, cids = decode(outputs, input_hw, self.score_threshold)
+        if scores.numel() > self.pre_nms_topk:
+            top = torch.topk(scores, self.pre_nms_topk).indices
+            boxes, scores, cids = boxes[top], scores[top], cids[top]
+        keep = batched_nms(boxes, scores, cids, self.iou_threshold)[: self.max_detections]
+        return boxes[keep], scores[keep], cids[keep]
 
     def postprocess(self, outputs: Sequence[torch.Tensor], meta: dict[str, Any]) -> Detections:
         outputs = [o.float().contiguous() for o in outputs]

@@ -7,7 +7,7 @@ For each layer and active tile fraction f, dense and each sparse path are timed 
 (where the best sparse path reaches dense, linear interpolation) and per layer class, and the fitted
 ``a + b·f`` ratio model per class.
 
-    python benchmarks/sparse_conv.py [--threads 2] [--reps 15] [--quick] [--json]
+    python benchmarks/sparse_conv.py [--threads 2] [--reps 21] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -202,6 +202,9 @@ def main() -> None:
     layers = nanodet_layers() + ([] if args.quick else generic_layers())
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}, "
           f"{reps} reps, channels_last fp32")
+    if os.getloadavg()[0] > (os.cpu_count() or 1) - args.threads + 0.5:
+        print("WARNING: the machine is loaded; with several threads the OpenMP barriers wait for descheduled "
+              "threads (8–16 ms steps) and the ratios below are not meaningful. Use --threads 1 or an idle box.")
     results = []
     head = "".join(f"{f:>7.2f}" for f in FRACTIONS)
     print(f"{'layer':34} {'in shape':>17} {'co':>4} {'T':>3} {'dense':>7} {'path':>5}{head}   xover  rule")

@@ -295,27 +295,33 @@ class LayerCost:
         return 1.0
 
 
-def default_costs(g: WindowGeom, cin: int, cout: int, groups: int, tile: int, gemm_ok: bool) -> LayerCost:
-    """Cost rule used when a layer is not calibrated, in units of the dense time (= 1).
+def default_costs(g: WindowGeom, cin: int, cout: int, groups: int, tile: int, gemm_ok: bool,
+                  threads: int | None = None) -> LayerCost:
+    """Cost rule (ms) used when a layer is not calibrated: ``path ms = a + b·f·dense_ms``.
 
-    Fitted on ``benchmarks/sparse_conv.py`` (2 threads): sparse/dense ≈ a + b·f with the fixed part ``a``
-    growing as the dense layer gets cheaper (per-layer overhead ~0.1 ms), ``b`` ≈ 1.3–1.9 (halo + gather +
-    scatter). Depthwise and 3-channel stems gather a lot per MAC, so their slope is steeper."""
+    Fitted on ``benchmarks/sparse_conv.py`` (NanoDet body + generic shapes, channels_last fp32, 1 thread;
+    the 2-thread run was unusable on the shared, loaded machine). ``a`` is the per-call overhead (Python,
+    dispatch, index build, oneDNN call on a small batch), ``b`` the marginal cost per unit of active tile
+    fraction relative to dense (halo + gather + scatter + less efficient small GEMMs): im2col-GEMM has the
+    smallest overhead, batch stacking the smallest slope at large fractions, H-W packing pays for the
+    outputs wasted between slots. Dense time is estimated from MACs with per-class throughput."""
     ho, wo = g.out_hw
-    macs = ho * wo * cout * (cin // groups) * g.kh * g.kw
-    dense_ms = max(0.02, macs / 4.0e6)  # ~4 GMAC/s effective on 2 cores, channels_last fp32
-    fixed = min(0.9, 0.10 / dense_ms)  # ~100 µs per sparse layer
-    halo = ((tile - 1) * g.sh + (g.kh - 1) * g.dh + 1) * ((tile - 1) * g.sw + (g.kw - 1) * g.dw + 1)
-    halo /= (tile * g.sh) * (tile * g.sw)
-    slope = 1.0 + 0.35 * halo
-    if groups == cin and cin > 1:  # depthwise: memory-bound, the gather costs as much as the conv
-        slope *= 2.5
-    elif cin <= 4:  # stems: tiny contraction, halo gather dominates
-        slope *= 1.6
-    lc = LayerCost(1.0)
-    lc.paths["batch"] = (fixed, slope)
-    if gemm_ok and g.kh == g.kw == 1:
-        lc.paths["gemm"] = (fixed * 0.7, 1.05)
+    k = g.kh * g.kw
+    macs = ho * wo * cout * (cin // groups) * k
+    depthwise = groups == cin and cin > 1
+    rate = 9e6 if cin <= 4 else 8e6 if depthwise else 25e6 if k == 1 else 40e6  # MAC per ms, 1 thread
+    t = torch.get_num_threads() if threads is None else threads
+    dense = (0.015 + macs / rate) / (1.0 + 0.7 * (min(t, 2) - 1))
+    lc = LayerCost(dense)
+    if depthwise or (groups > 1 and not gemm_ok):
+        lc.paths["batch"] = (0.30, 2.1 * dense)
+        lc.paths["hw"] = (0.21, 3.0 * dense)
+        return lc
+    one = k == 1
+    lc.paths["batch"] = ((0.12, 2.4 * dense) if one else (0.40, 1.8 * dense))
+    lc.paths["hw"] = ((0.10, 2.8 * dense) if one else (0.25, 2.8 * dense))
+    if gemm_ok:
+        lc.paths["gemm"] = ((0.06, 2.1 * dense) if one else ((0.25, 2.5 * dense) if cin <= 4 else (0.20, 2.3 * dense)))
     return lc
 
 
@@ -641,11 +647,13 @@ def sparse_pool2d(x: Tensor, pool: nn.MaxPool2d | nn.AvgPool2d, base: Tensor, ac
             return F.avg_pool2d(t, pool.kernel_size, pool.stride, 0)
 
     def cost(plan: _Plan) -> LayerCost:
-        # pools are memory-bound: a sparse pool costs its fixed overhead plus ~3 passes over the gathered
-        # windows; dense is one pass over the input (rule of thumb, see benchmarks/sparse_conv.py)
+        # pools are memory-bound (~4e6 window-elements per ms); sparse costs a fixed ~0.1 ms plus ~2.3–2.9× dense
+        # per unit fraction (benchmarks/sparse_conv.py: crossover ~0.37 for NanoDet's stem max-pool, never
+        # worth it for its 0.07 ms PAN avg-pool)
         ho, wo = g.out_hw
-        dense_ms = max(0.01, ho * wo * c * g.kh * g.kw / 2.0e8)
-        return LayerCost(1.0, {"batch": (min(0.9, 0.06 / dense_ms), 3.0)})
+        t = min(torch.get_num_threads(), 2)
+        dense = (0.01 + ho * wo * c * g.kh * g.kw / 4e6) / (1.0 + 0.7 * (t - 1))
+        return LayerCost(dense, {"batch": (0.12, 2.3 * dense), "hw": (0.10, 2.9 * dense)})
 
     if layout == "gemm":
         raise ValueError("pooling has no gemm path")

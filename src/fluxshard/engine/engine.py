@@ -102,6 +102,12 @@ class StepStats:
         return float(np.mean([s.active_fraction for s in self.layers]))
 
 
+def _plan_cache() -> Any:
+    from fluxshard.engine.sparse import PlanCache
+
+    return PlanCache()
+
+
 def _sparse_executor() -> Any:
     try:
         from fluxshard.engine.sparse import sparse_conv2d
@@ -122,6 +128,7 @@ class Engine:
         self.info: GraphInfo = trace(body, torch.zeros(1, in_channels, *self.input_hw))
         self.gm: fx.GraphModule = self.info.gm
         self._sparse = _sparse_executor() if self.config.sparse else None
+        self._plans = _plan_cache() if self._sparse is not None else None
         self.reset()
 
     @property
@@ -141,6 +148,7 @@ class Engine:
         (at the input's resolution; ``None`` = unknown motion → dense)."""
         t0 = time.perf_counter()
         self._check(x, field)
+        x = x.contiguous(memory_format=torch.channels_last)  # 2–4× faster convolutions on this CPU
         reason = self._dense_reason(field)
         if reason:
             out = self._run_dense(x)
@@ -261,7 +269,9 @@ class _Runner(fx.Interpreter):
         else:
             base = _shift(cache, sy, sx)
             if self.engine._sparse is not None:
-                y, st = self.engine._sparse(x, conv, base.clone() if base is cache else base, recompute)
+                # the executor writes into ``base``; never into the cache, which may back last frame's outputs
+                y, st = self.engine._sparse(x, conv, base, recompute, plan_cache=self.engine._plans,
+                                            inplace=base is not cache)
                 path = getattr(st, "path", "sparse")
             else:
                 y = torch.where(recompute, conv(x), base)
@@ -357,12 +367,17 @@ def _dilate(mask: torch.Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple
 
 
 def _shift(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:
-    """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]`` (positions with zero shift copy through)."""
+    """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]`` (positions with zero shift copy through).
+
+    Channels-last maps are moved as pixel rows (one ``index_select`` over H·W rows of C values)."""
     if not sy.any() and not sx.any():
         return cache
     n, c, h, w = cache.shape
     iy = np.arange(h)[:, None] + sy
     ix = np.arange(w)[None, :] + sx
     idx = torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))
+    if cache.is_contiguous(memory_format=torch.channels_last):
+        rows = cache.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        return rows.index_select(1, idx).reshape(n, h, w, c).permute(0, 3, 1, 2)
     flat = cache.reshape(n, c, h * w)
     return flat.index_select(2, idx).reshape(n, c, h, w)

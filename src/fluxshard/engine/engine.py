@@ -35,7 +35,6 @@ from fluxshard.engine.graph import GraphInfo, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
 from fluxshard.errors import FluxShardError
 from fluxshard.motion.field import MotionField
-from fluxshard.motion.residual import warp_blocks
 
 
 class EngineError(FluxShardError):
@@ -49,7 +48,7 @@ class EngineConfig:
     by layer and truncated where they stay under the layer's threshold τ^l (seed 000 Eq. 2–4)."""
 
     mode: Literal["exact", "fast"] = "exact"
-    tau_in: float = 0.0  # input residual threshold (absolute, in input units); 0 = every changed pixel
+    tau_in: float = 0.0  # fast mode: a block is residual if its mean |Δ| (max over channels) exceeds this
     thresholds: dict[str, float] = field(default_factory=dict)  # τ^l per conv node name (fast mode)
     default_threshold: float = 0.0  # τ^l for convs not in ``thresholds``
     refresh_every: int | None = None  # dense refresh period in frames (None = only when needed)
@@ -161,7 +160,7 @@ class Engine:
             out, layers, first = self._run_incremental(x, maps)
             stats = StepStats(self._frames, False, "", float(maps.residual.mean()), 0.0, layers, first)
             self._since_refresh += 1
-        self._x_cache = x.detach().clone()
+        self._x_cache = x
         self._frames += 1
         stats.ms = (time.perf_counter() - t0) * 1e3
         return out, stats
@@ -189,16 +188,32 @@ class Engine:
         return ""
 
     def _input_residual(self, x: torch.Tensor, field: MotionField) -> np.ndarray:
-        cur = x[0].permute(1, 2, 0).numpy()
+        """Pixels where the block-shifted cached input differs from ``x`` by more than τ_in (any channel),
+        plus every pixel of a block whose source leaves the frame."""
         assert self._x_cache is not None
-        prev = self._x_cache[0].permute(1, 2, 0).numpy()
-        aligned = warp_blocks(prev, field)
-        diff = np.abs(cur - aligned).max(axis=2)
-        residual = diff > self.config.tau_in
+        h, w = self.input_hw
+        b = field.block
+        pdy = np.repeat(np.repeat(field.dy, b, 0), b, 1)[:h, :w]
+        pdx = np.repeat(np.repeat(field.dx, b, 0), b, 1)[:h, :w]
+        iy = np.clip(np.arange(h)[:, None] + pdy, 0, h - 1)
+        ix = np.clip(np.arange(w)[None, :] + pdx, 0, w - 1)
+        idx = torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))
+        aligned = _rows(self._x_cache).index_select(1, idx)
+        diff = (_rows(x) - aligned).abs().amax(dim=2)[0].reshape(h, w)
+        if self.config.mode == "exact":
+            residual = (diff > 0).numpy()
+        else:
+            # Fast mode decides per block, as the seed's residual set does: a block is residual when its mean
+            # difference exceeds τ_in. Per-pixel thresholds would scatter isolated noisy pixels over every
+            # tile and defeat tile-sparse execution.
+            hb, wb = field.shape
+            pad = torch.zeros(hb * b, wb * b)
+            pad[:h, :w] = diff
+            mad = pad.reshape(hb, b, wb, b).mean(dim=(1, 3)).numpy()
+            residual = np.repeat(np.repeat(mad > self.config.tau_in, b, 0), b, 1)[:h, :w]
         outside = ~field.source_inside()
         if outside.any():
-            b = field.block
-            residual |= np.repeat(np.repeat(outside, b, 0), b, 1)[: residual.shape[0], : residual.shape[1]]
+            residual |= np.repeat(np.repeat(outside, b, 0), b, 1)[:h, :w]
         return residual
 
     # -- execution -----------------------------------------------------------------------------------------
@@ -264,10 +279,15 @@ class _Runner(fx.Interpreter):
         active_fraction = float(recompute.float().mean())
         if self.first_recompute is None:
             self.first_recompute = recompute.numpy()
+        tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
         if active_fraction == 1.0:
-            y, path, base = conv(x), "dense", None
+            y, path = conv(x), "dense"
+            if self.fast:
+                self.changed[n.name] = torch.ones((ho, wo), dtype=torch.bool)
         else:
             base = _shift(cache, sy, sx)
+            idx = torch.nonzero(recompute.reshape(-1)).reshape(-1) if self.fast else None
+            old = _rows(base).index_select(1, idx) if idx is not None else None  # before in-place writes
             if self.engine._sparse is not None:
                 # the executor writes into ``base``; never into the cache, which may back last frame's outputs
                 y, st = self.engine._sparse(x, conv, base, recompute, plan_cache=self.engine._plans,
@@ -276,13 +296,12 @@ class _Runner(fx.Interpreter):
             else:
                 y = torch.where(recompute, conv(x), base)
                 path = "dense+select"
-        if self.fast:
-            if base is None:
-                self.changed[n.name] = torch.ones((ho, wo), dtype=torch.bool)
-            else:
-                tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
-                delta = (y - base).abs().amax(dim=1)[0]
-                self.changed[n.name] = recompute & (delta > tau)
+            if idx is not None and old is not None:
+                # truncation: only recomputed positions that moved by more than τ^l count as changed
+                delta = (_rows(y).index_select(1, idx) - old).abs().amax(dim=2)[0]
+                changed = torch.zeros(ho * wo, dtype=torch.bool)
+                changed[idx] = delta > tau
+                self.changed[n.name] = changed.reshape(ho, wo)
         self.new_caches[n.name] = y
         self.layer_stats.append(
             LayerStats(n.name, 1.0 - active_fraction, active_fraction, (time.perf_counter() - t0) * 1e3, path)
@@ -305,11 +324,13 @@ class _Runner(fx.Interpreter):
         if key not in self._masks:
             assert self.maps is not None
             ho, wo = hw
-            py = np.minimum(np.arange(ho) * S + S // 2, self.maps.height - 1)
-            px = np.minimum(np.arange(wo) * S + S // 2, self.maps.width - 1)
-            dy = self.maps.dy[py][:, px]
-            dx = self.maps.dx[py][:, px]
-            valid = self.maps.valid[py][:, px]
+            b = self.maps.block
+            py = np.minimum(np.arange(ho) * S + S // 2, self.maps.height - 1) // b
+            px = np.minimum(np.arange(wo) * S + S // 2, self.maps.width - 1) // b
+            f = self.maps.field
+            dy = f.dy[py][:, px]
+            dx = f.dx[py][:, px]
+            valid = f.valid[py][:, px]
             sy = (np.sign(dy) * np.floor(np.abs(dy) / S + 0.5)).astype(np.int32)
             sx = (np.sign(dx) * np.floor(np.abs(dx) / S + 0.5)).astype(np.int32)
             iy = np.arange(ho)[:, None] + sy
@@ -364,6 +385,12 @@ def _dilate(mask: torch.Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple
     if m.shape != (ho, wo):
         m = F.pad(m, (0, max(0, wo - m.shape[1]), 0, max(0, ho - m.shape[0])), value=True)[:ho, :wo]
     return m
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(1, C, H, W) → (1, H·W, C) pixel rows (a view for channels-last tensors)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n, h * w, c)
 
 
 def _shift(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:

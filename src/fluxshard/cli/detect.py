@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from fluxshard.cli._common import emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.errors import FluxShardError
-
-err = Console(stderr=True)
 
 
 class DetectError(FluxShardError):
@@ -142,13 +138,7 @@ def detect(
         summary["out"] = str(out)
     if jsonl is not None:
         summary["jsonl"] = str(jsonl)
-    if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-    else:
-        table = Table(title=f"detect: {path}", show_header=False)
-        for k, v in summary.items():
-            table.add_row(k, str(v))
-        Console().print(table)
+    emit_summary(f"detect: {path}", summary, as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from fluxshard.cli._common import emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.motion.report import analyze_motion
 from fluxshard.motion.stream import MVSource
-
-err = Console(stderr=True)
 
 
 def motion(
@@ -50,16 +45,7 @@ def motion(
     data = summary.to_dict()
     if out is not None:
         data["overlay"] = str(out)
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-    else:
-        table = Table(title=f"motion: {path}", show_header=False)
-        for k, v in data.items():
-            table.add_row(k, str(v))
-        Console().print(table)
-    if summary.error:
-        err.print(f"error: {summary.error}", markup=False, highlight=False)
-        raise typer.Exit(1)
+    emit_summary(f"motion: {path}", data, as_json, summary.error)
 
 
 def source_literal(s: str) -> MVSource:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from fluxshard.cli._common import emit_summary, err
 from fluxshard.data.fetch import clip_path
-
-err = Console(stderr=True)
 
 
 def run(
@@ -85,16 +80,7 @@ def run(
     data = summary.to_dict()
     if out is not None:
         data["overlay"] = str(out)
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-    else:
-        table = Table(title=f"run: {path}", show_header=False)
-        for k, v in data.items():
-            table.add_row(k, str(v))
-        Console().print(table)
-    if summary.error:
-        err.print(f"error: {summary.error}", markup=False, highlight=False)
-        raise typer.Exit(1)
+    emit_summary(f"run: {path}", data, as_json, summary.error)
 
 
 def _frame_mask(mask: np.ndarray, hw: tuple[int, int], scale: int) -> np.ndarray:

@@ -11,7 +11,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fluxshard.cli._common import emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.motion.report import analyze_motion
-from fluxshard.motion.stream import MVSource
 
 
 def motion(
@@ -39,17 +38,13 @@ def motion(
             total = min(total or max_frames, max_frames)
         task = progress.add_task(Path(str(path)).name, total=total)
         summary = analyze_motion(
-            path, block=block, mv_source=source_literal(source), tau=tau, refresh=refresh,
+            path, block=block, mv_source=source, tau=tau, refresh=refresh,  # type: ignore[arg-type]
             max_frames=max_frames, overlay=out, on_frame=lambda _i: progress.advance(task),
         )
     data = summary.to_dict()
     if out is not None:
         data["overlay"] = str(out)
     emit_summary(f"motion: {path}", data, as_json, summary.error)
-
-
-def source_literal(s: str) -> MVSource:
-    return s  # type: ignore[return-value]
 
 
 def register(app: typer.Typer) -> None:

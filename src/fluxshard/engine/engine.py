@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fluxshard.engine.graph import GraphInfo, trace
+from fluxshard.engine.graph import GraphInfo, tensor_args, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
 from fluxshard.errors import FluxShardError
 from fluxshard.motion.field import MotionField
@@ -267,7 +267,7 @@ class _Runner(fx.Interpreter):
             return y
         t0 = time.perf_counter()
         ho, wo = cache.shape[-2:]
-        src = _tensor_inputs(n)[0]
+        src = tensor_args(n)[0]
         if not self.fast or self.engine.info.ops.get(src.name) == ("input",):
             ok, sy, sx = self._strict(n.name, (ho, wo))  # exact mode, or the first convolution in fast mode
             recompute = torch.from_numpy(~ok)
@@ -348,7 +348,7 @@ class _Runner(fx.Interpreter):
             assert self.maps is not None
             self.changed[n.name] = torch.from_numpy(self.maps.residual)
             return
-        ins = [self.changed[a.name] for a in _tensor_inputs(n) if a.name in self.changed]
+        ins = [self.changed[a.name] for a in tensor_args(n) if a.name in self.changed]
         shape = self.engine.info.shapes.get(n.name)
         if not ins or shape is None or len(shape) != 4:
             if ins:
@@ -369,12 +369,6 @@ class _Runner(fx.Interpreter):
             self.changed[n.name] = acc
         else:  # barrier, or broadcasting across space: anything changed anywhere changes everything
             self.changed[n.name] = torch.full(hw, any(bool(m.any()) for m in ins), dtype=torch.bool)
-
-
-def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    from fluxshard.engine.graph import _tensor_args
-
-    return _tensor_args(n)
 
 
 def _dilate(mask: torch.Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int],

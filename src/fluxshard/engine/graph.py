@@ -19,7 +19,6 @@ slicing. Anything else is a barrier and is reported by name.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +75,7 @@ class GraphInfo:
     convs: list[str] = field(default_factory=list)  # names of Conv2d call_module nodes, in order
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
+def tensor_args(node: fx.Node) -> list[fx.Node]:
     out: list[fx.Node] = []
 
     def visit(a: Any) -> None:
@@ -161,7 +160,7 @@ def trace(body: nn.Module, example: torch.Tensor) -> GraphInfo:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             info.shapes[node.name] = tuple(meta.shape)
-        ins = [geoms[a.name] for a in _tensor_args(node) if a.name in geoms]
+        ins = [geoms[a.name] for a in tensor_args(node) if a.name in geoms]
         g = _rule(gm, node, ins, info)
         if g is not None:
             geoms[node.name] = g
@@ -194,7 +193,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
             info.ops[node.name] = ("window", k, s_, p_, d_)
             return _window(ins[0], k, s_, p_, d_)
         if isinstance(m, nn.Upsample):
-            src = info.shapes[_tensor_args(node)[0].name]
+            src = info.shapes[tensor_args(node)[0].name]
             info.ops[node.name] = ("resample", m.mode)
             return _resample(ins[0], src[-2:], shape[-2:], m.mode)
         if isinstance(m, _POINTWISE_MODULES):
@@ -205,7 +204,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
         if fn in (F.max_pool2d, F.avg_pool2d):
             return _pool_from_args(node, ins, info)
         if fn is F.interpolate:
-            src = info.shapes[_tensor_args(node)[0].name]
+            src = info.shapes[tensor_args(node)[0].name]
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
             info.ops[node.name] = ("resample", str(mode))
             return _resample(ins[0], src[-2:], shape[-2:], str(mode))
@@ -253,13 +252,3 @@ def _getitem(node: fx.Node, ins: list[Geom], info: GraphInfo) -> Geom:
         ):
             return _union(ins)
     return _mark(info, node, f"indexing {idx!r}")
-
-
-def reuse_requirements(g: Geom) -> dict[str, int]:
-    """Readable summary used in reports: shift divisibility and receptive-field size of a node."""
-    return {"S": g.S, "E": g.E if g.E < BIG else -1,
-            "rf": (g.lo_y + g.hi_y + 1) if g.lo_y < BIG else -1, "barrier": int(g.barrier)}
-
-
-def lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)

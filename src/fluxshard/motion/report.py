@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from fluxshard.errors import VideoError
 from fluxshard.motion.accumulate import AccumulatedField
 from fluxshard.motion.field import MotionField
 from fluxshard.motion.residual import residual_blocks
@@ -129,8 +128,3 @@ def analyze_motion(
     s.frame_types = dict(sorted(types.items()))
     s.error = stream.video.problem_text() or None
     return s
-
-
-def require_clean(summary: MotionSummary) -> None:
-    if summary.error:
-        raise VideoError(summary.error, frames_decoded=summary.frames)

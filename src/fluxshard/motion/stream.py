@@ -152,16 +152,7 @@ def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(ha / ha.sum() - hb / hb.sum()).sum())
 
 
-def iter_motion(path: str | Path, **kwargs: object) -> Iterator[MotionFrame]:
-    yield from MotionStream(path, **kwargs)  # type: ignore[arg-type]
-
-
-def mean_or_zero(values: list[float]) -> float:
-    return float(np.mean(values)) if values else 0.0
-
-
 _WARM: set[int] = set()
-
 
 
 def _warm_up(block: int) -> None:

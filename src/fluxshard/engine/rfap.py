@@ -64,8 +64,11 @@ class PixelMaps:
 
 
 def _box(ii: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
-    """Sum over rows [y0, y1) × cols [x0, x1) for broadcastable index arrays (last two axes of ``ii``)."""
-    return ii[..., y1, x1] - ii[..., y0, x1] - ii[..., y1, x0] + ii[..., y0, x0]
+    """Sums over rows [y0, y1) × cols [x0, x1) of the image whose integral is ``ii`` (last two axes), for a
+    separable grid of windows: ``y*`` are (Ho, 1), ``x*`` are (1, Wo). Row differences first (whole-row
+    copies), then column differences — no 2-D fancy indexing."""
+    rows = np.take(ii, y1.ravel(), axis=-2) - np.take(ii, y0.ravel(), axis=-2)  # (..., Ho, W+1)
+    return np.take(rows, x1.ravel(), axis=-1) - np.take(rows, x0.ravel(), axis=-1)
 
 
 def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -82,7 +82,10 @@ def sequence(n: int, h: int, w: int, shift: tuple[int, int], obj_v: tuple[int, i
     return frames
 
 
-def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], **cfg: object) -> list:
+def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], rel: float = 0.0,
+               **cfg: object) -> list:
+    """Engine vs dense on every frame. ``rel`` > 0 allows float summation-order differences relative to the
+    output's magnitude (deep nets with large activations: a different conv algorithm alone moves them)."""
     eng = Engine(body, tuple(frames[0][0].shape[-2:]), EngineConfig(**cfg))  # type: ignore[arg-type]
     stats = []
     with torch.inference_mode():
@@ -92,7 +95,8 @@ def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], 
             outs = out if isinstance(out, tuple) else (out,)
             refs = ref if isinstance(ref, tuple) else (ref,)
             for a, b in zip(outs, refs, strict=True):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+                atol = max(1e-5, rel * float(b.abs().max()))
+                torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
             stats.append(st)
     return stats
 

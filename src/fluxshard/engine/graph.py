@@ -60,6 +60,13 @@ _POINTWISE_MODULES = (
     nn.Sigmoid, nn.Tanh, nn.Identity, nn.BatchNorm2d, nn.Dropout, nn.Softplus,
 )
 _CHANNEL_FUNCS = {torch.cat, torch.concat, torch.chunk, torch.split}
+_aten = torch.ops.aten
+_POINTWISE_FUNCS |= {
+    _aten.silu.default, _aten.relu.default, _aten.sigmoid.default, _aten.leaky_relu.default, _aten.add.Tensor,
+    _aten.mul.Tensor, _aten.sub.Tensor, _aten.div.Tensor, _aten.hardswish.default, _aten.clone.default,
+    _aten._to_copy.default, _aten.hardtanh.default, _aten.gelu.default, _aten.tanh.default,
+}
+_CHANNEL_FUNCS |= {_aten.cat.default, _aten.split.Tensor, _aten.split_with_sizes.default}
 _CHANNEL_METHODS = {"chunk", "split"}
 
 
@@ -148,16 +155,30 @@ def _resample(g: Geom, in_hw: tuple[int, int], out_hw: tuple[int, int], mode: st
 
 
 def trace(body: nn.Module, example: torch.Tensor) -> GraphInfo:
-    """Trace ``body`` with torch.fx and compute every node's spatial geometry."""
+    """Capture ``body`` and compute every node's spatial geometry.
+
+    Symbolic ``torch.fx`` first (module-level graph: convolutions stay ``nn.Conv2d`` modules). Bodies whose
+    Python defeats symbolic tracing (ultralytics blocks unpack ``x.shape`` and build lists from ``chunk``)
+    are captured shape-specialised at the ATen level with ``make_fx``, and their ``aten.convolution`` nodes
+    are lifted back into ``nn.Conv2d`` modules sharing the same weights.
+    """
     try:
         gm = fx.symbolic_trace(body)
-    except Exception as exc:  # fx raises many types; the message must name the model
-        raise TypeError(f"{type(body).__name__} cannot be traced with torch.fx: {exc}") from exc
+    except Exception as sym_exc:  # fx raises many types; fall back to a shape-specialised capture
+        try:
+            gm = _aten_capture(body, example)
+        except Exception as exc:
+            raise TypeError(
+                f"{type(body).__name__} cannot be captured: torch.fx: {sym_exc}; make_fx: {exc}"
+            ) from exc
     ShapeProp(gm).propagate(example)
     info = GraphInfo(gm=gm, geoms={}, shapes={})
     geoms = info.geoms
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and meta and hasattr(meta[0], "shape") and node.op == "call_function" \
+                and node.target is _aten.max_pool2d_with_indices.default:
+            meta = meta[0]  # (values, indices): the geometry is the values'
         if meta is not None and hasattr(meta, "shape"):
             info.shapes[node.name] = tuple(meta.shape)
         ins = [geoms[a.name] for a in tensor_args(node) if a.name in geoms]
@@ -201,8 +222,14 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
         return _mark(info, node, type(m).__name__)
     if node.op == "call_function":
         fn = node.target
-        if fn in (F.max_pool2d, F.avg_pool2d):
+        if fn in (F.max_pool2d, F.avg_pool2d, _aten.max_pool2d_with_indices.default, _aten.avg_pool2d.default):
             return _pool_from_args(node, ins, info)
+        if fn is _aten._unsafe_index.Tensor or fn is _aten.upsample_nearest2d.vec:
+            # make_fx writes nearest up-sampling as an index gather; accepted only for exact integer factors
+            # (the parity tests would catch a wrong rule: reuse decisions would no longer be exact)
+            src = info.shapes[tensor_args(node)[0].name]
+            info.ops[node.name] = ("resample", "nearest")
+            return _resample(ins[0], src[-2:], shape[-2:], "nearest")
         if fn is F.interpolate:
             src = info.shapes[tensor_args(node)[0].name]
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
@@ -220,6 +247,36 @@ def _rule(gm: fx.GraphModule, node: fx.Node, ins: list[Geom], info: GraphInfo) -
     return _mark(info, node, node.op)
 
 
+def _aten_capture(body: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad():
+        gm = make_fx(body)(example)
+    conv_op = torch.ops.aten.convolution.default
+    for i, node in enumerate(list(gm.graph.nodes)):
+        if node.op != "call_function" or node.target is not conv_op:
+            continue
+        x, w_node, b_node, stride, padding, dilation, transposed, _, groups = node.args
+        if transposed or w_node.op != "get_attr" or (b_node is not None and b_node.op != "get_attr"):
+            continue
+        weight = getattr(gm, str(w_node.target))
+        bias = getattr(gm, str(b_node.target)) if b_node is not None else None
+        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), tuple(stride),
+                         tuple(padding), tuple(dilation), groups, bias=bias is not None)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+        name = f"lifted_conv_{i}"
+        gm.add_submodule(name, conv)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (x,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def _mark(info: GraphInfo, node: fx.Node, what: str) -> Geom:
     info.barriers.append(f"{node.name}: {what}")
     info.ops[node.name] = ("barrier",)
@@ -233,8 +290,12 @@ def _pool_from_args(node: fx.Node, ins: list[Geom], info: GraphInfo) -> Geom:
     s = kw.get("stride", args[2])
     s = _pair(s) if s not in (None, []) else k
     p = _pair(kw.get("padding", args[3] if args[3] is not None else 0))
-    d = _pair(kw.get("dilation", args[4] if node.target is F.max_pool2d and args[4] is not None else 1))
-    if kw.get("ceil_mode", False):
+    is_max = node.target in (F.max_pool2d, _aten.max_pool2d_with_indices.default)
+    d = _pair(kw.get("dilation", args[4] if is_max and args[4] is not None else 1))
+    ceil = kw.get("ceil_mode", args[5] if is_max else args[4])
+    if node.target is _aten.max_pool2d_with_indices.default and ceil is None:
+        ceil = False
+    if ceil is True:
         return _mark(info, node, "pool with ceil_mode")
     info.ops[node.name] = ("window", k, s, p, d)
     return _window(ins[0], k, s, p, d)

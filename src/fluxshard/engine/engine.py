@@ -34,6 +34,7 @@ from torch import fx, nn
 from fluxshard.engine.graph import GraphInfo, tensor_args, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
 from fluxshard.errors import FluxShardError
+from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 
@@ -53,6 +54,7 @@ class EngineConfig:
     default_threshold: float = 0.0  # τ^l for convs not in ``thresholds``
     refresh_every: int | None = None  # dense refresh period in frames (None = only when needed)
     sparse: bool = True  # use the tile-sparse executor when it is available
+    tile: int | None = None  # executor tile size; None = one motion block per tile, 0 = the executor's default
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
@@ -78,9 +80,10 @@ class EngineConfig:
 class LayerStats:
     name: str
     reuse_fraction: float
-    active_fraction: float
+    active_fraction: float  # positions recomputed (required)
     ms: float
     path: str
+    tile_fraction: float = 1.0  # tiles the executor recomputed (what the work actually is)
 
 
 @dataclass
@@ -99,6 +102,16 @@ class StepStats:
         if self.dense or not self.layers:
             return 1.0
         return float(np.mean([s.active_fraction for s in self.layers]))
+
+
+def _warm_kernels() -> None:
+    """Load the compiled input-stage kernels before the first timed frame."""
+    z = np.zeros((2, 2), np.int32)
+    img = torch.zeros(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0).numpy()
+    _kernels.shifted_diff(img, img, z[:1, :1], z[:1, :1], 16, np.empty((16, 16), np.float32),
+                          np.empty((1, 1), np.float32))
+    _kernels.strict_reuse(np.zeros((17, 17), np.int32), np.zeros((5, 2, 2), np.int64), 16, 16, 16, 2, 2, 1, 1,
+                          1, 1, np.empty((8, 8), np.bool_), np.empty((8, 8), np.int32), np.empty((8, 8), np.int32))
 
 
 def _plan_cache() -> Any:
@@ -126,6 +139,7 @@ class Engine:
         body = body.eval()
         self.info: GraphInfo = trace(body, torch.zeros(1, in_channels, *self.input_hw))
         self.gm: fx.GraphModule = self.info.gm
+        _warm_kernels()
         self._sparse = _sparse_executor() if self.config.sparse else None
         self._plans = _plan_cache() if self._sparse is not None else None
         self.reset()
@@ -188,32 +202,26 @@ class Engine:
         return ""
 
     def _input_residual(self, x: torch.Tensor, field: MotionField) -> np.ndarray:
-        """Pixels where the block-shifted cached input differs from ``x`` by more than τ_in (any channel),
-        plus every pixel of a block whose source leaves the frame."""
+        """Residual pixels: exact mode — any difference between ``x`` and the block-shifted cached input;
+        fast mode — every pixel of a block whose mean difference exceeds τ_in (the seed's per-block residual
+        set; per-pixel thresholds would scatter isolated noisy pixels over every tile). Blocks whose source
+        leaves the frame are residual in both."""
         assert self._x_cache is not None
         h, w = self.input_hw
         b = field.block
-        pdy = np.repeat(np.repeat(field.dy, b, 0), b, 1)[:h, :w]
-        pdx = np.repeat(np.repeat(field.dx, b, 0), b, 1)[:h, :w]
-        iy = np.clip(np.arange(h)[:, None] + pdy, 0, h - 1)
-        ix = np.clip(np.arange(w)[None, :] + pdx, 0, w - 1)
-        idx = torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))
-        aligned = _rows(self._x_cache).index_select(1, idx)
-        diff = (_rows(x) - aligned).abs().amax(dim=2)[0].reshape(h, w)
+        cur = x[0].permute(1, 2, 0).numpy()  # H×W×C views of channels-last tensors
+        ref = self._x_cache[0].permute(1, 2, 0).numpy()
+        pix = np.empty((h, w), np.float32)
+        mad = np.empty(field.shape, np.float32)
+        _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, mad)
+        bad = ~field.source_inside()
         if self.config.mode == "exact":
-            residual = (diff > 0).numpy()
+            residual = pix > 0
         else:
-            # Fast mode decides per block, as the seed's residual set does: a block is residual when its mean
-            # difference exceeds τ_in. Per-pixel thresholds would scatter isolated noisy pixels over every
-            # tile and defeat tile-sparse execution.
-            hb, wb = field.shape
-            pad = torch.zeros(hb * b, wb * b)
-            pad[:h, :w] = diff
-            mad = pad.reshape(hb, b, wb, b).mean(dim=(1, 3)).numpy()
-            residual = np.repeat(np.repeat(mad > self.config.tau_in, b, 0), b, 1)[:h, :w]
-        outside = ~field.source_inside()
-        if outside.any():
-            residual |= np.repeat(np.repeat(outside, b, 0), b, 1)[:h, :w]
+            bad |= mad > self.config.tau_in
+            residual = np.zeros((h, w), bool)
+        if bad.any():
+            residual |= np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w]
         return residual
 
     # -- execution -----------------------------------------------------------------------------------------
@@ -280,6 +288,7 @@ class _Runner(fx.Interpreter):
         if self.first_recompute is None:
             self.first_recompute = recompute.numpy()
         tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
+        tile_fraction = 1.0
         if active_fraction == 1.0:
             y, path = conv(x), "dense"
             if self.fast:
@@ -291,8 +300,9 @@ class _Runner(fx.Interpreter):
             if self.engine._sparse is not None:
                 # the executor writes into ``base``; never into the cache, which may back last frame's outputs
                 y, st = self.engine._sparse(x, conv, base, recompute, plan_cache=self.engine._plans,
-                                            inplace=base is not cache)
+                                            inplace=base is not cache, tile=self._tile(n.name))
                 path = getattr(st, "path", "sparse")
+                tile_fraction = float(getattr(st, "fraction", 1.0)) if path != "dense" else 1.0
             else:
                 y = torch.where(recompute, conv(x), base)
                 path = "dense+select"
@@ -304,9 +314,18 @@ class _Runner(fx.Interpreter):
                 self.changed[n.name] = changed.reshape(ho, wo)
         self.new_caches[n.name] = y
         self.layer_stats.append(
-            LayerStats(n.name, 1.0 - active_fraction, active_fraction, (time.perf_counter() - t0) * 1e3, path)
+            LayerStats(n.name, 1.0 - active_fraction, active_fraction, (time.perf_counter() - t0) * 1e3, path,
+                       tile_fraction)
         )
         return y
+
+    def _tile(self, name: str) -> int | None:
+        """Tiles the size of one motion block at this layer's resolution (at least 2 px): recompute sets follow
+        the block grid, so larger tiles would mostly recompute positions that did not need it."""
+        if self.engine.config.tile is not None:
+            return self.engine.config.tile or None
+        assert self.maps is not None
+        return max(2, self.maps.block // self.engine.info.geoms[name].S)
 
     def _strict(self, name: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert self.maps is not None

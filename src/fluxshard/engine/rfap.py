@@ -12,10 +12,10 @@ Output position ``o`` of a node with geometry ``g`` (see :mod:`fluxshard.engine.
 4. padding is touched the same way: per axis, ``d`` is zero there, or the window lies inside the image both at
    ``o`` and at its source ``o + d``.
 
-All four are evaluated for every position of every layer in one pass per distinct geometry: uniformity from
-integral images of the vectors and their squares on the *block* grid (the field is constant per block; zero
-variance ⇔ uniform, exact in integers), residual-freeness from one integral image of the pixel mask. Linear
-in the number of positions, whatever the receptive-field size.
+All four are evaluated for every position of every layer in one pass per distinct geometry (a numba kernel,
+``_kernels.strict_reuse``): uniformity from integral images of the vectors and their squares on the *block*
+grid (the field is constant per block; zero variance ⇔ uniform, exact in integers), residual-freeness from
+one integral image of the pixel mask. O(1) per position, whatever the receptive-field size.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fluxshard.engine.graph import BIG, Geom
+from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 
@@ -63,14 +64,6 @@ class PixelMaps:
         return cls(h, w, b, field, res, i_res, i_blk)
 
 
-def _box(ii: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
-    """Sums over rows [y0, y1) × cols [x0, x1) of the image whose integral is ``ii`` (last two axes), for a
-    separable grid of windows: ``y*`` are (Ho, 1), ``x*`` are (1, Wo). Row differences first (whole-row
-    copies), then column differences — no 2-D fancy indexing."""
-    rows = np.take(ii, y1.ravel(), axis=-2) - np.take(ii, y0.ravel(), axis=-2)  # (..., Ho, W+1)
-    return np.take(rows, x1.ravel(), axis=-1) - np.take(rows, x0.ravel(), axis=-1)
-
-
 def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reusable mask (Ho×Wo bool) and, for reusable positions, the shift in output pixels (sy, sx)."""
     ho, wo = out_hw
@@ -80,31 +73,8 @@ def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.nd
     if g.lo_y >= BIG or g.lo_x >= BIG or g.E >= BIG:  # whole-image dependence: only "nothing moved or changed"
         ok = not maps.residual.any() and not f.dy.any() and not f.dx.any()
         return np.full((ho, wo), ok), zeros, zeros.copy()
-    oy = np.arange(ho)[:, None] * g.S
-    ox = np.arange(wo)[None, :] * g.S
-    wy0, wy1 = oy - g.lo_y, oy + g.hi_y + 1  # window, half-open
-    wx0, wx1 = ox - g.lo_x, ox + g.hi_x + 1
-    cy0, cy1 = np.clip(wy0, 0, h), np.clip(wy1, 0, h)
-    cx0, cx1 = np.clip(wx0, 0, w), np.clip(wx1, 0, w)
-    nonempty = (cy1 > cy0) & (cx1 > cx0)
-    res = _box(maps.i_res, cy0, cy1, cx0, cx1)
-    # blocks touched by the (clipped) window
-    by0, by1 = cy0 // b, np.maximum(cy1 - 1, cy0) // b + 1
-    bx0, bx1 = cx0 // b, np.maximum(cx1 - 1, cx0) // b + 1
-    n, sdy, sdy2, sdx, sdx2 = _box(maps.i_blk, by0, by1, bx0, bx1)
-    uniform = (sdy2 * n == sdy * sdy) & (sdx2 * n == sdx * sdx)
-    nz = np.maximum(n, 1)
-    dy = sdy // nz  # exact where uniform
-    dx = sdx // nz
-    divisible = (dy % g.E == 0) & (dx % g.E == 0)
-    inside_y = (wy0 >= 0) & (wy1 <= h)
-    inside_x = (wx0 >= 0) & (wx1 <= w)
-    border = ((dy == 0) | (inside_y & (wy0 + dy >= 0) & (wy1 + dy <= h))) & (
-        (dx == 0) | (inside_x & (wx0 + dx >= 0) & (wx1 + dx <= w))
-    )
-    sy = dy // g.S
-    sx = dx // g.S
-    src_ok = (np.arange(ho)[:, None] + sy >= 0) & (np.arange(ho)[:, None] + sy < ho) & (
-        np.arange(wo)[None, :] + sx >= 0) & (np.arange(wo)[None, :] + sx < wo)
-    ok = nonempty & (res == 0) & uniform & divisible & border & src_ok
-    return ok, np.where(ok, sy, 0).astype(np.int32), np.where(ok, sx, 0).astype(np.int32)
+    ok = np.empty((ho, wo), np.bool_)
+    sy = np.empty((ho, wo), np.int32)
+    sx = np.empty((ho, wo), np.int32)
+    _kernels.strict_reuse(maps.i_res, maps.i_blk, b, h, w, g.S, g.E, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
+    return ok, sy, sx

@@ -313,3 +313,84 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
             out_dy[i, j] = by
             out_dx[i, j] = bx
             out_cost[i, j] = best
+
+
+@njit(cache=True, nogil=True)
+def shifted_diff(cur, ref, dy, dx, block: int, out_pix, out_mad) -> None:
+    """Per pixel: max over channels of |cur − ref shifted by its block's (dy, dx)| (source clamped to the
+    frame) into ``out_pix`` (H×W float32); per block: the mean of that into ``out_mad``. ``cur``/``ref`` are
+    H×W×C float32 views (channels-last tensors as numpy). One pass, no index maps."""
+    height, width, nc = cur.shape
+    hb, wb = dy.shape
+    for i in range(hb):
+        y0 = i * block
+        y1 = min(y0 + block, height)
+        for j in range(wb):
+            x0 = j * block
+            x1 = min(x0 + block, width)
+            oy = dy[i, j]
+            ox = dx[i, j]
+            acc = 0.0
+            for y in range(y0, y1):
+                ry = min(max(y + oy, 0), height - 1)
+                for x in range(x0, x1):
+                    rx = min(max(x + ox, 0), width - 1)
+                    m = 0.0
+                    for c in range(nc):
+                        d = abs(cur[y, x, c] - ref[ry, rx, c])
+                        if d > m:
+                            m = d
+                    out_pix[y, x] = m
+                    acc += m
+            out_mad[i, j] = acc / ((y1 - y0) * (x1 - x0))
+
+
+@njit(cache=True, nogil=True)
+def strict_reuse(i_res, i_blk, block: int, height: int, width: int, S: int, E: int, lo_y: int, hi_y: int,
+                 lo_x: int, hi_x: int, ok, sy, sx) -> None:
+    """Strict RFAP test for every output position (see ``engine/rfap.py``): O(1) per position from the
+    residual integral image (pixels) and the block-grid integrals of 1, dy, dy², dx, dx²."""
+    ho, wo = ok.shape
+    for oy in range(ho):
+        wy0 = oy * S - lo_y
+        wy1 = oy * S + hi_y + 1
+        cy0 = min(max(wy0, 0), height)
+        cy1 = min(max(wy1, 0), height)
+        by0 = cy0 // block
+        by1 = max(cy1 - 1, cy0) // block + 1
+        for ox in range(wo):
+            ok[oy, ox] = False
+            sy[oy, ox] = 0
+            sx[oy, ox] = 0
+            wx0 = ox * S - lo_x
+            wx1 = ox * S + hi_x + 1
+            cx0 = min(max(wx0, 0), width)
+            cx1 = min(max(wx1, 0), width)
+            if cy1 <= cy0 or cx1 <= cx0:
+                continue
+            if i_res[cy1, cx1] - i_res[cy0, cx1] - i_res[cy1, cx0] + i_res[cy0, cx0] != 0:
+                continue
+            bx0 = cx0 // block
+            bx1 = max(cx1 - 1, cx0) // block + 1
+            n = i_blk[0, by1, bx1] - i_blk[0, by0, bx1] - i_blk[0, by1, bx0] + i_blk[0, by0, bx0]
+            s1 = i_blk[1, by1, bx1] - i_blk[1, by0, bx1] - i_blk[1, by1, bx0] + i_blk[1, by0, bx0]
+            s2 = i_blk[2, by1, bx1] - i_blk[2, by0, bx1] - i_blk[2, by1, bx0] + i_blk[2, by0, bx0]
+            t1 = i_blk[3, by1, bx1] - i_blk[3, by0, bx1] - i_blk[3, by1, bx0] + i_blk[3, by0, bx0]
+            t2 = i_blk[4, by1, bx1] - i_blk[4, by0, bx1] - i_blk[4, by1, bx0] + i_blk[4, by0, bx0]
+            if n <= 0 or s2 * n != s1 * s1 or t2 * n != t1 * t1:
+                continue
+            dy = s1 // n
+            dx = t1 // n
+            if dy % E != 0 or dx % E != 0:
+                continue
+            if dy != 0 and not (wy0 >= 0 and wy1 <= height and wy0 + dy >= 0 and wy1 + dy <= height):
+                continue
+            if dx != 0 and not (wx0 >= 0 and wx1 <= width and wx0 + dx >= 0 and wx1 + dx <= width):
+                continue
+            ty = oy + dy // S
+            tx = ox + dx // S
+            if ty < 0 or ty >= ho or tx < 0 or tx >= wo:
+                continue
+            ok[oy, ox] = True
+            sy[oy, ox] = dy // S
+            sx[oy, ox] = dx // S

@@ -27,6 +27,7 @@ def run(
     tau_in: Annotated[float | None, typer.Option(help="Fast mode: input residual threshold (0..1).")] = None,
     tau: Annotated[float | None, typer.Option(help="Fast mode: truncation threshold for every layer.")] = None,
     refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames.", min=1)] = None,
+    calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame.")] = False,
 ) -> None:
     """Run MODEL over CLIP with the FluxShard engine (exact or fast mode)."""
     from fluxshard.engine import EngineConfig
@@ -38,7 +39,7 @@ def run(
         raise typer.BadParameter(f"--mode must be exact or fast, not {mode!r}")
     if mode == "exact" and (thresholds or tau_in is not None or tau is not None):
         raise typer.BadParameter("--thresholds/--tau-in/--tau only apply to --mode fast")
-    over: dict[str, Any] = {"refresh_every": refresh}
+    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate}
     if mode == "fast":
         if tau_in is not None:
             over["tau_in"] = tau_in

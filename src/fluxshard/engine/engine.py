@@ -55,6 +55,7 @@ class EngineConfig:
     refresh_every: int | None = None  # dense refresh period in frames (None = only when needed)
     sparse: bool = True  # use the tile-sparse executor when it is available
     tile: int | None = None  # executor tile size; None = one motion block per tile, 0 = the executor's default
+    calibrate: bool = False  # measure each layer's sparse/dense costs on the first dense frame (~2 s for NanoDet)
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
@@ -142,6 +143,7 @@ class Engine:
         _warm_kernels()
         self._sparse = _sparse_executor() if self.config.sparse else None
         self._plans = _plan_cache() if self._sparse is not None else None
+        self._calibrated: set[str] = set()
         self.reset()
 
     @property
@@ -272,6 +274,11 @@ class _Runner(fx.Interpreter):
         if self.maps is None or cache is None:
             y = conv(x)
             self.new_caches[n.name] = y
+            plans = self.engine._plans
+            if self.engine.config.calibrate and plans is not None and n.name not in self.engine._calibrated:
+                # per-layer cost model at this machine's thread count, for the executor's path choice
+                plans.calibrate(x, conv, tile=self._tile(n.name))
+                self.engine._calibrated.add(n.name)
             return y
         t0 = time.perf_counter()
         ho, wo = cache.shape[-2:]
@@ -324,8 +331,8 @@ class _Runner(fx.Interpreter):
         the block grid, so larger tiles would mostly recompute positions that did not need it."""
         if self.engine.config.tile is not None:
             return self.engine.config.tile or None
-        assert self.maps is not None
-        return max(2, self.maps.block // self.engine.info.geoms[name].S)
+        block = self.maps.block if self.maps is not None else 16
+        return max(2, block // self.engine.info.geoms[name].S)
 
     def _strict(self, name: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert self.maps is not None

@@ -1,0 +1,237 @@
+"""Model-family profiles for the tile planner (§3.1.1, §3.1.3).
+
+A profile holds, per model, its square input size, mean and p99 latency on this machine and its accuracy
+over the 22 relative-size bins of :mod:`fluxshard.tiling.bins`; plus the plan-runtime estimate that is
+subtracted from the SLO before planning. Profiles are written as JSON and validated on load, because a
+profile measured once is reused across runs and a silently wrong one would make every plan wrong.
+
+Decisions:
+
+* ``plan_runtime_ms = p99(planner times) * 1.1`` (§3.1.3), computed with numpy's linear-interpolation
+  percentile; an empty list of times is an error (no estimate without measurements).
+* Accuracies are fractions in ``[0, 1]`` (AP over the bin's objects); latencies are milliseconds, must be
+  positive and ``p99 >= mean``. Model names are unique. The bin edges are stored in the file and must equal
+  the current :data:`~fluxshard.tiling.bins.EDGES`, so a profile made under other bins is rejected rather
+  than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluxshard.errors import FluxShardError
+from fluxshard.tiling.bins import EDGES, N_BINS
+
+FORMAT = "fluxshard-tiling-profile"
+VERSION = 1
+PLAN_RUNTIME_MARGIN = 0.10
+MODES = ("conservative", "non-conservative")
+
+
+class ProfileError(FluxShardError):
+    """A model-family profile is missing, unreadable or malformed (the message names file and field)."""
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """One model: square input side, latency (ms) and accuracy per relative-size bin."""
+
+    name: str
+    input_size: int
+    mean_ms: float
+    p99_ms: float
+    accuracy: tuple[float, ...]
+
+    def latency(self, mode: str) -> float:
+        """p99 in conservative mode (per-frame guarantee), mean in non-conservative mode (average)."""
+        if mode == "conservative":
+            return self.p99_ms
+        if mode == "non-conservative":
+            return self.mean_ms
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class FamilyProfile:
+    """The models the planner may choose from, and the planner's own runtime estimate (ms)."""
+
+    models: tuple[ModelProfile, ...]
+    plan_runtime_ms: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self, "<memory>")
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def accuracy_matrix(self) -> np.ndarray:
+        """(n_models, 22) accuracy vectors."""
+        return np.array([m.accuracy for m in self.models], dtype=np.float64)
+
+    def latencies(self, mode: str) -> np.ndarray:
+        return np.array([m.latency(mode) for m in self.models], dtype=np.float64)
+
+    def input_sizes(self) -> np.ndarray:
+        return np.array([m.input_size for m in self.models], dtype=np.int64)
+
+    def inference_budget(self, slo_ms: float) -> float:
+        """Latency left for model inference once planning is paid for (never negative)."""
+        return max(0.0, float(slo_ms) - self.plan_runtime_ms)
+
+    def with_plan_runtime(self, planner_times_ms: Sequence[float]) -> FamilyProfile:
+        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "bin_edges": [float(e) for e in EDGES],
+            "plan_runtime_ms": self.plan_runtime_ms,
+            "meta": self.meta,
+            "models": [
+                {"name": m.name, "input_size": m.input_size, "mean_ms": m.mean_ms, "p99_ms": m.p99_ms,
+                 "accuracy": list(m.accuracy)}
+                for m in self.models
+            ],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic write (a crash never leaves half a profile that would later fail to load)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, p)
+        return p
+
+
+def plan_runtime_estimate(planner_times_ms: Sequence[float]) -> float:
+    """§3.1.3: p99 of the measured planner times plus a 10 % safety margin."""
+    t = np.asarray(list(planner_times_ms), dtype=np.float64)
+    if t.size == 0 or not np.all(np.isfinite(t)) or t.min() < 0:
+        raise ValueError("plan runtime estimate needs at least one finite, non-negative planner time")
+    return float(np.percentile(t, 99) * (1 + PLAN_RUNTIME_MARGIN))
+
+
+def _fail(src: str, where: str, problem: str) -> ProfileError:
+    return ProfileError(f"{src}: {where}: {problem}")
+
+
+def _number(src: str, where: str, v: Any, *, positive: bool = False, lo: float | None = None,
+            hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _fail(src, where, f"must be a finite number, got {v!r}")
+    if positive and v <= 0:
+        raise _fail(src, where, f"must be > 0, got {v!r}")
+    if lo is not None and v < lo or hi is not None and v > hi:
+        raise _fail(src, where, f"must be in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def _validate(fam: FamilyProfile, src: str) -> None:
+    if not fam.models:
+        raise _fail(src, "models", "a family needs at least one model")
+    seen: set[str] = set()
+    for i, m in enumerate(fam.models):
+        where = f"models[{i}]"
+        if not isinstance(m.name, str) or not m.name:
+            raise _fail(src, f"{where}.name", "must be a non-empty string")
+        if m.name in seen:
+            raise _fail(src, f"{where}.name", f"duplicate model name {m.name!r}")
+        seen.add(m.name)
+        if isinstance(m.input_size, bool) or not isinstance(m.input_size, int) or m.input_size <= 0:
+            raise _fail(src, f"{where}.input_size", f"must be a positive integer, got {m.input_size!r}")
+        _number(src, f"{where}.mean_ms", m.mean_ms, positive=True)
+        _number(src, f"{where}.p99_ms", m.p99_ms, positive=True)
+        if m.p99_ms < m.mean_ms:
+            raise _fail(src, f"{where}.p99_ms", f"{m.p99_ms} is below mean_ms {m.mean_ms}")
+        if len(m.accuracy) != N_BINS:
+            raise _fail(src, f"{where}.accuracy", f"needs {N_BINS} values, got {len(m.accuracy)}")
+        for k, a in enumerate(m.accuracy):
+            _number(src, f"{where}.accuracy[{k}]", a, lo=0.0, hi=1.0)
+    _number(src, "plan_runtime_ms", fam.plan_runtime_ms, lo=0.0)
+
+
+def load_profile(path: str | Path) -> FamilyProfile:
+    """Read and validate a profile JSON; every problem is a :class:`ProfileError` naming file and field."""
+    p = Path(path)
+    src = str(p)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"{src}: no such profile file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"{src}: cannot read profile ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise _fail(src, "format", f"not a tiling profile (expected format {FORMAT!r})")
+    if raw.get("version") != VERSION:
+        raise _fail(src, "version", f"unsupported version {raw.get('version')!r} (this build reads {VERSION})")
+    edges = raw.get("bin_edges")
+    if not isinstance(edges, list) or len(edges) != len(EDGES) or not np.allclose(
+        np.asarray([_number(src, "bin_edges", e) for e in edges]), EDGES, rtol=0, atol=1e-12
+    ):
+        raise _fail(src, "bin_edges", "made with different size bins; re-profile the family")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list):
+        raise _fail(src, "models", "must be a list")
+    models = []
+    for i, m in enumerate(models_raw):
+        where = f"models[{i}]"
+        if not isinstance(m, dict):
+            raise _fail(src, where, "must be an object")
+        for key in ("name", "input_size", "mean_ms", "p99_ms", "accuracy"):
+            if key not in m:
+                raise _fail(src, f"{where}.{key}", "missing")
+        if not isinstance(m["accuracy"], list):
+            raise _fail(src, f"{where}.accuracy", "must be a list")
+        models.append(ModelProfile(m["name"], m["input_size"], m["mean_ms"], m["p99_ms"], tuple(m["accuracy"])))
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _fail(src, "meta", "must be an object")
+    runtime = raw.get("plan_runtime_ms", 0.0)
+    fam = object.__new__(FamilyProfile)  # validate with the file name before the in-memory check
+    object.__setattr__(fam, "models", tuple(models))
+    object.__setattr__(fam, "plan_runtime_ms", runtime)
+    object.__setattr__(fam, "meta", meta)
+    _validate(fam, src)
+    return FamilyProfile(tuple(models), float(runtime), meta)
+
+
+def synthetic_family(
+    sizes: Sequence[int] = (320, 416, 512, 640), base_ms: float = 8.0, p99_factor: float = 1.25
+) -> FamilyProfile:
+    """A plausible family for tests and planning experiments, no model runs needed.
+
+    Latency grows with input area; accuracy is a smooth bump over relative size (tiny objects are missed,
+    objects larger than the input degrade), larger inputs shifting the bump to smaller objects and raising it.
+    So latency and accuracy are both monotone in input size, the regime where planning is a real trade-off.
+    """
+    from fluxshard.tiling.bins import bin_bounds
+
+    centres = np.array([(lo + (hi if math.isfinite(hi) else 1.2)) / 2 for lo, hi in bin_bounds()])
+    big = max(sizes)
+    models = []
+    for s in sorted(sizes):
+        mean = base_ms * (s / sizes[0]) ** 2
+        # Objects are resolved once they span ~12 px of input: the half-point in relative size.
+        half = 12.0 / s
+        ramp = 1 / (1 + (half / np.maximum(centres, 1e-6)) ** 2.5)
+        peak = 0.55 + 0.3 * (s / big)
+        tail = np.where(centres > 0.8, np.clip(1 - (centres - 0.8), 0.3, 1), 1.0)
+        acc = np.clip(peak * ramp * tail, 0, 1)
+        models.append(ModelProfile(f"det{s}", int(s), float(mean), float(mean * p99_factor),
+                                   tuple(float(a) for a in acc)))
+    return FamilyProfile(tuple(models))

@@ -78,3 +78,22 @@ def test_input_mapper_keeps_shifts_whole_pixels() -> None:
     assert g.block == 8 and (g.height, g.width) == (160, 256)
     assert not g.valid[0, 0] and g.valid[0, 1] and g.dx[0, 1] == 2
     assert g.valid[-1, -1] and g.dx[-1, -1] == 0  # padding: zero motion
+
+
+def test_independent_streams_in_one_process() -> None:
+    """Two engines on one body, stepped alternately, give exactly what each gives alone."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    a = sequence(4, 64, 96, (0, 8), (4, 0), seed=1)
+    b = sequence(4, 64, 96, (8, 0), (0, 4), seed=2)
+    solo = []
+    for frames in (a, b):
+        eng = Engine(body, (64, 96))
+        with torch.inference_mode():
+            solo.append([eng.step(x, f)[0] for x, f in frames])
+    ea, eb = Engine(body, (64, 96)), Engine(body, (64, 96))
+    with torch.inference_mode():
+        for t in range(4):
+            ya = ea.step(*a[t])[0]
+            yb = eb.step(*b[t])[0]
+            assert torch.equal(ya, solo[0][t]) and torch.equal(yb, solo[1][t])

@@ -23,7 +23,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.", min=1)] = None,
     factor: Annotated[int | None, typer.Option(help="Integer input reduction (default: fit 640 px).")] = None,
-    thresholds: Annotated[Path | None, typer.Option(help="Fast-mode thresholds JSON.")] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="Fast-mode thresholds JSON (default: the model's "
+                                                         "shipped profile).")] = None,
     tau_in: Annotated[float | None, typer.Option(help="Fast mode: input residual threshold (0..1).")] = None,
     tau: Annotated[float | None, typer.Option(help="Fast mode: truncation threshold for every layer.")] = None,
     refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames.", min=1)] = None,
@@ -45,8 +46,11 @@ def run(
             over["tau_in"] = tau_in
         if tau is not None:
             over["default_threshold"] = tau
-        cfg = (EngineConfig.from_file(thresholds, **over) if thresholds
-               else EngineConfig(mode="fast", **{"tau_in": 0.02, "default_threshold": 0.05, **over}))
+        from fluxshard.engine.engine import default_profile
+
+        profile = thresholds or default_profile(model)
+        cfg = (EngineConfig.from_file(profile, **over) if profile
+               else EngineConfig(mode="fast", **{"tau_in": 0.02, "default_threshold": 0.1, **over}))
     else:
         cfg = EngineConfig(**over)
     path = clip_path(clip)

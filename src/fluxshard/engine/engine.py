@@ -105,6 +105,15 @@ class StepStats:
         return float(np.mean([s.active_fraction for s in self.layers]))
 
 
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def default_profile(model: str) -> Path | None:
+    """The fast-mode thresholds shipped for a bundled model, if any."""
+    p = PROFILES_DIR / f"{model}.json"
+    return p if p.is_file() else None
+
+
 def _warm_kernels() -> None:
     """Load the compiled input-stage kernels before the first timed frame."""
     z = np.zeros((2, 2), np.int32)

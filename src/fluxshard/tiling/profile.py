@@ -69,7 +69,7 @@ class FamilyProfile:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _validate(self, "<memory>")
+        _validate(self.models, self.plan_runtime_ms, "<memory>")
 
     @property
     def names(self) -> list[str]:
@@ -136,16 +136,16 @@ def _number(src: str, where: str, v: Any, *, positive: bool = False, lo: float |
         raise _fail(src, where, f"must be a finite number, got {v!r}")
     if positive and v <= 0:
         raise _fail(src, where, f"must be > 0, got {v!r}")
-    if lo is not None and v < lo or hi is not None and v > hi:
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise _fail(src, where, f"must be in [{lo}, {hi}], got {v!r}")
     return float(v)
 
 
-def _validate(fam: FamilyProfile, src: str) -> None:
-    if not fam.models:
+def _validate(models: Sequence[ModelProfile], plan_runtime_ms: Any, src: str) -> None:
+    if not models:
         raise _fail(src, "models", "a family needs at least one model")
     seen: set[str] = set()
-    for i, m in enumerate(fam.models):
+    for i, m in enumerate(models):
         where = f"models[{i}]"
         if not isinstance(m.name, str) or not m.name:
             raise _fail(src, f"{where}.name", "must be a non-empty string")
@@ -162,7 +162,7 @@ def _validate(fam: FamilyProfile, src: str) -> None:
             raise _fail(src, f"{where}.accuracy", f"needs {N_BINS} values, got {len(m.accuracy)}")
         for k, a in enumerate(m.accuracy):
             _number(src, f"{where}.accuracy[{k}]", a, lo=0.0, hi=1.0)
-    _number(src, "plan_runtime_ms", fam.plan_runtime_ms, lo=0.0)
+    _number(src, "plan_runtime_ms", plan_runtime_ms, lo=0.0)
 
 
 def load_profile(path: str | Path) -> FamilyProfile:
@@ -202,11 +202,7 @@ def load_profile(path: str | Path) -> FamilyProfile:
     if not isinstance(meta, dict):
         raise _fail(src, "meta", "must be an object")
     runtime = raw.get("plan_runtime_ms", 0.0)
-    fam = object.__new__(FamilyProfile)  # validate with the file name before the in-memory check
-    object.__setattr__(fam, "models", tuple(models))
-    object.__setattr__(fam, "plan_runtime_ms", runtime)
-    object.__setattr__(fam, "meta", meta)
-    _validate(fam, src)
+    _validate(models, runtime, src)  # first with the file name, so errors point at it
     return FamilyProfile(tuple(models), float(runtime), meta)
 
 

@@ -56,6 +56,7 @@ class EngineConfig:
     sparse: bool = True  # use the tile-sparse executor when it is available
     tile: int | None = None  # executor tile size; None = one motion block per tile, 0 = the executor's default
     calibrate: bool = False  # measure each layer's sparse/dense costs on the first dense frame (~2 s for NanoDet)
+    fuse: bool = True  # apply a convolution's sole following activation on its recomputed tiles only
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
@@ -103,6 +104,47 @@ class StepStats:
         if self.dense or not self.layers:
             return 1.0
         return float(np.mean([s.active_fraction for s in self.layers]))
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The elementwise activation ``node`` computes, as a callable of one tensor, or None."""
+    t = node.target
+    if node.op == "call_function":
+        if t in (F.relu, torch.relu, torch.ops.aten.relu.default):
+            return F.relu
+        if t in (F.silu, torch.ops.aten.silu.default):
+            return F.silu
+        if t in (torch.sigmoid, F.sigmoid, torch.ops.aten.sigmoid.default):
+            return torch.sigmoid
+        if t in (F.relu6,):
+            return F.relu6
+        if t is F.leaky_relu:
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return lambda v, s=float(slope): F.leaky_relu(v, s)
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(str(t))
+        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish)):
+            return m
+    return None
+
+
+def _find_fusions(gm: fx.GraphModule, info: GraphInfo) -> tuple[dict[str, Any], dict[str, fx.Node]]:
+    """Convolutions whose only user is an elementwise activation: the activation runs on recomputed tiles
+    inside the sparse call and the cache holds activated values, saving a dense pass per layer."""
+    post: dict[str, Any] = {}
+    fused_into: dict[str, fx.Node] = {}
+    convs = set(info.convs)
+    for node in gm.graph.nodes:
+        if node.name not in convs or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        act = _activation(gm, user)
+        if act is None or tensor_args(user)[:1] != [node] or len(tensor_args(user)) != 1:
+            continue
+        post[node.name] = act
+        fused_into[user.name] = node
+    return post, fused_into
 
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -153,6 +195,8 @@ class Engine:
         self._sparse = _sparse_executor() if self.config.sparse else None
         self._plans = _plan_cache() if self._sparse is not None else None
         self._calibrated: set[str] = set()
+        self._post, self._fused_into = _find_fusions(self.gm, self.info) if self.config.fuse \
+            else ({}, {})
         self.reset()
 
     @property
@@ -271,6 +315,11 @@ class _Runner(fx.Interpreter):
         if n.op == "call_module" and n.name in self._conv_set:
             args, _ = self.fetch_args_kwargs_from_env(n)
             return self._conv(n, args[0])
+        conv_node = self.engine._fused_into.get(n.name)
+        if conv_node is not None:  # this activation was applied by the convolution it follows (fused)
+            if self.fast and conv_node.name in self.changed:
+                self.changed[n.name] = self.changed[conv_node.name]
+            return self.env[conv_node]
         out = super().run_node(n)
         if self.fast:
             self._propagate(n, out)
@@ -280,13 +329,14 @@ class _Runner(fx.Interpreter):
     def _conv(self, n: fx.Node, x: torch.Tensor) -> torch.Tensor:
         conv = self.module.get_submodule(str(n.target))
         cache = self.engine._caches.get(n.name)
+        post = self.engine._post.get(n.name)
         if self.maps is None or cache is None:
-            y = conv(x)
+            y = conv(x) if post is None else post(conv(x))
             self.new_caches[n.name] = y
             plans = self.engine._plans
             if self.engine.config.calibrate and plans is not None and n.name not in self.engine._calibrated:
                 # per-layer cost model at this machine's thread count, for the executor's path choice
-                plans.calibrate(x, conv, tile=self._tile(n.name))
+                plans.calibrate(x, conv, tile=self._tile(n.name), post=post)
                 self.engine._calibrated.add(n.name)
             return y
         t0 = time.perf_counter()
@@ -306,7 +356,7 @@ class _Runner(fx.Interpreter):
         tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
         tile_fraction = 1.0
         if active_fraction == 1.0:
-            y, path = conv(x), "dense"
+            y, path = (conv(x) if post is None else post(conv(x))), "dense"
             if self.fast:
                 self.changed[n.name] = torch.ones((ho, wo), dtype=torch.bool)
         else:
@@ -316,11 +366,11 @@ class _Runner(fx.Interpreter):
             if self.engine._sparse is not None:
                 # the executor writes into ``base``; never into the cache, which may back last frame's outputs
                 y, st = self.engine._sparse(x, conv, base, recompute, plan_cache=self.engine._plans,
-                                            inplace=base is not cache, tile=self._tile(n.name))
+                                            inplace=base is not cache, tile=self._tile(n.name), post=post)
                 path = getattr(st, "path", "sparse")
                 tile_fraction = float(getattr(st, "fraction", 1.0)) if path != "dense" else 1.0
             else:
-                y = torch.where(recompute, conv(x), base)
+                y = torch.where(recompute, conv(x) if post is None else post(conv(x)), base)
                 path = "dense+select"
             if idx is not None and old is not None:
                 # truncation: only recomputed positions that moved by more than τ^l count as changed

@@ -325,9 +325,13 @@ class TilePlanner:
 
     def discretise(self, budget_ms: float) -> tuple[np.ndarray, int, float]:
         """(integer weights, integer capacity, step ms): latencies rounded up, budget down."""
-        step = budget_ms / self.resolution if budget_ms > 0 else 1.0
-        weights = np.maximum(1, np.ceil(self.latency / step - 1e-9)).astype(np.int64)
-        capacity = math.floor(budget_ms / step + 1e-9) if budget_ms > 0 else -1
+        if not budget_ms > 0:
+            return np.ones(len(self.latency), dtype=np.int64), -1, 1.0
+        step = budget_ms / self.resolution
+        with np.errstate(over="ignore", divide="ignore"):
+            units = np.minimum(self.latency / budget_ms * self.resolution, self.resolution + 1)  # > cap: unusable
+        weights = np.maximum(1, np.ceil(units - 1e-9)).astype(np.int64)
+        capacity = self.resolution  # floor(budget / step)
         return weights, capacity, step
 
     def _coverage(self, rects: list[tuple[float, float, float, float]]) -> float:

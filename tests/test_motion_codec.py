@@ -194,3 +194,15 @@ def test_mpeg4_part2_with_b_frames(synth_dir: Path) -> None:
     acc, cov, src, types = field_accuracy(clip)
     assert src == "codec" and "B" in types, types
     assert acc >= 0.95 and cov >= 0.7, (acc, cov)
+
+
+def test_sps_reference_count_narrows_the_span_search(clip_p: SynthClip, clip_ref: SynthClip, clip_b: SynthClip) -> None:
+    from fluxshard.video import open_video
+    from fluxshard.video.h264 import max_num_ref_frames
+
+    assert open_video(clip_p.path).info.max_ref_frames == 1
+    assert open_video(clip_ref.path).info.max_ref_frames == 4
+    assert max_num_ref_frames(b"") is None and max_num_ref_frames(b"\x00\x00\x00\x01\x67") is None
+    assert MotionStream(clip_p.path).codec_config.max_ref_span == 1  # one reference, no B-frames
+    assert MotionStream(clip_ref.path).codec_config.max_ref_span == 4
+    assert MotionStream(clip_b.path).codec_config.max_ref_span == 4  # B-frames: spans exceed the ref count

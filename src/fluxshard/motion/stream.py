@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +78,10 @@ class MotionStream:
             # the surrounding anchors: the expected span is exact, no span search needed. H.264 may use any of
             # up to 16 references per block, so its vectors are verified.
             codec_config = CodecMVConfig(block=block, verify=not self._single_ref)
+            refs = self.info.max_ref_frames
+            if refs is not None and not self.info.has_b_frames:
+                # Without B-frames a vector spans at most the stream's reference count (H.264 SPS).
+                codec_config = replace(codec_config, max_ref_span=max(1, min(refs, codec_config.max_ref_span)))
         self.codec_config = codec_config
         self.match_config = match_config or BlockMatchConfig(block=block)
         if mv_source == "codec" and not self.info.codec_has_mvs:

@@ -24,6 +24,7 @@ import av
 import numpy as np
 
 from fluxshard.errors import VideoError
+from fluxshard.video.h264 import max_num_ref_frames
 
 #: Codecs whose FFmpeg decoders export motion vectors (mpegvideo family and H.264).
 MV_CODECS = frozenset(
@@ -77,6 +78,8 @@ class VideoInfo:
     fps: float
     frames_expected: int | None  # from the container; None when unknown (streams, some AVI/TS files)
     codec_has_mvs: bool
+    max_ref_frames: int | None = None  # H.264 SPS max_num_ref_frames (avcC streams only)
+    has_b_frames: bool = True  # the decoder's declared reordering; True when unknown
 
 
 @dataclass
@@ -149,6 +152,8 @@ class VideoSource:
             fps=float(rate),
             frames_expected=expected or None,
             codec_has_mvs=self.export_mvs,
+            max_ref_frames=max_num_ref_frames(ctx.extradata) if ctx.name == "h264" else None,
+            has_b_frames=bool(getattr(ctx, "has_b_frames", True)),
         )
 
     def __iter__(self) -> Iterator[DecodedFrame]:

@@ -22,11 +22,12 @@ Decisions where the paper is vague (all tested in ``tests/test_tiling_planner.py
   few ms). Model latencies are rounded **up** and the budget **down**, so every plan the DP returns also fits
   the real (continuous) budget: a conservative-mode guarantee must not be lost to rounding. The DP is exact for
   the rounded instance; the loss against the continuous optimum is at most one step per tile.
-* **DP-DP.** Nodes are visited in depth-first post-order; ``dp_k[b]`` is the best value using only the first
-  k nodes with total weight <= b. Choosing node v (model m) combines with the table from *before v's subtree
-  started*, which contains exactly the nodes compatible with v (earlier siblings' subtrees and their
-  ancestors' earlier siblings); not choosing v keeps ``dp_{k-1}`` (which includes v's descendants). This is
-  O(#nodes * #models * resolution), the paper's bound, with no max-plus convolution of children.
+* **DP-DP** (numba kernel :func:`fluxshard.tiling._kernels.dpdp_forward`). Nodes are visited in depth-first
+  post-order; ``dp_k[b]`` is the best value using only the first k nodes with total weight <= b. Choosing
+  node v (model m) combines with the table from *before v's subtree started*, which holds exactly the nodes
+  compatible with v (earlier subtrees of v's and its ancestors' siblings); not choosing v keeps
+  ``dp_{k-1}`` (which includes v's descendants). This is O(#nodes * #models * resolution), the paper's bound,
+  with no max-plus convolution of children.
 * **Plan election.** One uniform plan per model: a ``ceil(W/in) x ceil(H/in)`` grid (tiles at about native
   resolution, every tile run with that model). The elected plan is the one with the higher PeAP; ties go to
   the plan covering more of the frame, then to the cheaper one. With no objects in view every PeAP is 0 and the
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fluxshard.tiling._kernels import dpdp_forward
 from fluxshard.tiling.bins import N_BINS, bin_index, relative_size
 from fluxshard.tiling.profile import MODES, FamilyProfile
 
@@ -182,33 +184,17 @@ def dpdp(
     """
     vals = np.asarray(values, dtype=np.float64)
     w = np.asarray(weights, dtype=np.int64)
-    if capacity < 0:
-        capacity = -1
-    n_models = vals.shape[1]
     if np.any(w < 1):
         raise ValueError("DP weights must be positive integers")
     order, first = _post_order(children, root)
-    cap = max(capacity, 0)
-    tables = np.zeros((len(order) + 1, cap + 1), dtype=np.float64)
-    choice = np.full((len(order) + 1, cap + 1), -1, dtype=np.int32)
-    if capacity >= 0:
-        for k, v in enumerate(order, start=1):
-            before = tables[first[v]]
-            best = tables[k - 1].copy()
-            pick = np.full(cap + 1, -1, dtype=np.int32)
-            for m in range(n_models):
-                wm = int(w[m])
-                if wm > cap or vals[v, m] <= 0:
-                    continue  # a zero-value tile never helps; skipping it keeps plans minimal
-                cand = before[: cap + 1 - wm] + vals[v, m]
-                better = cand > best[wm:]
-                best[wm:] = np.where(better, cand, best[wm:])
-                pick[wm:] = np.where(better, m, pick[wm:])
-            tables[k] = best
-            choice[k] = pick
     assign = np.full(vals.shape[0], -1, dtype=np.int64)
     if capacity < 0:
         return 0.0, assign
+    cap = capacity
+    first_arr = np.zeros(vals.shape[0], dtype=np.int64)
+    for v, f in first.items():
+        first_arr[v] = f
+    tables, choice = dpdp_forward(np.asarray(order, dtype=np.int64), first_arr, vals, w, cap)
     k, b = len(order), cap
     while k > 0:
         m = int(choice[k, b])
@@ -322,6 +308,12 @@ class TilePlanner:
         self.accuracy = family.accuracy_matrix()
         self.names = family.names
         self._grids = [(math.ceil(self.width / s), math.ceil(self.height / s)) for s in family.input_sizes()]
+        self._uniform_tiles = [self._grid_tiles(m, nx, ny) for m, (nx, ny) in enumerate(self._grids)]
+
+    def _grid_tiles(self, m: int, nx: int, ny: int) -> tuple[Tile, ...]:
+        tw, th = self.width / nx, self.height / ny
+        return tuple(Tile(c * tw, r * th, (c + 1) * tw, (r + 1) * th, m, self.names[m])
+                     for r in range(ny) for c in range(nx))
 
     def discretise(self, budget_ms: float) -> tuple[np.ndarray, int, float]:
         """(integer weights, integer capacity, step ms): latencies rounded up, budget down."""
@@ -358,10 +350,7 @@ class TilePlanner:
         for m, (nx, ny) in enumerate(self._grids):
             hist = grid_histograms(boxes, self.width, self.height, nx, ny)
             value = float(eap_values(hist, self.accuracy[m: m + 1], n).sum())
-            tw, th = self.width / nx, self.height / ny
-            tiles = tuple(Tile(c * tw, r * th, (c + 1) * tw, (r + 1) * th, m, self.names[m])
-                          for r in range(ny) for c in range(nx))
-            plans.append(TilePlan("uniform", tiles, value, float(nx * ny * self.latency[m]), 1.0))
+            plans.append(TilePlan("uniform", self._uniform_tiles[m], value, float(nx * ny * self.latency[m]), 1.0))
         return plans
 
     def plan(self, boxes: ArrayLike, budget_ms: float) -> PlanResult:

@@ -267,3 +267,36 @@ def test_grid_histograms_uniform_grid() -> None:
     h = grid_histograms(boxes, 1280, 1280, 2, 2)
     assert h.sum(axis=1).tolist() == [1, 0, 0, 2]
     assert math.isclose(h.sum(), 3)
+
+
+def _convolution_reference(children: tuple[tuple[int, ...], ...], values: np.ndarray, weights: np.ndarray,
+                           capacity: int, v: int = 0) -> np.ndarray:
+    """Independent exact tree knapsack: best[b] = max(node alone with a model, max-plus product of children)."""
+    neg = np.full(capacity + 1, -np.inf)
+    kids = np.zeros(capacity + 1)  # choosing nothing is always allowed
+    for c in children[v]:
+        sub = _convolution_reference(children, values, weights, capacity, c)
+        merged = neg.copy()
+        for b in range(capacity + 1):
+            merged[b] = np.max(kids[: b + 1] + sub[b::-1])
+        kids = merged
+    best = kids
+    for m, wm in enumerate(weights):
+        if wm <= capacity:
+            alone = np.r_[np.full(wm, -np.inf), np.full(capacity + 1 - wm, values[v, m])]
+            best = np.maximum(best, alone)
+    return np.maximum.accumulate(best)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_dpdp_matches_convolution_reference_on_full_quadtrees(depth: int) -> None:
+    tree = QuadTree.build(3840, 2160, depth)
+    rng = np.random.default_rng(depth)
+    for trial in range(4):
+        values = rng.uniform(0, 1, (tree.n_nodes, 3)) * (rng.uniform(size=(tree.n_nodes, 1)) < 0.7)
+        weights = rng.integers(1, 12, 3)
+        capacity = int(rng.integers(0, 80))
+        best, assign = dpdp(tree.children, values, weights, capacity)
+        ref = _convolution_reference(tree.children, values, weights, capacity)[capacity]
+        assert best == pytest.approx(ref), trial
+        _check_plan(tree.children, assign, weights, capacity, values, best)

@@ -97,3 +97,52 @@ def test_independent_streams_in_one_process() -> None:
             ya = ea.step(*a[t])[0]
             yb = eb.step(*b[t])[0]
             assert torch.equal(ya, solo[0][t]) and torch.equal(yb, solo[1][t])
+
+
+def test_baseline_fields_and_naive_mv() -> None:
+    """delta / global-warp fields, and naive MV reuse (no RFAP) erring where RFAP does not."""
+    from fluxshard.engine.baselines import global_field, zero_field
+
+    f = MotionField.zero(96, 128, 16)
+    f.dx[:], f.dy[:] = 8, -4
+    f.dx[1, 1] = 40  # an outlier block
+    g = global_field(f)
+    assert g.valid.all() and (g.dx == 8).all() and (g.dy == -4).all()
+    z = zero_field(f)
+    assert z.valid.all() and not z.dx.any() and not z.dy.any()
+
+    # A block-aligned object moving against the panning background: its interior blocks and the background
+    # blocks are all valid, with different vectors — exactly where receptive fields straddle two motions.
+    rng = np.random.default_rng(3)
+    bg = rng.random((96 + 64, 128 + 64, 3)).astype(np.float32)
+    obj = rng.random((32, 32, 3)).astype(np.float32)
+    frames = []
+    for t in range(5):
+        img = bg[8 : 8 + 96, 8 * t : 8 * t + 128].copy()
+        oy, ox = 16 + 16 * (t % 2), 32 + 16 * t
+        img[oy : oy + 32, ox : ox + 32] = obj
+        f = MotionField.zero(96, 128, 16)
+        f.dx[:] = 8
+        if t == 0:
+            f.valid[:] = False
+            f.scene_cut = True
+        else:
+            py, px = 16 + 16 * ((t - 1) % 2), 32 + 16 * (t - 1)
+            f.valid[py // 16 : py // 16 + 2, px // 16 : px // 16 + 3] = False  # uncovered / moved content
+            f.valid[oy // 16 : oy // 16 + 2, ox // 16 : ox // 16 + 2] = True
+            f.dy[oy // 16 : oy // 16 + 2, ox // 16 : ox // 16 + 2] = py - oy
+            f.dx[oy // 16 : oy // 16 + 2, ox // 16 : ox // 16 + 2] = px - ox
+        frames.append((torch.from_numpy(img).permute(2, 0, 1)[None].contiguous(), f))
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    first = {}
+    for rfap in (True, False):
+        eng = Engine(body, (96, 128), EngineConfig(mode="fast", rfap=rfap))
+        with torch.inference_mode():
+            stats = [eng.step(x, f)[1] for x, f in frames]
+        first[rfap] = np.mean([s.layers[0].active_fraction for s in stats if not s.dense])
+    # RFAP recomputes the positions whose receptive field straddles the object/background boundary; naive
+    # MV reuse takes their cached values although they were computed from a different neighbourhood.
+    assert first[True] > 1.04 * first[False], first
+    with pytest.raises(EngineError, match="always applies RFAP"):
+        EngineConfig(rfap=False)

@@ -57,12 +57,15 @@ class EngineConfig:
     tile: int | None = None  # executor tile size; None = one motion block per tile, 0 = the executor's default
     calibrate: bool = False  # measure each layer's sparse/dense costs on the first dense frame (~2 s for NanoDet)
     fuse: bool = True  # apply a convolution's sole following activation on its recomputed tiles only
+    rfap: bool = True  # fast mode: strict RFAP at the first conv; False = naive MV reuse (a baseline, not exact)
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
             raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
-        if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0):
-            raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation); use mode='fast'")
+        if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0
+                                     or not self.rfap):
+            raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation) and always applies "
+                              "RFAP; use mode='fast'")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> EngineConfig:
@@ -342,7 +345,8 @@ class _Runner(fx.Interpreter):
         t0 = time.perf_counter()
         ho, wo = cache.shape[-2:]
         src = tensor_args(n)[0]
-        if not self.fast or self.engine.info.ops.get(src.name) == ("input",):
+        first = self.engine.info.ops.get(src.name) == ("input",)
+        if not self.fast or (first and self.engine.config.rfap):
             ok, sy, sx = self._strict(n.name, (ho, wo))  # exact mode, or the first convolution in fast mode
             recompute = torch.from_numpy(~ok)
         else:

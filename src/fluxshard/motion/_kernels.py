@@ -231,38 +231,6 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
 
 
 @njit(cache=True, nogil=True)
-def aligned_block_mad(cur, ref, dy, dx, block: int):
-    """Per-block mean |cur − ref shifted by the block's (dy, dx)| over all pixels of H×W luma.
-
-    Also returns whether each displaced block lies inside ``ref``; outside samples are clamped to the
-    border. Avoids materialising the warped frame: one pass over the current frame's pixels.
-    """
-    height = cur.shape[0]
-    width = cur.shape[1]
-    hb, wb = dy.shape
-    mad = np.zeros((hb, wb), np.float32)
-    inside = np.ones((hb, wb), np.bool_)
-    for i in range(hb):
-        y0 = i * block
-        y1 = min(y0 + block, height)
-        for j in range(wb):
-            x0 = j * block
-            x1 = min(x0 + block, width)
-            oy = dy[i, j]
-            ox = dx[i, j]
-            if y0 + oy < 0 or x0 + ox < 0 or y1 + oy > height or x1 + ox > width:
-                inside[i, j] = False
-            acc = 0
-            for y in range(y0, y1):
-                ry = min(max(y + oy, 0), height - 1)
-                for x in range(x0, x1):
-                    rx = min(max(x + ox, 0), width - 1)
-                    acc += abs(np.int32(cur[y, x]) - np.int32(ref[ry, rx]))
-            mad[i, j] = acc / ((y1 - y0) * (x1 - x0))
-    return mad, inside
-
-
-@njit(cache=True, nogil=True)
 def _block_cost(cur, ref, y0, x0, bh, bw, dy, dx, step) -> float:
     acc = 0.0
     n = 0
@@ -319,7 +287,8 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
 def shifted_diff(cur, ref, dy, dx, block: int, out_pix, out_mad) -> None:
     """Per pixel: max over channels of |cur − ref shifted by its block's (dy, dx)| (source clamped to the
     frame) into ``out_pix`` (H×W float32); per block: the mean of that into ``out_mad``. ``cur``/``ref`` are
-    H×W×C float32 views (channels-last tensors as numpy). One pass, no index maps."""
+    H×W×C views (channels-last tensors as numpy, or luma planes with a trailing axis). One pass, no index
+    maps, nothing warped materialised."""
     height, width, nc = cur.shape
     hb, wb = dy.shape
     for i in range(hb):
@@ -337,7 +306,7 @@ def shifted_diff(cur, ref, dy, dx, block: int, out_pix, out_mad) -> None:
                     rx = min(max(x + ox, 0), width - 1)
                     m = 0.0
                     for c in range(nc):
-                        d = abs(cur[y, x, c] - ref[ry, rx, c])
+                        d = abs(np.float32(cur[y, x, c]) - np.float32(ref[ry, rx, c]))
                         if d > m:
                             m = d
                     out_pix[y, x] = m

@@ -57,6 +57,8 @@ def residual_blocks(
     """Residual mask (Hb, Wb) and per-block MAD of luma ``cur`` against ``ref`` aligned with ``field``."""
     if cur.ndim != 2 or cur.shape != ref.shape:
         raise ValueError(f"residual_blocks needs two equal H×W luma frames, got {cur.shape} and {ref.shape}")
-    mad, inside = _kernels.aligned_block_mad(cur, ref, field.dy, field.dx, field.block)
-    residual = ~field.valid | ~inside | (mad > tau)
+    pix = np.empty(cur.shape, np.float32)
+    mad = np.empty(field.shape, np.float32)
+    _kernels.shifted_diff(cur[:, :, None], ref[:, :, None], field.dy, field.dx, field.block, pix, mad)
+    residual = ~field.valid | ~field.source_inside() | (mad > tau)
     return residual, mad

@@ -171,7 +171,9 @@ def _warm_up(block: int) -> None:
     mv[0] = (-1, 16, 16, 0, 0, 8, 8, 0, 4, 0, 4)
     for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
         field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
-        _kernels.aligned_block_mad(img, img, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int32), block)
+        _kernels.shifted_diff(img[:, :, None], img[:, :, None], np.zeros((2, 2), np.int32),
+                              np.zeros((2, 2), np.int32), block, np.empty(img.shape, np.float32),
+                              np.empty((2, 2), np.float32))
     block_match(z, z, BlockMatchConfig(block=block))
     block_match(z, z, BlockMatchConfig(block=block), predictor=MotionField.zero(2 * block, 2 * block, block))
     _WARM.add(block)

@@ -35,22 +35,6 @@ def warp_blocks(ref: np.ndarray, field: MotionField) -> np.ndarray:
     return out[:h, :w]
 
 
-def block_mad(cur: np.ndarray, aligned: np.ndarray, block: int) -> np.ndarray:
-    """Mean |cur − aligned| per block (over pixels and channels); partial edge blocks use their pixels."""
-    h, w = cur.shape[:2]
-    hb, wb = -(-h // block), -(-w // block)
-    d = np.abs(cur.astype(np.int16) - aligned.astype(np.int16))
-    if d.ndim == 3:
-        d = d.mean(axis=2, dtype=np.float32)
-    pad = np.zeros((hb * block, wb * block), np.float32)
-    cnt = np.zeros_like(pad)
-    pad[:h, :w] = d
-    cnt[:h, :w] = 1
-    s = pad.reshape(hb, block, wb, block).sum(axis=(1, 3))
-    n = cnt.reshape(hb, block, wb, block).sum(axis=(1, 3))
-    return s / n
-
-
 def residual_blocks(
     cur: np.ndarray, ref: np.ndarray, field: MotionField, tau: float = 4.0
 ) -> tuple[np.ndarray, np.ndarray]:

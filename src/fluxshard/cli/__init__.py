@@ -23,6 +23,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so that `fluxshard --help` stays fast and a broken optional part cannot break the rest.
+    from fluxshard.cli import bench as bench_cmd
     from fluxshard.cli import data as data_cmd
     from fluxshard.cli import detect as detect_cmd
     from fluxshard.cli import motion as motion_cmd
@@ -32,6 +33,7 @@ def _register() -> None:
     motion_cmd.register(app)
     detect_cmd.register(app)
     run_cmd.register(app)
+    bench_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""`fluxshard bench`: every method in one harness on a short virtual-PTZ clip (pause, then a 4 px/frame pan)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fluxshard.bench.harness import METHODS, _SceneReuse, parse_methods
+from fluxshard.bench.plots import PLOT_NAMES
+from fluxshard.data.fetch import clip_path
+from fluxshard.data.ptz import make_ptz_clip
+from fluxshard.errors import FluxShardError
+
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[dict[str, str]]]:
+    d = tmp_path_factory.mktemp("bench")
+    clip = d / "pan.mp4"
+    make_ptz_clip(clip_path("vtest"), clip, "pause:3,pan:4:8", size=(320, 256), crf=14)
+    out = d / "out"
+    r = subprocess.run([sys.executable, "-m", "fluxshard", "bench", str(clip), "--max-frames", str(FRAMES),
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout  # one JSON object, nothing else on stdout
+    data = json.loads(lines[0])
+    with (out / "frames.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    return out, data, rows
+
+
+def _summary(data: dict[str, Any], method: str) -> dict[str, Any]:
+    (s,) = [s for s in data["summary"] if s["method"] == method]
+    return s
+
+
+def test_csv_has_every_method_and_frame(bench_run: tuple[Path, dict[str, Any], list[dict[str, str]]]) -> None:
+    _, data, rows = bench_run
+    assert data["methods"] == list(METHODS)
+    frames = sorted({int(r["frame"]) for r in rows})
+    assert frames == list(range(FRAMES))
+    assert {(r["method"], int(r["frame"])) for r in rows} == {(m, f) for m in METHODS for f in frames}
+    assert len(rows) == len(METHODS) * FRAMES
+    fast = [r for r in rows if r["method"] == "fluxshard-fast" and r["dense"] == "0"]
+    assert fast and all(len(json.loads(r["layer_active"])) > 10 for r in fast)  # one entry per convolution
+
+
+def test_dense_and_exact_retention(bench_run: tuple[Path, dict[str, Any], list[dict[str, str]]]) -> None:
+    _, data, _ = bench_run
+    dense = _summary(data, "dense")
+    assert dense["retention_map50"] == 1.0 and dense["retention_map"] == 1.0 and dense["max_abs_diff"] == 0.0
+    exact = _summary(data, "fluxshard-exact")
+    assert exact["retention_map50"] == 1.0 and exact["retention_map"] == 1.0
+    assert exact["max_abs_diff"] <= 1e-4
+    assert exact["dense_frames"] >= 1 and exact["frames"] == FRAMES
+    assert dense["retention_reference"] == "dense_outputs"
+    for s in data["summary"]:
+        assert s["speedup"] is not None and s["speedup"] > 0
+        assert 0.0 <= s["hit_ratio"] <= 1.0
+    # fast mode truncates: it must reuse something on this clip, unlike dense
+    assert _summary(data, "fluxshard-fast")["hit_ratio"] > 0.1 and dense["hit_ratio"] == 0.0
+
+
+def test_mv_alignment_shrinks_input_residual(bench_run: tuple[Path, dict[str, Any], list[dict[str, str]]]) -> None:
+    _, _, rows = bench_run
+
+    def residual(method: str) -> dict[int, tuple[float, float]]:
+        return {int(r["frame"]): (float(r["motion_px"]), float(r["input_residual_fraction"]))
+                for r in rows if r["method"] == method and r["dense"] == "0"}
+
+    delta, fast = residual("delta"), residual("fluxshard-fast")
+    panning = [f for f, (px, _) in fast.items() if px > 1.0]
+    assert len(panning) >= 5, panning
+    for f in panning:
+        assert delta[f][1] > fast[f][1] + 0.1, (f, delta[f], fast[f])
+
+
+def test_report_and_plots(bench_run: tuple[Path, dict[str, Any], list[dict[str, str]]]) -> None:
+    out, data, _ = bench_run
+    report = (out / "report.md").read_text()
+    assert "| clip (input) | method |" in report and "hit ratio" in report and "dense outputs" in report
+    for m in METHODS:
+        assert f"| {m} |" in report, m
+    for name in PLOT_NAMES:
+        p = out / name
+        assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert sorted(Path(p).name for p in data["plots"]) == sorted(PLOT_NAMES)
+
+
+def test_parse_methods() -> None:
+    assert parse_methods("fluxshard-fast,delta") == ["dense", "delta", "fluxshard-fast"]  # dense is the reference
+    assert parse_methods(None) == list(METHODS)
+    with pytest.raises(FluxShardError, match="unknown method"):
+        parse_methods("dense,turbo")
+
+
+def test_scene_reuse_test() -> None:
+    calls: list[int] = []
+
+    def compute() -> tuple[Any, Any]:
+        calls.append(1)
+        return len(calls), f"dets{len(calls)}"
+
+    sr = _SceneReuse(threshold=1.5, k=8)
+    a = np.full((64, 64), 100, np.uint8)
+    assert sr.step(a, compute)[2] is False  # first frame: computed
+    assert sr.step(a + 1, compute)[1:] == ("dets1", True)  # mean |Δ| = 1 < 1.5: reused
+    assert sr.step(a + 2, compute)[2] is False  # compared with the last *computed* frame: 2 ≥ 1.5
+    assert len(calls) == 2

@@ -94,6 +94,9 @@ def test_report_and_plots(bench_run: tuple[Path, dict[str, Any], list[dict[str, 
         p = out / name
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert sorted(Path(p).name for p in data["plots"]) == sorted(PLOT_NAMES)
+    assert "By motion bin" in report
+    (pan,) = [b for b in data["motion_bins"] if b["motion_bin"] == "2-4"]  # the 4 px/frame pan
+    assert pan["frames"] >= 5 and pan["residual_without_mv"] > pan["residual_with_mv"]
 
 
 def test_parse_methods() -> None:

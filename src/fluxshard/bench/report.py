@@ -73,6 +73,44 @@ def summarize(res: ClipResult) -> list[dict[str, Any]]:
     return out
 
 
+def motion_bin_table(results: Sequence[ClipResult]) -> list[dict[str, Any]]:
+    """Per motion bin, pooled over clips (incremental frames only): input residual without MV alignment
+    (delta, zero field) vs with it (fluxshard-fast), hit ratios, and the scene-reuse share of reused frames —
+    the numbers behind plots (a) and (b)."""
+    labels = motion_bin_labels()
+    out = []
+    for i, label in enumerate(labels):
+        def sel(m: str, inc: bool = True, i: int = i) -> list[FrameRow]:
+            return [r for res in results for r in res.by_method(m)
+                    if motion_bin(r.motion_px) == i and (not inc or not r.dense)]
+
+        delta, fast, scene = sel("delta"), sel("fluxshard-fast"), sel("scene-reuse", inc=False)
+        scene = [r for r in scene if r.reason != "first frame"]
+
+        def mean(rows: list[FrameRow], f: Any) -> float | None:
+            return round(float(np.mean([f(r) for r in rows])), 4) if rows else None
+
+        out.append({
+            "motion_bin": label, "frames": len(fast),
+            "residual_without_mv": mean(delta, lambda r: r.input_residual_fraction),
+            "residual_with_mv": mean(fast, lambda r: r.input_residual_fraction),
+            "hit_ratio_delta": mean(delta, lambda r: 1 - r.active_fraction),
+            "hit_ratio_fast": mean(fast, lambda r: 1 - r.active_fraction),
+            "scene_reuse_ratio": mean(scene, lambda r: float(not r.dense)),
+        })
+    return out
+
+
+def motion_bin_markdown(table: Sequence[dict[str, Any]]) -> str:
+    lines = ["| motion bin (px/frame) | frames | input residual without MV (delta) | with MV (fluxshard-fast) "
+             "| hit ratio delta | hit ratio fluxshard-fast | scene-reuse frames reused |", "|" + "---|" * 7]
+    for t in table:
+        lines.append(f"| {t['motion_bin']} | {t['frames']} | {_fmt(t['residual_without_mv'])} "
+                     f"| {_fmt(t['residual_with_mv'])} | {_fmt(t['hit_ratio_delta'])} | {_fmt(t['hit_ratio_fast'])} "
+                     f"| {_fmt(t['scene_reuse_ratio'])} |")
+    return "\n".join(lines)
+
+
 CSV_FIELDS = ("clip", "method", "frame", "motion_px", "input_residual_fraction", "active_fraction",
               "layer_active_mean", "layer_active_first", "layer_active_last", "layer_active", "ms", "dense",
               "reason", "max_abs_diff", "n_dets")
@@ -119,6 +157,8 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
         + ".", "",
         "## Table of means (per clip × method)", "",
         markdown_table(summaries), "",
+        "## By motion bin (all clips pooled, incrementally computed frames)", "",
+        motion_bin_markdown(motion_bin_table(results)), "",
         "## Definitions", "",
         "- **speedup vs dense** = median dense ms / median method ms, measured in the same run (frames "
         "interleaved, method order rotated per frame). The machine is shared and noisy: only these same-run "

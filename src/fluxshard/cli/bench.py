@@ -32,7 +32,7 @@ def bench(
     """Benchmark dense, the baselines and FluxShard on CLIP... in one harness (same decoder, model, metric, timer)."""
     from fluxshard.bench.harness import BenchConfig, bench_clip, parse_methods
     from fluxshard.bench.plots import make_plots
-    from fluxshard.bench.report import markdown_table, summarize, write_csv, write_report
+    from fluxshard.bench.report import markdown_table, motion_bin_table, summarize, write_csv, write_report
     from fluxshard.video import open_video
 
     cfg = BenchConfig(model=model, methods=parse_methods(methods), max_frames=max_frames, factor=factor,
@@ -64,6 +64,7 @@ def bench(
         "clips": [{"clip": r.clip, "path": r.path, "input_hw": list(r.input_hw), "factor": r.factor,
                    "mv_source": r.mv_source, "frames": len(r.by_method("dense"))} for r in results],
         "fast_config": results[0].fast_config if results else {}, "summary": summaries,
+        "motion_bins": motion_bin_table(results),
     }
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")

@@ -227,7 +227,7 @@ class Engine:
             self._since_refresh = 0
         else:
             assert field is not None and self._x_cache is not None
-            residual = self._input_residual(x, field)
+            field, residual = self._input_residual(x, field)
             maps = PixelMaps.build(field, residual)
             out, layers, first = self._run_incremental(x, maps)
             stats = StepStats(self._frames, False, "", float(maps.residual.mean()), 0.0, layers, first)
@@ -259,11 +259,13 @@ class Engine:
             return "periodic refresh"
         return ""
 
-    def _input_residual(self, x: torch.Tensor, field: MotionField) -> np.ndarray:
-        """Residual pixels: exact mode — any difference between ``x`` and the block-shifted cached input;
-        fast mode — every pixel of a block whose mean difference exceeds τ_in (the seed's per-block residual
-        set; per-pixel thresholds would scatter isolated noisy pixels over every tile). Blocks whose source
-        leaves the frame are residual in both."""
+    def _input_residual(self, x: torch.Tensor, field: MotionField) -> tuple[MotionField, np.ndarray]:
+        """The field actually used and the residual pixels. Exact mode: any difference between ``x`` and
+        the block-shifted cached input. Fast mode: every pixel of a block whose mean difference exceeds τ_in
+        (the seed's per-block residual set; per-pixel thresholds would scatter isolated noisy pixels over
+        every tile); blocks the field leaves without a vector become zero-motion blocks when the unshifted
+        cache matches them within τ_in (static background the codec happened to intra-code). Blocks whose
+        source leaves the frame are residual in both modes."""
         assert self._x_cache is not None
         h, w = self.input_hw
         b = field.block
@@ -272,15 +274,27 @@ class Engine:
         pix = np.empty((h, w), np.float32)
         mad = np.empty(field.shape, np.float32)
         _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, mad)
-        bad = ~field.source_inside()
         if self.config.mode == "exact":
+            bad = ~field.source_inside()
             residual = pix > 0
         else:
-            bad |= mad > self.config.tau_in
+            invalid = ~field.valid
+            if invalid.any():
+                zero = np.zeros_like(field.dy)
+                zmad = np.empty(field.shape, np.float32)
+                _kernels.shifted_diff(cur, ref, zero, zero, b, np.empty((h, w), np.float32), zmad)
+                rescue = invalid & (zmad <= self.config.tau_in)
+                if rescue.any():
+                    field = field.copy()
+                    field.valid |= rescue
+                    field.dy[rescue] = 0
+                    field.dx[rescue] = 0
+                    mad = np.where(rescue, zmad, mad)
+            bad = ~field.source_inside() | (mad > self.config.tau_in)
             residual = np.zeros((h, w), bool)
         if bad.any():
             residual |= np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w]
-        return residual
+        return field, residual
 
     # -- execution -----------------------------------------------------------------------------------------
     def _run_dense(self, x: torch.Tensor) -> Any:

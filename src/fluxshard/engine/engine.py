@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fluxshard.engine import _kernels as _ek
 from fluxshard.engine.graph import GraphInfo, tensor_args, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
 from fluxshard.errors import FluxShardError
@@ -167,6 +168,7 @@ def _warm_kernels() -> None:
                           np.empty((1, 1), np.float32))
     _kernels.strict_reuse(np.zeros((17, 17), np.int32), np.zeros((5, 2, 2), np.int64), 16, 16, 16, 2, 2, 1, 1,
                           1, 1, np.empty((8, 8), np.bool_), np.empty((8, 8), np.int32), np.empty((8, 8), np.int32))
+    _ek.warm()
 
 
 def _plan_cache() -> Any:
@@ -200,6 +202,7 @@ class Engine:
         self._calibrated: set[str] = set()
         self._post, self._fused_into = _find_fusions(self.gm, self.info) if self.config.fuse \
             else ({}, {})
+        self._conv_nodes = _conv_nodes(self.gm, self.info)
         self.reset()
 
     @property
@@ -229,9 +232,14 @@ class Engine:
             assert field is not None and self._x_cache is not None
             field, residual = self._input_residual(x, field)
             maps = PixelMaps.build(field, residual)
-            out, layers, first = self._run_incremental(x, maps)
+            try:
+                out, layers, first = self._run_incremental(x, maps)
+            except BaseException:
+                self.reset()  # caches are updated in place: after a failure only a dense frame is safe
+                raise
             stats = StepStats(self._frames, False, "", float(maps.residual.mean()), 0.0, layers, first)
             self._since_refresh += 1
+        out = _own(out)
         self._x_cache = x
         self._frames += 1
         stats.ms = (time.perf_counter() - t0) * 1e3
@@ -271,26 +279,15 @@ class Engine:
         b = field.block
         cur = x[0].permute(1, 2, 0).numpy()  # H×W×C views of channels-last tensors
         ref = self._x_cache[0].permute(1, 2, 0).numpy()
-        pix = np.empty((h, w), np.float32)
-        mad = np.empty(field.shape, np.float32)
-        _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, mad)
         if self.config.mode == "exact":
+            pix = np.empty((h, w), np.float32)
+            _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))
             bad = ~field.source_inside()
             residual = pix > 0
         else:
-            invalid = ~field.valid
-            if invalid.any():
-                zero = np.zeros_like(field.dy)
-                zmad = np.empty(field.shape, np.float32)
-                _kernels.shifted_diff(cur, ref, zero, zero, b, np.empty((h, w), np.float32), zmad)
-                rescue = invalid & (zmad <= self.config.tau_in)
-                if rescue.any():
-                    field = field.copy()
-                    field.valid |= rescue
-                    field.dy[rescue] = 0
-                    field.dx[rescue] = 0
-                    mad = np.where(rescue, zmad, mad)
-            bad = ~field.source_inside() | (mad > self.config.tau_in)
+            field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
+            bad = np.zeros(field.shape, np.bool_)
+            _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad)
             residual = np.zeros((h, w), bool)
         if bad.any():
             residual |= np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w]
@@ -311,10 +308,38 @@ class Engine:
         return out, runner.layer_stats, runner.first_recompute
 
 
+@dataclass(frozen=True)
+class _ConvNode:
+    """What a convolution node needs per frame, resolved once (module lookups cost ~50 µs each)."""
+
+    module: nn.Module
+    src: str
+    first: bool
+    S: int
+    k: tuple[int, int]
+    s: tuple[int, int]
+    p: tuple[int, int]
+    d: tuple[int, int]
+
+
+def _conv_nodes(gm: fx.GraphModule, info: GraphInfo) -> dict[str, _ConvNode]:
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.name in info.convs:
+            src = tensor_args(n)[0]
+            _, k, s, p, d = info.ops[n.name]
+            out[n.name] = _ConvNode(gm.get_submodule(str(n.target)), src.name, info.ops.get(src.name) == ("input",),
+                                    info.geoms[n.name].S, k, s, p, d)
+    return out
+
+
 class _Runner(fx.Interpreter):
     """Executes the traced body. Exact mode: convolutions go through the cache with strict RFAP masks.
     Fast mode: every node also propagates a *change mask* (positions whose value differs from the motion-
-    shifted cache), convolutions recompute the window-dilation of their input's mask and truncate."""
+    shifted cache; numpy bool), convolutions recompute the window-dilation of their input's mask and truncate.
+
+    Caches are updated in place (moved rows, then recomputed tiles): ``Engine.step`` hands out copies of the
+    outputs, so nothing outside the engine aliases a cache."""
 
     def __init__(self, engine: Engine, maps: PixelMaps | None) -> None:
         super().__init__(engine.gm)
@@ -323,15 +348,15 @@ class _Runner(fx.Interpreter):
         self.fast = maps is not None and engine.config.mode == "fast"
         self.new_caches: dict[str, torch.Tensor] = {}
         self.layer_stats: list[LayerStats] = []
-        self.changed: dict[str, torch.Tensor] = {}
-        self._masks: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._conv_set = set(engine.info.convs)
+        self.changed: dict[str, np.ndarray] = {}
+        self._masks: dict[tuple[Any, ...], Any] = {}
+        self._convs = engine._conv_nodes
         self.first_recompute: np.ndarray | None = None
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and n.name in self._conv_set:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            return self._conv(n, args[0])
+        cn = self._convs.get(n.name)
+        if cn is not None:
+            return self._conv(n, cn, self.env[n.args[0]])  # type: ignore[index]
         conv_node = self.engine._fused_into.get(n.name)
         if conv_node is not None:  # this activation was applied by the convolution it follows (fused)
             if self.fast and conv_node.name in self.changed:
@@ -343,59 +368,56 @@ class _Runner(fx.Interpreter):
         return out
 
     # -- exact + fast convolution ------------------------------------------------------------------------
-    def _conv(self, n: fx.Node, x: torch.Tensor) -> torch.Tensor:
-        conv = self.module.get_submodule(str(n.target))
-        cache = self.engine._caches.get(n.name)
-        post = self.engine._post.get(n.name)
+    def _conv(self, n: fx.Node, cn: _ConvNode, x: torch.Tensor) -> torch.Tensor:
+        eng = self.engine
+        conv = cn.module
+        cache = eng._caches.get(n.name)
+        post = eng._post.get(n.name)
         if self.maps is None or cache is None:
             y = conv(x) if post is None else post(conv(x))
             self.new_caches[n.name] = y
-            plans = self.engine._plans
-            if self.engine.config.calibrate and plans is not None and n.name not in self.engine._calibrated:
+            plans = eng._plans
+            if eng.config.calibrate and plans is not None and n.name not in eng._calibrated:
                 # per-layer cost model at this machine's thread count, for the executor's path choice
-                plans.calibrate(x, conv, tile=self._tile(n.name), post=post)
-                self.engine._calibrated.add(n.name)
+                plans.calibrate(x, conv, tile=self._tile(cn, tuple(y.shape[-2:])), post=post)
+                eng._calibrated.add(n.name)
             return y
         t0 = time.perf_counter()
         ho, wo = cache.shape[-2:]
-        src = tensor_args(n)[0]
-        first = self.engine.info.ops.get(src.name) == ("input",)
-        if not self.fast or (first and self.engine.config.rfap):
-            ok, sy, sx = self._strict(n.name, (ho, wo))  # exact mode, or the first convolution in fast mode
-            recompute = torch.from_numpy(~ok)
+        tile = self._tile(cn, (ho, wo))
+        th, tw = min(tile, ho), min(tile, wo)
+        tiles = np.zeros((-(-ho // th), -(-wo // tw)), np.bool_)
+        rec = np.empty((ho, wo), np.bool_)
+        if not self.fast or (cn.first and eng.config.rfap):
+            ok, sy, sx, moves = self._strict(n.name, (ho, wo))  # exact mode, or the first conv in fast mode
+            np.logical_not(ok, out=rec)
+            count = _ek.mask_tiles(rec, th, tw, tiles)
         else:
-            g = self.engine.info.geoms[n.name]
-            ok_shift, sy, sx = self._shift_map(g.S, (ho, wo))
-            _, k, s, p, d = self.engine.info.ops[n.name]
-            recompute = _dilate(self.changed[src.name], k, s, p, d, (ho, wo)) | torch.from_numpy(~ok_shift)
-        active_fraction = float(recompute.float().mean())
+            notok, sy, sx, moves = self._shift_map(cn.S, (ho, wo))
+            count = _ek.window_any(self.changed[cn.src], cn.k[0], cn.k[1], cn.s[0], cn.s[1], cn.p[0], cn.p[1],
+                                   cn.d[0], cn.d[1], notok, rec, th, tw, tiles)
+        active_fraction = count / (ho * wo)
         if self.first_recompute is None:
-            self.first_recompute = recompute.numpy()
-        tau = self.engine.config.thresholds.get(n.name, self.engine.config.default_threshold)
+            self.first_recompute = rec
         tile_fraction = 1.0
-        if active_fraction == 1.0:
+        if count == ho * wo:
             y, path = (conv(x) if post is None else post(conv(x))), "dense"
             if self.fast:
-                self.changed[n.name] = torch.ones((ho, wo), dtype=torch.bool)
+                self.changed[n.name] = np.ones((ho, wo), np.bool_)
         else:
-            base = _shift(cache, sy, sx)
-            idx = torch.nonzero(recompute.reshape(-1)).reshape(-1) if self.fast else None
-            old = _rows(base).index_select(1, idx) if idx is not None else None  # before in-place writes
-            if self.engine._sparse is not None:
-                # the executor writes into ``base``; never into the cache, which may back last frame's outputs
-                y, st = self.engine._sparse(x, conv, base, recompute, plan_cache=self.engine._plans,
-                                            inplace=base is not cache, tile=self._tile(n.name), post=post)
-                path = getattr(st, "path", "sparse")
-                tile_fraction = float(getattr(st, "fraction", 1.0)) if path != "dense" else 1.0
+            base = _move(cache, sy, sx, moves)
+            if eng._sparse is not None:
+                y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
+                                    tiles=tiles, track=self.fast)
+                path = st.path
+                tile_fraction = st.fraction if path != "dense" else 1.0
+                if self.fast:
+                    self.changed[n.name] = self._truncate(n.name, y, base, st)
             else:
-                y = torch.where(recompute, conv(x) if post is None else post(conv(x)), base)
+                y = torch.where(torch.from_numpy(rec), conv(x) if post is None else post(conv(x)), base)
                 path = "dense+select"
-            if idx is not None and old is not None:
-                # truncation: only recomputed positions that moved by more than τ^l count as changed
-                delta = (_rows(y).index_select(1, idx) - old).abs().amax(dim=2)[0]
-                changed = torch.zeros(ho * wo, dtype=torch.bool)
-                changed[idx] = delta > tau
-                self.changed[n.name] = changed.reshape(ho, wo)
+                if self.fast:
+                    self.changed[n.name] = self._truncate(n.name, y, base, None)
         self.new_caches[n.name] = y
         self.layer_stats.append(
             LayerStats(n.name, 1.0 - active_fraction, active_fraction, (time.perf_counter() - t0) * 1e3, path,
@@ -403,26 +425,46 @@ class _Runner(fx.Interpreter):
         )
         return y
 
-    def _tile(self, name: str) -> int | None:
+    def _truncate(self, name: str, y: torch.Tensor, base: torch.Tensor, st: Any) -> np.ndarray:
+        """Fast mode: positions whose recomputed value moved by more than τ^l (max over channels) from the
+        shifted cache — only these propagate (seed 000 Eq. 2–4)."""
+        tau = self.engine.config.thresholds.get(name, self.engine.config.default_threshold)
+        ho, wo = y.shape[-2:]
+        if st is not None and st.path == "skip":
+            return np.zeros((ho, wo), np.bool_)
+        if st is not None and st.rows is not None:
+            changed = np.zeros(ho * wo, np.bool_)
+            changed[st.rows.numpy()[(st.delta > tau).numpy()]] = True
+            return changed.reshape(ho, wo)
+        return ((y - base).abs().amax(1)[0] > tau).numpy()
+
+    def _tile(self, cn: _ConvNode, hw: tuple[int, int]) -> int:
         """Tiles the size of one motion block at this layer's resolution (at least 2 px): recompute sets follow
         the block grid, so larger tiles would mostly recompute positions that did not need it."""
-        if self.engine.config.tile is not None:
-            return self.engine.config.tile or None
-        block = self.maps.block if self.maps is not None else 16
-        return max(2, block // self.engine.info.geoms[name].S)
+        t = self.engine.config.tile
+        if t:
+            return t
+        if t == 0:
+            from fluxshard.engine.sparse import default_tile
 
-    def _strict(self, name: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return default_tile(hw)
+        block = self.maps.block if self.maps is not None else 16
+        return max(2, block // cn.S)
+
+    def _strict(self, name: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         assert self.maps is not None
         g = self.engine.info.geoms[name]
         if self.fast:  # first conv: equivariance of this layer alone
             g = type(g)(g.S, g.S, g.lo_y, g.hi_y, g.lo_x, g.hi_x, g.barrier)
         key = (*g.key(), *hw)
         if key not in self._masks:
-            self._masks[key] = reuse_mask(self.maps, g, hw)
+            ok, sy, sx = reuse_mask(self.maps, g, hw)
+            self._masks[key] = (ok, sy, sx, _moves(sy, sx))
         return self._masks[key]
 
-    def _shift_map(self, S: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fast mode: one displacement per shard at this resolution, rounded to whole feature pixels."""
+    def _shift_map(self, S: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """Fast mode: one displacement per shard at this resolution, rounded to whole feature pixels; returns
+        (not reusable, sy, sx, moved rows)."""
         key = ("shift", S, *hw)
         if key not in self._masks:
             assert self.maps is not None
@@ -439,7 +481,8 @@ class _Runner(fx.Interpreter):
             iy = np.arange(ho)[:, None] + sy
             ix = np.arange(wo)[None, :] + sx
             ok = valid & (iy >= 0) & (iy < ho) & (ix >= 0) & (ix < wo)
-            self._masks[key] = (ok, np.where(ok, sy, 0), np.where(ok, sx, 0))
+            sy, sx = np.where(ok, sy, 0), np.where(ok, sx, 0)
+            self._masks[key] = (~ok, sy, sx, _moves(sy, sx))
         return self._masks[key]
 
     # -- fast mode: change masks through non-conv nodes -------------------------------------------------
@@ -449,7 +492,7 @@ class _Runner(fx.Interpreter):
             return
         if op[0] == "input":
             assert self.maps is not None
-            self.changed[n.name] = torch.from_numpy(self.maps.residual)
+            self.changed[n.name] = self.maps.residual
             return
         ins = [self.changed[a.name] for a in tensor_args(n) if a.name in self.changed]
         shape = self.engine.info.shapes.get(n.name)
@@ -457,51 +500,76 @@ class _Runner(fx.Interpreter):
             if ins:
                 self.changed[n.name] = ins[0]
             return
-        hw = tuple(shape[-2:])
+        hw = (int(shape[-2]), int(shape[-1]))
         if op[0] == "window":
-            self.changed[n.name] = _dilate(ins[0], op[1], op[2], op[3], op[4], hw)
+            self.changed[n.name] = _window(ins[0], op[1], op[2], op[3], op[4], hw)
         elif op[0] == "resample":
             m = ins[0]
             if op[1] != "nearest":
-                m = _dilate(m, (3, 3), (1, 1), (1, 1), (1, 1), tuple(m.shape))
-            self.changed[n.name] = F.interpolate(m[None, None].float(), size=hw, mode="nearest")[0, 0] > 0
-        elif op[0] == "pointwise" and all(tuple(m.shape) == hw for m in ins):
-            acc = ins[0].clone()
+                m = _window(m, (3, 3), (1, 1), (1, 1), (1, 1), m.shape)
+            h, w = m.shape
+            iy = np.minimum(np.arange(hw[0]) * h // hw[0], h - 1)
+            ix = np.minimum(np.arange(hw[1]) * w // hw[1], w - 1)
+            self.changed[n.name] = m[iy][:, ix]
+        elif op[0] == "pointwise" and all(m.shape == hw for m in ins):
+            acc = ins[0]
             for m in ins[1:]:
-                acc |= m
+                acc = acc | m
             self.changed[n.name] = acc
         else:  # barrier, or broadcasting across space: anything changed anywhere changes everything
-            self.changed[n.name] = torch.full(hw, any(bool(m.any()) for m in ins), dtype=torch.bool)
+            self.changed[n.name] = np.full(hw, any(bool(m.any()) for m in ins), np.bool_)
 
 
-def _dilate(mask: torch.Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int],
-            out_hw: tuple[int, ...]) -> torch.Tensor:
+_NO_EXTRA = np.zeros((0, 0), np.bool_)
+
+
+def _window(mask: np.ndarray, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int],
+            out_hw: tuple[int, ...]) -> np.ndarray:
     """Output positions whose window (kernel k, stride s, padding p, dilation d) touches a changed input."""
-    m = F.max_pool2d(mask[None, None].float(), k, s, p, d)[0, 0] > 0
-    ho, wo = out_hw[-2], out_hw[-1]
-    if m.shape != (ho, wo):
-        m = F.pad(m, (0, max(0, wo - m.shape[1]), 0, max(0, ho - m.shape[0])), value=True)[:ho, :wo]
-    return m
+    out = np.empty((int(out_hw[-2]), int(out_hw[-1])), np.bool_)
+    _ek.window_any(mask, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], _NO_EXTRA, out, 1, 1, _NO_EXTRA)
+    return out
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(1, C, H, W) → (1, H·W, C) pixel rows (a view for channels-last tensors)."""
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n, h * w, c)
+def _moves(sy: np.ndarray, sx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(destination rows, source rows) of the positions whose shift is not zero, as pixel-row indices."""
+    moved = np.flatnonzero((sy != 0) | (sx != 0))
+    if moved.size == 0:
+        return None
+    w = sy.shape[1]
+    src = moved + sy.reshape(-1)[moved] * w + sx.reshape(-1)[moved]
+    return torch.from_numpy(moved.astype(np.int64)), torch.from_numpy(src.astype(np.int64))
 
 
-def _shift(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:
-    """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]`` (positions with zero shift copy through).
-
-    Channels-last maps are moved as pixel rows (one ``index_select`` over H·W rows of C values)."""
-    if not sy.any() and not sx.any():
+def _move(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray,
+          moves: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]``. When few positions move, the moved rows
+    are gathered first and written back into ``cache`` in place (a static camera with a few moving objects
+    costs only those rows); when most move, one gather builds a new tensor."""
+    if moves is None:
         return cache
     n, c, h, w = cache.shape
+    dst, src = moves
+    if cache.is_contiguous(memory_format=torch.channels_last):
+        rows = cache.permute(0, 2, 3, 1).reshape(h * w, c)
+        if 2 * dst.numel() < h * w:
+            rows.index_copy_(0, dst, rows.index_select(0, src))
+            return cache
+        idx = torch.arange(h * w)
+        idx[dst] = src
+        return rows.index_select(0, idx).reshape(n, h, w, c).permute(0, 3, 1, 2)
     iy = np.arange(h)[:, None] + sy
     ix = np.arange(w)[None, :] + sx
-    idx = torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))
-    if cache.is_contiguous(memory_format=torch.channels_last):
-        rows = cache.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        return rows.index_select(1, idx).reshape(n, h, w, c).permute(0, 3, 1, 2)
     flat = cache.reshape(n, c, h * w)
-    return flat.index_select(2, idx).reshape(n, c, h, w)
+    return flat.index_select(2, torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))).reshape(n, c, h, w)
+
+
+def _own(out: Any) -> Any:
+    """Copies of the output tensors: caches are updated in place on the next frame."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_own(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _own(v) for k, v in out.items()}
+    return out

@@ -478,6 +478,8 @@ class SparseStats:
     total_tiles: int
     tile: int
     ms: float
+    rows: Tensor | None = None  # with ``track``: output rows written by a sparse path (pixel-row index)
+    delta: Tensor | None = None  # with ``track``: per written row, max over channels of |new − base|
 
     @property
     def fraction(self) -> float:
@@ -521,7 +523,8 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
          layout: str, plan_cache: PlanCache | None, fill: float, window_op: Callable[[Tensor], Tensor],
          dense_op: Callable[[Tensor], Tensor], post: Callable[[Tensor], Tensor] | None,
          gemm: Callable[[Tensor], Tensor] | None, cost: Callable[[_Plan], LayerCost], inplace: bool,
-         crossover: float | None) -> tuple[Tensor, SparseStats]:
+         crossover: float | None, tiles: np.ndarray | None = None, track: bool = False,
+         ) -> tuple[Tensor, SparseStats]:
     t0 = time.perf_counter()
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"expected a (1, C, H, W) input, got {tuple(x.shape)}")
@@ -530,7 +533,12 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
     plan = cache.plan(g, tile)
     if tuple(base.shape) != (1, cout, plan.ho, plan.wo):
         raise ValueError(f"base {tuple(base.shape)} does not match the output (1, {cout}, {plan.ho}, {plan.wo})")
-    tm = _tile_any(_to_numpy_mask(active, (plan.ho, plan.wo)), plan).reshape(-1)
+    if tiles is None:
+        tm = _tile_any(_to_numpy_mask(active, (plan.ho, plan.wo)), plan).reshape(-1)
+    else:
+        if tiles.shape != (plan.nty, plan.ntx):
+            raise ValueError(f"tile mask {tiles.shape} does not match the tile grid {(plan.nty, plan.ntx)}")
+        tm = tiles.reshape(-1)
     sel = np.flatnonzero(tm)
     n = len(sel)
     if n == 0:
@@ -591,14 +599,20 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
         yr = y.permute(0, 2, 3, 1).reshape(-1, cout).index_select(0, src)
         if post is not None:
             yr = post(yr)
-    orows.index_copy_(0, torch.from_numpy(plan.dst[sel].reshape(-1)), yr)
-    return out, SparseStats(path, n, plan.ntiles, tile, (time.perf_counter() - t0) * 1e3)
+    dst = torch.from_numpy(plan.dst[sel].reshape(-1))
+    delta = None
+    if track:  # how much each written row moves: the engine's truncation test, read before the write
+        delta = (yr - orows.index_select(0, dst)).abs().amax(1)
+    orows.index_copy_(0, dst, yr)
+    return out, SparseStats(path, n, plan.ntiles, tile, (time.perf_counter() - t0) * 1e3, dst if track else None,
+                            delta)
 
 
 def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.ndarray, *, tile: int | None = None,
                   post: Callable[[Tensor], Tensor] | None = None, layout: str = "auto",
                   plan_cache: PlanCache | None = None, inplace: bool = True,
-                  crossover: float | None = None) -> tuple[Tensor, SparseStats]:
+                  crossover: float | None = None, tiles: np.ndarray | None = None,
+                  track: bool = False) -> tuple[Tensor, SparseStats]:
     """``post(conv(x))`` recomputed on the tiles of ``active`` (bool (Ho, Wo)); elsewhere ``base``.
 
     Returns ``(out, stats)``. Sparse paths write into ``base`` in place and return it (``inplace=False``
@@ -607,7 +621,9 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
     returned tensor. ``post`` must be elementwise (it sees 4-D tiles or 2-D (pixels, C) rows). ``base``
     must hold post-activation values. ``layout``: auto | batch | hw | gemm | dense; forced sparse layouts
     are obeyed at any fraction; with ``auto``, ``crossover`` (tile fraction) overrides the cost model's dense
-    decision.
+    decision. ``tiles`` (bool tile grid, as :func:`tile_mask` gives) replaces ``active`` when the caller already
+    reduced its mask to tiles (``active`` is then ignored). ``track`` returns, for sparse paths, the written rows
+    and their change against ``base`` in the stats (fast mode's truncation test).
     """
     cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
     g = cache.conv_geometry(conv, (int(x.shape[-2]), int(x.shape[-1])))
@@ -628,13 +644,14 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
             g, conv.in_channels, conv.out_channels, conv.groups, plan.tile, conv.groups == 1))
 
     return _run(x, base, active, g, conv.out_channels, tile, layout, plan_cache, 0.0, window_op, conv,
-                post, gemm, cost, inplace, crossover)
+                post, gemm, cost, inplace, crossover, tiles, track)
 
 
 def sparse_pool2d(x: Tensor, pool: nn.MaxPool2d | nn.AvgPool2d, base: Tensor, active: Tensor | np.ndarray, *,
                   tile: int | None = None, post: Callable[[Tensor], Tensor] | None = None, layout: str = "auto",
                   plan_cache: PlanCache | None = None, inplace: bool = True,
-                  crossover: float | None = None) -> tuple[Tensor, SparseStats]:
+                  crossover: float | None = None, tiles: np.ndarray | None = None,
+                  track: bool = False) -> tuple[Tensor, SparseStats]:
     """:func:`sparse_conv2d` for ``nn.MaxPool2d`` (padding acts as -inf, dilation, ceil_mode) and
     ``nn.AvgPool2d`` (padding only with ``count_include_pad``); same contract. Paths: batch / hw / dense."""
     g, fill = pool_geometry(pool, (int(x.shape[-2]), int(x.shape[-1])))
@@ -658,4 +675,4 @@ def sparse_pool2d(x: Tensor, pool: nn.MaxPool2d | nn.AvgPool2d, base: Tensor, ac
     if layout == "gemm":
         raise ValueError("pooling has no gemm path")
     return _run(x, base, active, g, c, tile, layout, plan_cache, fill, window_op, pool, post, None, cost,
-                inplace, crossover)
+                inplace, crossover, tiles, track)

@@ -1,0 +1,111 @@
+"""Per-frame mask kernels of the engine (numba, compiled once and cached on disk).
+
+Fast mode moves one boolean *change mask* per node through the graph and, per convolution, turns its input's
+mask into the set of output positions to recompute and the executor's tile selection. Done with a handful of
+torch ops per layer this cost ~0.3 ms per convolution on this CPU (more than many sparse convolutions
+themselves); one compiled pass per layer costs a few microseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def window_any(m_in, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, dh: int, dw: int, extra, out,
+               th: int, tw: int, tiles) -> int:
+    """``out[i, j]`` = any changed input in the window of output (i, j) (kernel, stride, top/left padding,
+    dilation), or ``extra[i, j]`` when ``extra`` has the output's shape; ``tiles[i // th, j // tw]`` is set for
+    every true output when ``tiles`` is not empty. Returns the number of true outputs."""
+    h, w = m_in.shape
+    ho, wo = out.shape
+    use_extra = extra.shape[0] == ho and extra.shape[1] == wo
+    use_tiles = tiles.shape[0] > 0
+    count = 0
+    for i in range(ho):
+        y0 = i * sh - pt
+        for j in range(wo):
+            hit = use_extra and extra[i, j]
+            if not hit:
+                x0 = j * sw - pl
+                for a in range(kh):
+                    y = y0 + a * dh
+                    if y < 0 or y >= h:
+                        continue
+                    for b in range(kw):
+                        x = x0 + b * dw
+                        if x >= 0 and x < w and m_in[y, x]:
+                            hit = True
+                            break
+                    if hit:
+                        break
+            out[i, j] = hit
+            if hit:
+                count += 1
+                if use_tiles:
+                    tiles[i // th, j // tw] = True
+    return count
+
+
+@njit(cache=True, nogil=True)
+def mask_tiles(mask, th: int, tw: int, tiles) -> int:
+    """``tiles[i // th, j // tw]`` |= ``mask[i, j]``; returns the number of true positions."""
+    ho, wo = mask.shape
+    count = 0
+    for i in range(ho):
+        for j in range(wo):
+            if mask[i, j]:
+                count += 1
+                tiles[i // th, j // tw] = True
+    return count
+
+
+@njit(cache=True, nogil=True)
+def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> None:
+    """Fast-mode input residual per block: mean over the block of max-over-channels |cur − ref shifted by the
+    block's vector| (source clamped to the frame). Invalid blocks are tried at zero motion (static background
+    the codec intra-coded); ``out_bad`` = the block is residual (mean above ``tau``, source outside the frame,
+    or invalid and not static). ``dy``/``dx``/``valid`` are updated in place: rescued blocks become valid
+    zero-motion blocks."""
+    height, width, nc = cur.shape
+    hb, wb = dy.shape
+    for i in range(hb):
+        y0 = i * block
+        y1 = min(y0 + block, height)
+        for j in range(wb):
+            x0 = j * block
+            x1 = min(x0 + block, width)
+            oy = dy[i, j] if valid[i, j] else 0
+            ox = dx[i, j] if valid[i, j] else 0
+            if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
+                out_bad[i, j] = True
+                continue
+            acc = 0.0
+            for y in range(y0, y1):
+                ry = y + oy
+                for x in range(x0, x1):
+                    rx = x + ox
+                    m = 0.0
+                    for c in range(nc):
+                        d = abs(np.float32(cur[y, x, c]) - np.float32(ref[ry, rx, c]))
+                        if d > m:
+                            m = d
+                    acc += m
+            bad = acc / ((y1 - y0) * (x1 - x0)) > tau
+            if not valid[i, j] and not bad:
+                valid[i, j] = True
+                dy[i, j] = 0
+                dx[i, j] = 0
+            out_bad[i, j] = bad or not valid[i, j]
+
+
+def warm() -> None:
+    """Load the compiled kernels before the first timed frame."""
+    b = np.zeros((4, 4), np.bool_)
+    t = np.zeros((2, 2), np.bool_)
+    window_any(b, 3, 3, 1, 1, 1, 1, 1, 1, np.zeros((0, 0), np.bool_), np.empty((4, 4), np.bool_), 2, 2, t)
+    mask_tiles(b, 2, 2, t)
+    img = np.zeros((16, 16, 3), np.float32)
+    z = np.zeros((1, 1), np.int32)
+    block_residual(img, img, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_))

@@ -113,10 +113,28 @@ def test_conv_parity(case: tuple, size: tuple[int, int]) -> None:
     tile = (None, 3, 5)[i % 3]  # default per resolution, and sizes that do not divide the output
     t_eff = tile or default_tile((ho, wo))
     cache = PlanCache()
-    for (mname, active), layout in itertools.product(masks_for(ho, wo, i), LAYOUTS):
-        if layout == "gemm" and g != 1:
+    for (mname, active), layout in itertools.product(masks_for(ho, wo, i), (*LAYOUTS, "pgemm")):
+        if layout in ("gemm", "pgemm") and g != 1:
             continue
         base = torch.full_like(ref, SENTINEL).contiguous(memory_format=CL)
+        if layout == "pgemm":  # exactly the active positions are written, nothing else
+            if not active.any():
+                continue
+            with torch.no_grad():
+                out, st = sparse_conv2d(x, conv, base, None, tile=tile, layout="pgemm", plan_cache=cache,
+                                        tiles=tile_mask(active, t_eff), positions=np.flatnonzero(active),
+                                        track=True)
+            assert st.path == "pgemm" and out is base
+            scale = max(1.0, ref.abs().max().item())
+            act = torch.from_numpy(active)
+            assert (out - ref)[..., act].abs().max().item() <= 1e-5 * scale, f"pgemm, mask {mname}"
+            kept = out[..., ~act]
+            assert torch.equal(kept, torch.full_like(kept, SENTINEL)), f"pgemm wrote outside, mask {mname}"
+            assert st.rows is not None and st.delta is not None
+            np.testing.assert_array_equal(st.rows.numpy(), np.flatnonzero(active))
+            want = (ref.permute(0, 2, 3, 1).reshape(-1, ref.shape[1])[st.rows] - SENTINEL).abs().amax(1)
+            torch.testing.assert_close(st.delta, want, rtol=0, atol=1e-5 * max(scale, abs(SENTINEL)))
+            continue
         with torch.no_grad():
             out, st = sparse_conv2d(x, conv, base, torch.from_numpy(active), tile=tile, layout=layout,
                                     plan_cache=cache)
@@ -231,7 +249,7 @@ def test_calibrate_fills_costs() -> None:
     x = torch.randn(1, 16, 48, 48).contiguous(memory_format=CL)
     cache = PlanCache()
     lc = cache.calibrate(x, conv, reps=2)
-    assert lc.measured and set(lc.paths) == {"batch", "hw", "gemm"} and lc.dense > 0
+    assert lc.measured and set(lc.paths) == {"batch", "hw", "gemm", "pgemm"} and lc.dense > 0
     assert len(cache.costs) == 1
 
 

@@ -109,3 +109,57 @@ def warm() -> None:
     img = np.zeros((16, 16, 3), np.float32)
     z = np.zeros((1, 1), np.int32)
     block_residual(img, img, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_))
+    o = np.empty((8, 8), np.int32)
+    block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
+
+
+@njit(cache=True, nogil=True)
+def block_reuse(bad, dy, dx, block: int, height: int, width: int, S: int, lo_y: int, hi_y: int, lo_x: int,
+                hi_x: int, ok, sy, sx) -> None:
+    """Strict RFAP for one layer when the residual set is whole blocks (fast mode): the same test as
+    ``motion._kernels.strict_reuse`` with equivariance stride ``S``, but reading the (at most a few) blocks a
+    window touches directly instead of integral images — no per-frame integral images to build. ``bad`` marks
+    residual or invalid blocks."""
+    ho, wo = ok.shape
+    for oy in range(ho):
+        wy0 = oy * S - lo_y
+        wy1 = oy * S + hi_y + 1
+        cy0 = min(max(wy0, 0), height)
+        cy1 = min(max(wy1, 0), height)
+        by0 = cy0 // block
+        by1 = max(cy1 - 1, cy0) // block + 1
+        for ox in range(wo):
+            ok[oy, ox] = False
+            sy[oy, ox] = 0
+            sx[oy, ox] = 0
+            wx0 = ox * S - lo_x
+            wx1 = ox * S + hi_x + 1
+            cx0 = min(max(wx0, 0), width)
+            cx1 = min(max(wx1, 0), width)
+            if cy1 <= cy0 or cx1 <= cx0:
+                continue
+            bx0 = cx0 // block
+            bx1 = max(cx1 - 1, cx0) // block + 1
+            d0 = dy[by0, bx0]
+            e0 = dx[by0, bx0]
+            same = True
+            for i in range(by0, by1):
+                for j in range(bx0, bx1):
+                    if bad[i, j] or dy[i, j] != d0 or dx[i, j] != e0:
+                        same = False
+                        break
+                if not same:
+                    break
+            if not same or d0 % S != 0 or e0 % S != 0:
+                continue
+            if d0 != 0 and not (wy0 >= 0 and wy1 <= height and wy0 + d0 >= 0 and wy1 + d0 <= height):
+                continue
+            if e0 != 0 and not (wx0 >= 0 and wx1 <= width and wx0 + e0 >= 0 and wx1 + e0 <= width):
+                continue
+            ty = oy + d0 // S
+            tx = ox + e0 // S
+            if ty < 0 or ty >= ho or tx < 0 or tx >= wo:
+                continue
+            ok[oy, ox] = True
+            sy[oy, ox] = d0 // S
+            sx[oy, ox] = e0 // S

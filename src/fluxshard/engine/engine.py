@@ -230,8 +230,7 @@ class Engine:
             self._since_refresh = 0
         else:
             assert field is not None and self._x_cache is not None
-            field, residual = self._input_residual(x, field)
-            maps = PixelMaps.build(field, residual)
+            maps = self._input_maps(x, field)
             try:
                 out, layers, first = self._run_incremental(x, maps)
             except BaseException:
@@ -267,31 +266,30 @@ class Engine:
             return "periodic refresh"
         return ""
 
-    def _input_residual(self, x: torch.Tensor, field: MotionField) -> tuple[MotionField, np.ndarray]:
-        """The field actually used and the residual pixels. Exact mode: any difference between ``x`` and
-        the block-shifted cached input. Fast mode: every pixel of a block whose mean difference exceeds τ_in
-        (the seed's per-block residual set; per-pixel thresholds would scatter isolated noisy pixels over
-        every tile); blocks the field leaves without a vector become zero-motion blocks when the unshifted
-        cache matches them within τ_in (static background the codec happened to intra-code). Blocks whose
-        source leaves the frame are residual in both modes."""
+    def _input_maps(self, x: torch.Tensor, field: MotionField) -> PixelMaps:
+        """The field actually used and the residual set. Exact mode: every pixel where ``x`` differs at all
+        from the block-shifted cached input. Fast mode: whole blocks whose mean difference (max over channels)
+        exceeds τ_in (the seed's per-block residual set; per-pixel thresholds would scatter isolated noisy
+        pixels over every tile); blocks the field leaves without a vector become zero-motion blocks when the
+        unshifted cache matches them within τ_in (static background the codec happened to intra-code). Blocks
+        whose source leaves the frame are residual in both modes."""
         assert self._x_cache is not None
         h, w = self.input_hw
         b = field.block
         cur = x[0].permute(1, 2, 0).numpy()  # H×W×C views of channels-last tensors
         ref = self._x_cache[0].permute(1, 2, 0).numpy()
-        if self.config.mode == "exact":
-            pix = np.empty((h, w), np.float32)
-            _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))
-            bad = ~field.source_inside()
-            residual = pix > 0
-        else:
+        if self.config.mode == "fast":
             field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
             bad = np.zeros(field.shape, np.bool_)
             _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad)
-            residual = np.zeros((h, w), bool)
+            return PixelMaps.blocks(field, bad)
+        pix = np.empty((h, w), np.float32)
+        _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))
+        bad = ~field.source_inside()
+        residual = pix > 0
         if bad.any():
             residual |= np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w]
-        return field, residual
+        return PixelMaps.build(field, residual)
 
     # -- execution -----------------------------------------------------------------------------------------
     def _run_dense(self, x: torch.Tensor) -> Any:
@@ -408,7 +406,7 @@ class _Runner(fx.Interpreter):
             base = _move(cache, sy, sx, moves)
             if eng._sparse is not None:
                 y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
-                                    tiles=tiles, track=self.fast)
+                                    tiles=tiles, track=self.fast, positions=np.flatnonzero(rec))
                 path = st.path
                 tile_fraction = st.fraction if path != "dense" else 1.0
                 if self.fast:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fluxshard.engine import _kernels as _ek
 from fluxshard.engine.graph import BIG, Geom
 from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
@@ -45,8 +46,9 @@ class PixelMaps:
     block: int
     field: MotionField
     residual: np.ndarray  # bool H×W: residual pixels incl. every pixel of an invalid block
-    i_res: np.ndarray  # (H+1)×(W+1) integral of ``residual``
-    i_blk: np.ndarray  # 5 × (Hb+1) × (Wb+1): integrals of 1, dy, dy², dx, dx² over the block grid
+    i_res: np.ndarray | None  # (H+1)×(W+1) integral of ``residual`` (None for block-granular maps)
+    i_blk: np.ndarray | None  # 5 × (Hb+1) × (Wb+1): integrals of 1, dy, dy², dx, dx² over the block grid
+    bad: np.ndarray | None = None  # block-granular maps: residual or invalid blocks (Hb×Wb bool)
 
     @classmethod
     def build(cls, field: MotionField, residual: np.ndarray) -> PixelMaps:
@@ -63,6 +65,15 @@ class PixelMaps:
         i_blk = np.stack([_integral(a) for a in (np.ones_like(dy), dy, dy * dy, dx, dx * dx)])
         return cls(h, w, b, field, res, i_res, i_blk)
 
+    @classmethod
+    def blocks(cls, field: MotionField, bad: np.ndarray) -> PixelMaps:
+        """Maps whose residual set is whole blocks (fast mode): no integral images; :func:`reuse_mask` reads
+        the blocks a window touches directly."""
+        h, w, b = field.height, field.width, field.block
+        bad = bad | ~field.valid
+        res = np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w] if bad.any() else np.zeros((h, w), np.bool_)
+        return cls(h, w, b, field, res, None, None, bad)
+
 
 def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reusable mask (Ho×Wo bool) and, for reusable positions, the shift in output pixels (sy, sx)."""
@@ -76,5 +87,11 @@ def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.nd
     ok = np.empty((ho, wo), np.bool_)
     sy = np.empty((ho, wo), np.int32)
     sx = np.empty((ho, wo), np.int32)
+    if maps.i_res is None or maps.i_blk is None:
+        assert maps.bad is not None
+        if g.E != g.S:
+            raise ValueError("block-granular maps support a layer's own equivariance only (E == S)")
+        _ek.block_reuse(maps.bad, f.dy, f.dx, b, h, w, g.S, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
+        return ok, sy, sx
     _kernels.strict_reuse(maps.i_res, maps.i_blk, b, h, w, g.S, g.E, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
     return ok, sy, sx

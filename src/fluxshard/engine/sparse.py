@@ -20,6 +20,9 @@ Paths (``SparseStats.path``):
   valid outputs picked with ``index_select`` (seed 001's H-W layout).
 * ``"gemm"``: im2col by ``index_select`` (rows ordered position, ky, kx) and one ``F.linear``; for
   ``groups == 1`` only. For 1×1 convs this is a plain pixel gather with no halo.
+* ``"pgemm"``: the same GEMM on exactly the caller's active positions (``positions=``) instead of whole
+  tiles — no rounding up to tiles, so its cost follows the position fraction; the engine's default for
+  sparse masks at low resolution where one tile is already several receptive-field steps wide.
 * ``"dense"``: the active tile fraction is above the layer's crossover: dense op (+ ``post``) and the fresh
   dense tensor is returned (``base`` is not touched, no copy).
 * ``"skip"``: nothing active; ``base`` is returned as is.
@@ -59,7 +62,7 @@ __all__ = [
     "tile_mask",
 ]
 
-PATHS = ("batch", "hw", "gemm")
+PATHS = ("batch", "hw", "gemm", "pgemm")
 _CL = torch.channels_last
 
 
@@ -210,6 +213,7 @@ class _Plan:
         self.dst = dst.reshape(self.ntiles, -1)
         self._tables: dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
         self._hw_src: dict[int, tuple[int, int, Tensor]] = {}
+        self._pos: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def table(self, kind: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(source row index per tile, valid mask per tile or None, border-tile flags or None)."""
@@ -249,6 +253,23 @@ class _Plan:
             return idx, None, None
         return idx, valid, border
 
+    def pos_table(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per output position, the source pixel row of each kernel tap (ky, kx order; clamped in range) and
+        which taps are real (None when no window reaches the padding): the ``"pgemm"`` path's im2col."""
+        if self._pos is None:
+            g = self.g
+            ry = np.arange(self.ho)[:, None] * g.sh - g.pt + np.arange(g.kh)[None, :] * g.dh  # (ho, kh)
+            rx = np.arange(self.wo)[:, None] * g.sw - g.pl + np.arange(g.kw)[None, :] * g.dw  # (wo, kw)
+            my, vy = _map_coords(ry, g.h, g.mode)
+            mx, vx = _map_coords(rx, g.w, g.mode)
+            idx = my[:, None, :, None] * g.w + mx[None, :, None, :]  # (ho, wo, kh, kw)
+            valid = vy[:, None, :, None] & vx[None, :, None, :]
+            k = g.kh * g.kw
+            v = valid.reshape(self.ho * self.wo, k)
+            self._pos = (np.ascontiguousarray(idx.reshape(self.ho * self.wo, k), dtype=np.int64),
+                         None if v.all() else v)
+        return self._pos
+
     def hw_grid(self, n: int) -> tuple[int, int, Tensor]:
         """(rows, cols, output-row index of the valid outputs in tile order) for ``n`` packed tiles."""
         if n not in self._hw_src:
@@ -276,10 +297,14 @@ class LayerCost:
     paths: dict[str, tuple[float, float]] = field(default_factory=dict)
     measured: bool = False
 
-    def choose(self, f: float) -> str:
+    def choose(self, f: float, fp: float | None = None) -> str:
+        """Cheapest path at tile fraction ``f`` (position fraction ``fp`` for ``"pgemm"``; without it that path
+        is not available)."""
         best, best_ms = "dense", self.dense
         for p, (a, b) in self.paths.items():
-            ms = a + b * f
+            if p == "pgemm" and fp is None:
+                continue
+            ms = a + b * (fp if p == "pgemm" else f)
             if ms < best_ms:
                 best, best_ms = p, ms
         return best
@@ -322,6 +347,7 @@ def default_costs(g: WindowGeom, cin: int, cout: int, groups: int, tile: int, ge
     lc.paths["hw"] = ((0.10, 2.8 * dense) if one else (0.25, 2.8 * dense))
     if gemm_ok:
         lc.paths["gemm"] = ((0.06, 2.1 * dense) if one else ((0.25, 2.5 * dense) if cin <= 4 else (0.20, 2.3 * dense)))
+        lc.paths["pgemm"] = lc.paths["gemm"]  # the same GEMM on exactly the active positions (no tile rounding)
     return lc
 
 
@@ -337,6 +363,10 @@ class PlanCache:
         self.costs: dict[tuple[Any, ...], LayerCost] = {}
         self._gemm_w: dict[tuple[int, int, int], Tensor] = {}
         self._geoms: dict[tuple[int, int, int], tuple[weakref.ref[nn.Module], WindowGeom]] = {}
+        # per (module, input size, tile): geometry, plan and cost model, so a repeated call skips hashing
+        # the geometry and building the signature (~40 µs of Python per call)
+        self._calls: dict[tuple[int, int, int, int | None], tuple[weakref.ref[nn.Module], WindowGeom, _Plan,
+                                                                   LayerCost]] = {}
 
     def conv_geometry(self, conv: nn.Conv2d, hw: tuple[int, int]) -> WindowGeom:
         """:func:`conv_geometry`, memoised per module and input size (it is ~20 µs of the per-call cost)."""
@@ -382,7 +412,7 @@ class PlanCache:
         g = conv_geometry(conv, tuple(x.shape[-2:]))
         tile = tile or default_tile(g.out_hw)
         plan = self.plan(g, tile)
-        ok = [p for p in paths if p != "gemm" or conv.groups == 1]
+        ok = [p for p in paths if p not in ("gemm", "pgemm") or conv.groups == 1]
         with torch.no_grad():
             base = _as_cl(conv(x))
             rng = np.random.default_rng(0)
@@ -403,15 +433,18 @@ class PlanCache:
                     for i, m in enumerate(masks):
                         t0 = time.perf_counter()
                         sparse_conv2d(x, conv, base, m, tile=tile, post=post, layout=p, plan_cache=self,
-                                      )
+                                      positions=np.flatnonzero(m) if p == "pgemm" else None)
                         times.setdefault((p, i), []).append(time.perf_counter() - t0)
         lc = LayerCost(statistics.median(dense[1:]) * 1e3, measured=True)
-        real_f = [float(plan_tile_fraction(plan, m)) for m in masks]
+        tile_f = [float(plan_tile_fraction(plan, m)) for m in masks]
+        pos_f = [float(m.mean()) for m in masks]
         for p in ok:
+            real_f = pos_f if p == "pgemm" else tile_f
             m0, m1 = (statistics.median(times[(p, i)][1:]) * 1e3 for i in range(2))
             b = (m1 - m0) / max(1e-6, real_f[1] - real_f[0])
             lc.paths[p] = (m0 - b * real_f[0], b)
         self.costs[_signature(x, conv, tile)] = lc
+        self._calls.clear()
         return lc
 
 
@@ -524,13 +557,14 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
          dense_op: Callable[[Tensor], Tensor], post: Callable[[Tensor], Tensor] | None,
          gemm: Callable[[Tensor], Tensor] | None, cost: Callable[[_Plan], LayerCost], inplace: bool,
          crossover: float | None, tiles: np.ndarray | None = None, track: bool = False,
-         ) -> tuple[Tensor, SparseStats]:
+         positions: np.ndarray | None = None, plan: _Plan | None = None) -> tuple[Tensor, SparseStats]:
     t0 = time.perf_counter()
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"expected a (1, C, H, W) input, got {tuple(x.shape)}")
-    cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
-    tile = tile or default_tile(g.out_hw)
-    plan = cache.plan(g, tile)
+    if plan is None:
+        cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
+        plan = cache.plan(g, tile or default_tile(g.out_hw))
+    tile = plan.tile
     if tuple(base.shape) != (1, cout, plan.ho, plan.wo):
         raise ValueError(f"base {tuple(base.shape)} does not match the output (1, {cout}, {plan.ho}, {plan.wo})")
     if tiles is None:
@@ -544,18 +578,23 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
     if n == 0:
         return base, SparseStats("skip", 0, plan.ntiles, tile, (time.perf_counter() - t0) * 1e3)
     f = n / plan.ntiles
+    fp = len(positions) / (plan.ho * plan.wo) if positions is not None and gemm is not None else None
     if layout == "auto":
         lc = cost(plan)
         if crossover is None:
-            path = lc.choose(f)
+            path = lc.choose(f, fp)
         else:
-            path = "dense" if f > crossover else min(lc.paths, key=lambda p: lc.paths[p][0] + lc.paths[p][1] * f)
-    elif layout in ("dense", "batch", "hw", "gemm"):
+            path = "dense" if f > crossover else min(
+                (p for p in lc.paths if p != "pgemm" or fp is not None),
+                key=lambda p: lc.paths[p][0] + lc.paths[p][1] * (fp if p == "pgemm" else f))  # type: ignore[operator]
+    elif layout in ("dense", "batch", "hw", "gemm", "pgemm"):
         path = layout
     else:
-        raise ValueError(f"layout must be auto, batch, hw, gemm or dense, got {layout!r}")
-    if path == "gemm" and gemm is None:
-        raise ValueError("the gemm path needs a conv with groups == 1")
+        raise ValueError(f"layout must be auto, batch, hw, gemm, pgemm or dense, got {layout!r}")
+    if path in ("gemm", "pgemm") and gemm is None:
+        raise ValueError(f"the {path} path needs a conv with groups == 1")
+    if path == "pgemm" and positions is None:
+        raise ValueError("the pgemm path needs the active output positions")
     if path == "dense":
         y = dense_op(x)
         if post is not None:
@@ -583,6 +622,17 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
         yr = gemm(gr.view(n * plan.th * plan.tw, -1))
         if post is not None:
             yr = post(yr)
+    elif path == "pgemm":  # exactly the active positions: no tile rounding, no halo
+        assert positions is not None
+        table, valid = plan.pos_table()
+        gr = xrows.index_select(0, torch.from_numpy(table[positions].reshape(-1)))
+        if valid is not None:
+            off = np.flatnonzero(~valid[positions])
+            if off.size:
+                gr.index_fill_(0, torch.from_numpy(off), fill)
+        yr = gemm(gr.view(len(positions), -1))
+        if post is not None:
+            yr = post(yr)
     else:  # hw
         rows, cols, src = plan.hw_grid(n)
         sy = -(-plan.ith // g.sh) * g.sh
@@ -599,11 +649,13 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
         yr = y.permute(0, 2, 3, 1).reshape(-1, cout).index_select(0, src)
         if post is not None:
             yr = post(yr)
-    dst = torch.from_numpy(plan.dst[sel].reshape(-1))
+    dst = torch.from_numpy(positions if path == "pgemm" else plan.dst[sel].reshape(-1))
     delta = None
     if track:  # how much each written row moves: the engine's truncation test, read before the write
         delta = (yr - orows.index_select(0, dst)).abs().amax(1)
     orows.index_copy_(0, dst, yr)
+    if path == "pgemm":  # report the work as its tile-equivalent fraction
+        n = max(1, round(len(positions) / (plan.ho * plan.wo) * plan.ntiles))  # type: ignore[arg-type]
     return out, SparseStats(path, n, plan.ntiles, tile, (time.perf_counter() - t0) * 1e3, dst if track else None,
                             delta)
 
@@ -612,7 +664,7 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
                   post: Callable[[Tensor], Tensor] | None = None, layout: str = "auto",
                   plan_cache: PlanCache | None = None, inplace: bool = True,
                   crossover: float | None = None, tiles: np.ndarray | None = None,
-                  track: bool = False) -> tuple[Tensor, SparseStats]:
+                  track: bool = False, positions: np.ndarray | None = None) -> tuple[Tensor, SparseStats]:
     """``post(conv(x))`` recomputed on the tiles of ``active`` (bool (Ho, Wo)); elsewhere ``base``.
 
     Returns ``(out, stats)``. Sparse paths write into ``base`` in place and return it (``inplace=False``
@@ -623,12 +675,23 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
     are obeyed at any fraction; with ``auto``, ``crossover`` (tile fraction) overrides the cost model's dense
     decision. ``tiles`` (bool tile grid, as :func:`tile_mask` gives) replaces ``active`` when the caller already
     reduced its mask to tiles (``active`` is then ignored). ``track`` returns, for sparse paths, the written rows
-    and their change against ``base`` in the stats (fast mode's truncation test).
+    and their change against ``base`` in the stats (fast mode's truncation test). ``positions`` (int64 flat
+    output indices, sorted, a subset of the selected tiles) enables the ``"pgemm"`` path: im2col + GEMM on
+    exactly those positions, written back there (``groups == 1`` only).
     """
     cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
-    g = cache.conv_geometry(conv, (int(x.shape[-2]), int(x.shape[-1])))
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"input has {x.shape[1]} channels, conv expects {conv.in_channels}")
+    key = (id(conv), int(x.shape[-2]), int(x.shape[-1]), tile)
+    hit = cache._calls.get(key)
+    if hit is not None and hit[0]() is conv:
+        _, g, plan, lc = hit
+    else:
+        g = cache.conv_geometry(conv, (int(x.shape[-2]), int(x.shape[-1])))
+        plan = cache.plan(g, tile or default_tile(g.out_hw))
+        lc = cache.cost(_signature(x, conv, plan.tile), lambda: default_costs(
+            g, conv.in_channels, conv.out_channels, conv.groups, plan.tile, conv.groups == 1))
+        cache._calls[key] = (weakref.ref(conv), g, plan, lc)
     w, b = conv.weight, conv.bias
 
     def window_op(t: Tensor) -> Tensor:
@@ -639,12 +702,8 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
         def gemm(t: Tensor) -> Tensor:
             return F.linear(t, cache.gemm_weight(conv), b)
 
-    def cost(plan: _Plan) -> LayerCost:
-        return cache.cost(_signature(x, conv, plan.tile), lambda: default_costs(
-            g, conv.in_channels, conv.out_channels, conv.groups, plan.tile, conv.groups == 1))
-
     return _run(x, base, active, g, conv.out_channels, tile, layout, plan_cache, 0.0, window_op, conv,
-                post, gemm, cost, inplace, crossover, tiles, track)
+                post, gemm, lambda _: lc, inplace, crossover, tiles, track, positions, plan)
 
 
 def sparse_pool2d(x: Tensor, pool: nn.MaxPool2d | nn.AvgPool2d, base: Tensor, active: Tensor | np.ndarray, *,

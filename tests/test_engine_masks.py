@@ -1,0 +1,91 @@
+"""The engine's per-frame mask kernels against straightforward references (numpy / torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxshard.engine import _kernels as ek
+from fluxshard.engine.graph import Geom
+from fluxshard.engine.rfap import PixelMaps, reuse_mask
+from fluxshard.motion import _kernels as mk
+from fluxshard.motion.field import MotionField
+
+
+def _field(rng: np.random.Generator, h: int, w: int, b: int) -> MotionField:
+    hb, wb = -(-h // b), -(-w // b)
+    choices = np.array([-8, -4, -2, 0, 0, 0, 2, 4, 8], np.int32)
+    dy = rng.choice(choices, (hb, wb)).astype(np.int32)
+    dx = rng.choice(choices, (hb, wb)).astype(np.int32)
+    if rng.random() < 0.5:  # large uniform regions, as camera motion gives
+        dy[: hb // 2] = 2
+        dx[: hb // 2] = -4
+    valid = rng.random((hb, wb)) > 0.1
+    return MotionField(dy=np.where(valid, dy, 0), dx=np.where(valid, dx, 0), valid=valid, block=b, height=h,
+                       width=w, scene_cut=False, source="test")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_reuse_equals_strict_reuse(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b = int(rng.choice([8, 16]))
+    h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+    f = _field(rng, h, w, b)
+    bad = rng.random(f.shape) < 0.15
+    light = PixelMaps.blocks(f, bad)
+    full = PixelMaps.build(f, light.residual)
+    S = int(rng.choice([1, 2, 4]))
+    lo, hi = int(rng.integers(0, 4)), int(rng.integers(0, 4))
+    g = Geom(S, S, lo, hi, hi, lo)
+    hw = (-(-h // S), -(-w // S))
+    for a, c in zip(reuse_mask(light, g, hw), reuse_mask(full, g, hw), strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_window_any_matches_max_pool(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    h, w = int(rng.integers(5, 40)), int(rng.integers(5, 40))
+    k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+    s = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    d = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    p = (min(int(rng.integers(0, 3)), k[0] // 2), min(int(rng.integers(0, 3)), k[1] // 2))
+    m = rng.random((h, w)) < 0.05
+    ref = F.max_pool2d(torch.from_numpy(m)[None, None].float(), k, s, p, d)[0, 0].numpy() > 0
+    extra = rng.random(ref.shape) < 0.02
+    out = np.empty(ref.shape, np.bool_)
+    th, tw = 3, 4
+    tiles = np.zeros((-(-ref.shape[0] // th), -(-ref.shape[1] // tw)), np.bool_)
+    n = ek.window_any(m, *k, *s, *p, *d, extra, out, th, tw, tiles)
+    np.testing.assert_array_equal(out, ref | extra)
+    assert n == int((ref | extra).sum())
+    want = np.zeros_like(tiles)
+    for i, j in zip(*np.nonzero(ref | extra), strict=True):
+        want[i // th, j // tw] = True
+    np.testing.assert_array_equal(tiles, want)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_residual_matches_shifted_diff(seed: int) -> None:
+    rng = np.random.default_rng(200 + seed)
+    h, w, b = 48, 64, 16
+    f = _field(rng, h, w, b)
+    cur = rng.random((h, w, 3)).astype(np.float32)
+    ref = cur.copy()
+    ref[rng.random((h, w)) < 0.3] += 0.5  # changed pixels
+    tau = 0.1
+    dy, dx, valid = f.dy.copy(), f.dx.copy(), f.valid.copy()
+    bad = np.zeros(f.shape, np.bool_)
+    ek.block_residual(cur, ref, dy, dx, valid, b, tau, bad)
+    mad = np.empty(f.shape, np.float32)
+    mk.shifted_diff(cur, ref, f.dy, f.dx, b, np.empty((h, w), np.float32), mad)
+    zmad = np.empty(f.shape, np.float32)
+    z = np.zeros_like(f.dy)
+    mk.shifted_diff(cur, ref, z, z, b, np.empty((h, w), np.float32), zmad)
+    rescued = ~f.valid & (zmad <= tau)
+    want = np.where(f.valid, (mad > tau) | ~f.source_inside(), ~rescued)
+    np.testing.assert_array_equal(bad, want)
+    np.testing.assert_array_equal(valid, f.valid | rescued)
+    assert not dy[rescued].any() and not dx[rescued].any()

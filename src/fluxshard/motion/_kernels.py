@@ -14,7 +14,7 @@ from numba import njit
 CELL = 4
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _round_half_away(v: float) -> int:
     if v >= 0:
         return int(np.floor(v + 0.5))
@@ -22,22 +22,11 @@ def _round_half_away(v: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
-    """Mean |Δluma| over a 4×4 grid of samples of one block (clamped to the frame).
-
-    Interior blocks (the vast majority) take a branch-free path without clamping.
-    """
+def _sampled_mad_clamped(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
+    """:func:`_sampled_mad` for blocks whose samples or displaced samples touch the frame edge (clamped)."""
     step = block // 4 if block >= 4 else 1
     o = step // 2
     acc = 0
-    if (y0 + dy >= 0 and x0 + dx >= 0 and y0 + 3 * step + o + max(dy, 0) < height
-            and x0 + 3 * step + o + max(dx, 0) < width):
-        for a in range(4):
-            y = y0 + o + a * step
-            for b in range(4):
-                x = x0 + o + b * step
-                acc += abs(np.int32(cur[y, x]) - np.int32(prev[y + dy, x + dx]))
-        return acc / 16.0
     n = 0
     for sy in range(o, block, step):
         y = min(y0 + sy, height - 1)
@@ -50,34 +39,67 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
     return acc / n
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
+    """Mean |Δluma| over a 4×4 grid of samples of one block (clamped to the frame).
+
+    Interior blocks (the vast majority) take an unrolled path without clamping, inlined into the caller;
+    edge blocks call the clamped loop.
+    """
+    step = block >> 2
+    o = step >> 1
+    last = 3 * step + o
+    if y0 + dy >= 0 and x0 + dx >= 0 and y0 + last + max(dy, 0) < height and x0 + last + max(dx, 0) < width:
+        acc = 0
+        y = y0 + o
+        x = x0 + o
+        for _ in range(4):
+            rc = cur[y]
+            rp = prev[y + dy]
+            acc += abs(np.int32(rc[x]) - np.int32(rp[x + dx]))
+            acc += abs(np.int32(rc[x + step]) - np.int32(rp[x + step + dx]))
+            acc += abs(np.int32(rc[x + 2 * step]) - np.int32(rp[x + 2 * step + dx]))
+            acc += abs(np.int32(rc[x + 3 * step]) - np.int32(rp[x + 3 * step + dx]))
+            y += step
+        return acc / 16.0
+    return _sampled_mad_clamped(cur, prev, y0, x0, block, height, width, dy, dx)
+
+
 VALID = 1
 COVERED = 2
 FILLED = 4
+#: Empty cell of the rasteriser's key grid (a NaN bit pattern: no vector can produce it).
+EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
-def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
+def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
     """Rasterise, pool, resolve the reference span, verify and (optionally) fill one frame's vectors.
 
     ``mvs`` is the side data's AVMotionVector record array, read in place. ``params`` packs height, width,
-    block, cell, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
+    block, (unused), verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
     dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
-    FILLED bits) and the bool maps ``valid`` / ``filled``; ``cells`` (float32, 2 × Hc × Wc) and ``have``
-    (uint8, Hc × Wc) are scratch for the 4-px cell grid: returning arrays from numba costs ~7 µs each, more
-    than the work itself. Cells are pooled 2×2 when no partition is smaller than 8 px (H.264 exports 8×8 at
-    least), so most frames rasterise at 8 px. Returns the number of covered blocks.
+    FILLED bits) and the bool maps ``valid`` / ``filled``. ``keys`` (uint64, Hc × Wc for 4-px cells) is
+    scratch for the cell grid and ``kf`` its float32 view (Hc × 2·Wc): each cell holds the float32 pair
+    (vx, vy) of the last past vector drawn on it, so one 64-bit compare tests two vectors for equality
+    (float32 bit equality is value equality here: no NaN, no −0) and an all-ones key marks an empty cell.
+    Returning arrays from numba costs ~7 µs each, more than most of the work. Cells are 8 px when no
+    partition is smaller (H.264 exports 8×8 at least), 4 px otherwise. Returns the number of covered blocks.
     See ``codec.py`` for the rules.
     """
     height = int(params[0])
     width = int(params[1])
     block = int(params[2])
-    cell = 8 if block % 8 == 0 else 4
-    for r in range(mvs.shape[0]):
-        if mvs[r].w < 8 or mvs[r].h < 8:
-            cell = 4
-            break
-    hc = (height + cell - 1) // cell
-    wc = (width + cell - 1) // cell
+    shift = 3 if block % 8 == 0 else 2
+    nmv = mvs.shape[0]
+    if shift == 3:
+        for r in range(nmv):
+            if mvs[r].w < 8 or mvs[r].h < 8:
+                shift = 2
+                break
+    cell = 1 << shift
+    hc = (height + cell - 1) >> shift
+    wc = (width + cell - 1) >> shift
     verify = params[4] != 0
     max_span = int(params[5])
     tau = params[6]
@@ -86,108 +108,109 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
     fill = params[9] != 0
     fill_tau = params[10]
     prior = max(int(params[11]), 1)
-    have[:hc, :wc] = 0
-    for r in range(mvs.shape[0]):
+    for cy in range(hc):
+        for cx in range(wc):
+            keys[cy, cx] = EMPTY
+    for r in range(nmv):
         row = mvs[r]
         if row.source >= 0:  # future reference
             continue
-        s = float(row.motion_scale) if row.motion_scale != 0 else 1.0
-        vx = float(row.motion_x) / s
-        vy = float(row.motion_y) / s
-        w = int(row.w)
-        h = int(row.h)
-        cx0 = (int(row.dst_x) - w // 2) // cell
-        cy0 = (int(row.dst_y) - h // 2) // cell
-        for cy in range(max(cy0, 0), min(cy0 + max(h // cell, 1), hc)):
-            for cx in range(max(cx0, 0), min(cx0 + max(w // cell, 1), wc)):
-                cells[0, cy, cx] = vy
-                cells[1, cy, cx] = vx
-                have[cy, cx] = 1
+        sc = row.motion_scale
+        s = float(sc) if sc != 0 else 1.0
+        vx = np.float32(float(row.motion_x) / s)
+        vy = np.float32(float(row.motion_y) / s)
+        w = np.int32(row.w)
+        h = np.int32(row.h)
+        cx0 = (np.int32(row.dst_x) - (w >> 1)) >> shift  # arithmetic shift: floor division by the cell size
+        cy0 = (np.int32(row.dst_y) - (h >> 1)) >> shift
+        cy1 = min(cy0 + max(h >> shift, 1), hc)
+        cx1 = min(cx0 + max(w >> shift, 1), wc)
+        for cy in range(max(cy0, 0), cy1):
+            for cx in range(max(cx0, 0), cx1):
+                kf[cy, 2 * cx] = vx
+                kf[cy, 2 * cx + 1] = vy
 
     hb = out.shape[1]
     wb = out.shape[2]
-    k = block // cell
-    vys = np.empty(k * k, np.float32)
-    vxs = np.empty(k * k, np.float32)
+    k = block >> shift
+    ks = np.empty(k * k, np.uint64)
+    pos = np.empty(k * k, np.int64)
     n_covered = 0
     for i in range(hb):
+        y0 = i * block
+        ka = min(k, hc - i * k)
         for j in range(wb):
+            x0 = j * block
             out[0, i, j] = 0
             out[1, i, j] = 0
             out[2, i, j] = 0
             valid[i, j] = False
             filled[i, j] = False
             # --- pool the block's cells: majority vector, covered, coherent
+            kb = min(k, wc - j * k)
             n = 0
             cov = True
-            for a in range(k):
+            for a in range(ka):
                 cy = i * k + a
-                if cy >= hc:
-                    break
-                for b in range(k):
+                for b in range(kb):
                     cx = j * k + b
-                    if cx >= wc:
-                        break
-                    if have[cy, cx] == 0:
+                    key = keys[cy, cx]
+                    if key == EMPTY:
                         cov = False
-                    else:
-                        vys[n] = cells[0, cy, cx]
-                        vxs[n] = cells[1, cy, cx]
-                        n += 1
+                        break
+                    ks[n] = key
+                    pos[n] = cy * wc + cx
+                    n += 1
+                if not cov:
+                    break
             if not cov or n == 0:
                 continue
             out[2, i, j] = COVERED
             n_covered += 1
             best = 0
             best_c = n
+            k0 = ks[0]
             for p in range(1, n):
-                if vys[p] != vys[0] or vxs[p] != vxs[0]:
+                if ks[p] != k0:
                     best_c = 0
                     break
             if best_c == 0:  # partitions disagree: majority vote
                 for p in range(n):
                     c = 0
                     for q in range(n):
-                        if vys[p] == vys[q] and vxs[p] == vxs[q]:
+                        if ks[p] == ks[q]:
                             c += 1
                     if c > best_c:
                         best_c = c
                         best = p
                 if 2 * best_c < n:
                     continue  # incoherent
-            fy = vys[best]
-            fx = vxs[best]
+            bcy = pos[best] // wc
+            bcx = pos[best] - bcy * wc
+            fy = kf[bcy, 2 * bcx + 1]
+            fx = kf[bcy, 2 * bcx]
             by = _round_half_away(fy / prior)  # without verification the expected span is taken as exact
             bx = _round_half_away(fx / prior)
             if verify:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must
                 # beat it by ``margin``; stop as soon as the best explains the block (``good``).
-                best_cost = 1e30
-                for n_try in range(max_span + 1):
-                    if n_try == 0:
-                        span = prior
-                    elif n_try == 1:
-                        span = 1
-                        if prior == 1:
+                best_cost = _sampled_mad(cur, prev, y0, x0, block, height, width, by, bx)
+                if best_cost > good:
+                    for span in range(1, max_span + 1):
+                        if span == prior:
                             continue
-                    else:
-                        span = n_try
-                        if span == prior or span == 1:
+                        cy = _round_half_away(fy / span)
+                        cx = _round_half_away(fx / span)
+                        if cy == by and cx == bx:
                             continue
-                    if span > max_span and n_try > 0:
-                        break
-                    cy = _round_half_away(fy / span)
-                    cx = _round_half_away(fx / span)
-                    if n_try > 0 and cy == by and cx == bx:
-                        continue
-                    c = _sampled_mad(cur, prev, i * block, j * block, block, height, width, cy, cx)
-                    if n_try == 0 or c + margin < best_cost:
-                        best_cost = c
-                        by = cy
-                        bx = cx
-                    if best_cost <= good:
-                        break
+                        c = _sampled_mad(cur, prev, y0, x0, block, height, width, cy, cx)
+                        if c + margin < best_cost:
+                            best_cost = c
+                            by = cy
+                            bx = cx
+                        if best_cost <= good:
+                            break
                 if best_cost > tau:
                     continue
             out[0, i, j] = by
@@ -197,26 +220,29 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
 
     if fill:
         for i in range(hb):
+            y0 = i * block
             for j in range(wb):
                 if out[2, i, j] & VALID:
                     continue
+                x0 = j * block
                 # MV-guided candidates: zero motion and the (originally) valid 4-neighbours' vectors.
-                best_cost = _sampled_mad(cur, prev, i * block, j * block, block, height, width, 0, 0)
+                best_cost = _sampled_mad(cur, prev, y0, x0, block, height, width, 0, 0)
                 by = 0
                 bx = 0
-                for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                for nb in range(4):  # up, down, left, right
                     if best_cost <= good:
                         break
-                    ni = i + di
-                    nj = j + dj
+                    ni = i - 1 if nb == 0 else (i + 1 if nb == 1 else i)
+                    nj = j - 1 if nb == 2 else (j + 1 if nb == 3 else j)
                     if ni < 0 or nj < 0 or ni >= hb or nj >= wb or out[2, ni, nj] & (VALID | FILLED) != VALID:
                         continue
-                    c = _sampled_mad(cur, prev, i * block, j * block, block, height, width,
-                                     out[0, ni, nj], out[1, ni, nj])
+                    ny = out[0, ni, nj]
+                    nx = out[1, ni, nj]
+                    c = _sampled_mad(cur, prev, y0, x0, block, height, width, ny, nx)
                     if c < best_cost:
                         best_cost = c
-                        by = out[0, ni, nj]
-                        bx = out[1, ni, nj]
+                        by = ny
+                        bx = nx
                 if best_cost <= fill_tau:
                     out[0, i, j] = by
                     out[1, i, j] = bx
@@ -231,14 +257,32 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, cells, have) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _block_cost(cur, ref, y0, x0, bh, bw, dy, dx, step) -> float:
+def luma_histograms(a, b, ha, hb) -> None:
+    """32-bin histograms (``v >> 3``) of every other pixel of every other row of ``a`` and ``b``, into the
+    int64 arrays ``ha`` / ``hb``: one pass each, no temporaries (the scene-cut test of I-frames)."""
+    ha[:] = 0
+    hb[:] = 0
+    for y in range(0, a.shape[0], 2):
+        for x in range(0, a.shape[1], 2):
+            ha[a[y, x] >> 3] += 1
+    for y in range(0, b.shape[0], 2):
+        for x in range(0, b.shape[1], 2):
+            hb[b[y, x] >> 3] += 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_sad(cur, ref, y0, x0, bh, bw, dy, dx, step, limit) -> float:
+    """Sum of |Δ| over the sampled pixels of a block displaced by (dy, dx); stops after the first sample row
+    that reaches ``limit`` (the candidate can no longer win, the partial sum is returned)."""
     acc = 0.0
-    n = 0
     for y in range(y0, y0 + bh, step):
+        rc = cur[y]
+        rr = ref[y + dy]
         for x in range(x0, x0 + bw, step):
-            acc += abs(np.float32(cur[y, x]) - np.float32(ref[y + dy, x + dx]))
-            n += 1
-    return acc / n
+            acc += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
+        if acc >= limit:
+            break
+    return acc
 
 
 @njit(cache=True, nogil=True)
@@ -259,7 +303,12 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
             bw = min(block, width - x0)
             py = pred_dy[i, j]
             px = pred_dx[i, j]
-            best = np.inf
+            # Costs are compared as sums over the same samples (the mean's divisor is common to all candidates,
+            # and the sums are exact: uint8 luma or pyramid levels in multiples of 1/16), which lets a
+            # candidate stop as soon as its partial sum reaches the best (partial distortion elimination):
+            # same winner, same cost as evaluating every candidate in full.
+            n_samples = ((bh + step - 1) // step) * ((bw + step - 1) // step)
+            best_sad = np.inf
             by = 0
             bx = 0
             for n in range(-1 if try_zero else 0, (2 * radius + 1) ** 2):
@@ -273,14 +322,14 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                     cx = px + k % (2 * radius + 1) - radius
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
                     continue
-                c = _block_cost(cur, ref, y0, x0, bh, bw, cy, cx, step)
-                if c < best:
-                    best = c
+                sad = _block_sad(cur, ref, y0, x0, bh, bw, cy, cx, step, best_sad)
+                if sad < best_sad:
+                    best_sad = sad
                     by = cy
                     bx = cx
             out_dy[i, j] = by
             out_dx[i, j] = bx
-            out_cost[i, j] = best
+            out_cost[i, j] = best_sad / n_samples
 
 
 @njit(cache=True, nogil=True)

@@ -69,27 +69,44 @@ def field_from_mvs(
     ``prior_span`` is the expected reference distance: frames since the last I/P frame in display order
     (the past anchor of a B-frame, and of a P-frame that follows B-frames); tried first.
     """
-    cfg = config or CodecMVConfig()
-    b = cfg.block
-    if b % CELL or b < CELL:
-        raise ValueError(f"block size must be a multiple of {CELL}, got {b}")
-    intra = pict_type == "I" or key_frame
-    if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
-        return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
-    params = np.array([height, width, b, 0, cfg.verify, max(cfg.max_ref_span, 1), cfg.verify_tau,
-                       cfg.verify_margin, cfg.verify_good, cfg.fill, cfg.fill_tau, prior_span], np.float64)
-    hb, wb = grid_shape(height, width, b)
-    out = np.empty((3, hb, wb), np.int32)
-    valid = np.empty((hb, wb), np.bool_)
-    filled = np.empty((hb, wb), np.bool_)
-    hc, wc = -(-height // CELL), -(-width // CELL)
-    n_covered = _kernels.codec_field(  # decoder planes are strided views: passed as they are, no copies
-        mvs, params, cur_luma, prev_luma, out, valid, filled,
-        np.empty((2, hc, wc), np.float32), np.empty((hc, wc), np.uint8),
-    )
-    # Only P-frames: their uncovered blocks are intra-coded. A B-frame's uncovered blocks are mostly predicted
-    # from the future (common in still scenes), which says nothing about a cut.
-    if pict_type != "B" and 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
-        return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
-    dy, dx = out[0], out[1]
-    return MotionField(dy, dx, valid, b, height, width, frame_type=pict_type, source="codec", filled=filled)
+    return CodecFieldBuilder(config or CodecMVConfig(), height, width).build(
+        mvs, pict_type, key_frame, cur_luma, prev_luma, prior_span)
+
+
+class CodecFieldBuilder:
+    """:func:`field_from_mvs` for a stream of frames of one size: the kernel's parameters and its scratch grid
+    are prepared once, so a frame costs one kernel call and two allocations (the field's own arrays)."""
+
+    def __init__(self, config: CodecMVConfig, height: int, width: int) -> None:
+        b = config.block
+        if b % CELL or b < CELL:
+            raise ValueError(f"block size must be a multiple of {CELL}, got {b}")
+        self.config = config
+        self.height, self.width = height, width
+        self.grid = grid_shape(height, width, b)
+        self._params = np.array([height, width, b, 0, config.verify, max(config.max_ref_span, 1), config.verify_tau,
+                                 config.verify_margin, config.verify_good, config.fill, config.fill_tau, 1],
+                                np.float64)
+        self._keys = np.empty((-(-height // CELL), -(-width // CELL)), np.uint64)
+        self._keys_f32 = self._keys.view(np.float32)
+
+    def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,
+              prev_luma: np.ndarray | None, prior_span: int = 1) -> MotionField:
+        cfg = self.config
+        b, height, width = cfg.block, self.height, self.width
+        intra = pict_type == "I" or key_frame
+        if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
+            return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
+        hb, wb = self.grid
+        params = self._params
+        params[11] = prior_span
+        out = np.empty((3, hb, wb), np.int32)
+        flags = np.empty((2, hb, wb), np.bool_)
+        n_covered = _kernels.codec_field(  # decoder planes are strided views: passed as they are, no copies
+            mvs, params, cur_luma, prev_luma, out, flags[0], flags[1], self._keys, self._keys_f32)
+        # Only P-frames: their uncovered blocks are intra-coded. A B-frame's uncovered blocks are mostly
+        # predicted from the future (common in still scenes), which says nothing about a cut.
+        if pict_type != "B" and 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
+            return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
+        return MotionField(out[0], out[1], flags[0], b, height, width, frame_type=pict_type, source="codec",
+                           filled=flags[1])

@@ -11,8 +11,9 @@ from typing import Literal
 import numpy as np
 
 from fluxshard.errors import FluxShardError
+from fluxshard.motion import _kernels
 from fluxshard.motion.blockmatch import BlockMatchConfig, block_match
-from fluxshard.motion.codec import CodecMVConfig, field_from_mvs
+from fluxshard.motion.codec import CodecFieldBuilder, CodecMVConfig
 from fluxshard.motion.field import MotionField
 from fluxshard.video.decode import MV_DTYPE, DecodedFrame, VideoSource, open_video
 
@@ -89,6 +90,7 @@ class MotionStream:
         self.mv_source: str = "codec" if mv_source != "blockmatch" and self.info.codec_has_mvs else "blockmatch"
         self._forced = mv_source
         self.timings = Timings()
+        self._builder: CodecFieldBuilder | None = None
         _warm_up(block)
 
     def __iter__(self) -> Iterator[MotionFrame]:
@@ -96,10 +98,13 @@ class MotionStream:
         inter_without_mvs = 0
         self._last_anchor = -1
         self._last_field: MotionField | None = None
-        for frame in self.video:
-            t1 = time.thread_time()
-            self.timings.decode = self.video.decode_seconds
-            if (self.mv_source == "codec" and self._forced == "auto" and frame.mvs is None
+        timings = self.timings
+        per_frame = timings.per_frame_motion
+        video = self.video
+        clock = time.thread_time
+        for frame in video:
+            t1 = clock()
+            if (frame.mvs is None and self.mv_source == "codec" and self._forced == "auto"
                     and frame.pict_type in ("P", "B") and not frame.key_frame):
                 inter_without_mvs += 1
                 if inter_without_mvs >= 2:  # the decoder does not export vectors for this stream
@@ -107,10 +112,11 @@ class MotionStream:
             fld = self._field(frame, prev)
             if not fld.scene_cut:
                 self._last_field = fld
-            t0 = time.thread_time()
-            self.timings.motion += t0 - t1
-            self.timings.per_frame_motion.append(t0 - t1)
-            self.timings.frames += 1
+            t0 = clock()
+            timings.decode = video.decode_seconds
+            timings.motion += t0 - t1
+            per_frame.append(t0 - t1)
+            timings.frames += 1
             yield MotionFrame(frame, fld)
             prev = frame
 
@@ -127,8 +133,10 @@ class MotionStream:
             prior = frame.index - self._last_anchor if self._last_anchor >= 0 else 1
             if frame.pict_type != "B":
                 self._last_anchor = frame.index
-            fld = field_from_mvs(frame.mvs, h, w, frame.pict_type, frame.key_frame, frame.luma, prev.luma,
-                                 self.codec_config, prior_span=prior)
+            builder = self._builder
+            if builder is None or (builder.height, builder.width) != (h, w):
+                builder = self._builder = CodecFieldBuilder(self.codec_config, h, w)
+            fld = builder.build(frame.mvs, frame.pict_type, frame.key_frame, frame.luma, prev.luma, prior)
             if not (self.match_intra and fld.scene_cut and frame.pict_type == "I"):
                 return fld
             if histogram_distance(frame.luma, prev.luma) > HIST_CUT:
@@ -150,9 +158,12 @@ HIST_CUT = 0.3
 
 
 def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """L1 distance of the 32-bin luma histograms (on every other pixel): ~0.3 ms at 640×480."""
-    ha = np.bincount((a[::2, ::2] >> 3).ravel(), minlength=32).astype(np.float32)
-    hb = np.bincount((b[::2, ::2] >> 3).ravel(), minlength=32).astype(np.float32)
+    """L1 distance of the 32-bin luma histograms (on every other pixel of every other row): ~40 µs at
+    640×480 (one compiled pass per plane, no temporaries)."""
+    counts = np.empty((2, 32), np.int64)
+    _kernels.luma_histograms(a, b, counts[0], counts[1])
+    ha = counts[0].astype(np.float32)
+    hb = counts[1].astype(np.float32)
     return float(np.abs(ha / ha.sum() - hb / hb.sum()).sum())
 
 
@@ -163,7 +174,6 @@ def _warm_up(block: int) -> None:
     """Load (or compile) the numba kernels before timing starts: a one-off per process, not per frame."""
     if block in _WARM:
         return
-    from fluxshard.motion import _kernels
     from fluxshard.motion.codec import field_from_mvs
 
     z = np.zeros((block * 2, block * 2), np.uint8)
@@ -174,6 +184,7 @@ def _warm_up(block: int) -> None:
         _kernels.shifted_diff(img[:, :, None], img[:, :, None], np.zeros((2, 2), np.int32),
                               np.zeros((2, 2), np.int32), block, np.empty(img.shape, np.float32),
                               np.empty((2, 2), np.float32))
+        histogram_distance(img, img)
     block_match(z, z, BlockMatchConfig(block=block))
     block_match(z, z, BlockMatchConfig(block=block), predictor=MotionField.zero(2 * block, 2 * block, block))
     _WARM.add(block)

@@ -326,14 +326,19 @@ class TilePlanner:
         capacity = self.resolution  # floor(budget / step)
         return weights, capacity, step
 
+    def grid_values(self, boxes: ArrayLike, nx: int, ny: int) -> np.ndarray:
+        """(ny*nx, n_models) ``eAP_W * lambda_W`` of every cell of a uniform grid (the knapsack values);
+        subclasses change the size model (e.g. Remix's absolute bins)."""
+        hist = grid_histograms(boxes, self.width, self.height, nx, ny)
+        return eap_values(hist, self.accuracy, count_objects(boxes, self.width, self.height))
+
     def _coverage(self, rects: list[tuple[float, float, float, float]]) -> float:
         area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in rects)
         return float(area / (self.width * self.height))
 
     def adaptive(self, boxes: ArrayLike, budget_ms: float) -> TilePlan:
         """The DP-DP plan (optimal for the discretised budget)."""
-        hist = node_histograms(self.tree, boxes)
-        values = eap_values(hist, self.accuracy, count_objects(boxes, self.width, self.height))
+        values = np.concatenate([self.grid_values(boxes, 2**d, 2**d) for d in range(self.tree.max_depth + 1)])
         weights, capacity, _ = self.discretise(budget_ms)
         value, assign = dpdp(self.tree.children, values, weights, capacity)
         tiles = tuple(
@@ -345,11 +350,9 @@ class TilePlanner:
 
     def uniform_plans(self, boxes: ArrayLike) -> list[TilePlan]:
         """One uniform plan per model: a ceil(W/in) x ceil(H/in) grid, every tile with that model."""
-        n = count_objects(boxes, self.width, self.height)
         plans = []
         for m, (nx, ny) in enumerate(self._grids):
-            hist = grid_histograms(boxes, self.width, self.height, nx, ny)
-            value = float(eap_values(hist, self.accuracy[m: m + 1], n).sum())
+            value = float(self.grid_values(boxes, nx, ny)[:, m].sum())
             plans.append(TilePlan("uniform", self._uniform_tiles[m], value, float(nx * ny * self.latency[m]), 1.0))
         return plans
 
@@ -368,9 +371,7 @@ class TilePlanner:
         else:
             fits = False
             m = int(np.argmin(self.latency))
-            n = count_objects(boxes, self.width, self.height)
-            hist = grid_histograms(boxes, self.width, self.height, 1, 1)
-            value = float(eap_values(hist, self.accuracy[m: m + 1], n).sum())
+            value = float(self.grid_values(boxes, 1, 1)[0, m])
             elected = TilePlan("uniform", (Tile(0.0, 0.0, float(self.width), float(self.height), m, self.names[m],
                                                 0),), value, float(self.latency[m]), 1.0)
         if elected.latency_ms > budget_ms + 1e-9:

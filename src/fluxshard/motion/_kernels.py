@@ -257,17 +257,33 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
 
 
 @njit(cache=True, nogil=True)
+def _histogram32(img, out) -> None:
+    # Four interleaved sub-histograms: neighbouring pixels usually fall into the same bin, and one counter
+    # per bin would serialise the increments through memory.
+    sub = np.zeros((4, 32), np.int64)
+    w = img.shape[1]
+    for y in range(0, img.shape[0], 2):
+        row = img[y]
+        x = 0
+        while x + 6 < w:
+            sub[0, row[x] >> 3] += 1
+            sub[1, row[x + 2] >> 3] += 1
+            sub[2, row[x + 4] >> 3] += 1
+            sub[3, row[x + 6] >> 3] += 1
+            x += 8
+        while x < w:
+            sub[0, row[x] >> 3] += 1
+            x += 2
+    for k in range(32):
+        out[k] = sub[0, k] + sub[1, k] + sub[2, k] + sub[3, k]
+
+
+@njit(cache=True, nogil=True)
 def luma_histograms(a, b, ha, hb) -> None:
     """32-bin histograms (``v >> 3``) of every other pixel of every other row of ``a`` and ``b``, into the
-    int64 arrays ``ha`` / ``hb``: one pass each, no temporaries (the scene-cut test of I-frames)."""
-    ha[:] = 0
-    hb[:] = 0
-    for y in range(0, a.shape[0], 2):
-        for x in range(0, a.shape[1], 2):
-            ha[a[y, x] >> 3] += 1
-    for y in range(0, b.shape[0], 2):
-        for x in range(0, b.shape[1], 2):
-            hb[b[y, x] >> 3] += 1
+    int64 arrays ``ha`` / ``hb`` (the scene-cut test of I-frames)."""
+    _histogram32(a, ha)
+    _histogram32(b, hb)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -275,11 +291,21 @@ def _block_sad(cur, ref, y0, x0, bh, bw, dy, dx, step, limit) -> float:
     """Sum of |Δ| over the sampled pixels of a block displaced by (dy, dx); stops after the first sample row
     that reaches ``limit`` (the candidate can no longer win, the partial sum is returned)."""
     acc = 0.0
+    x1 = x0 + bw
     for y in range(y0, y0 + bh, step):
         rc = cur[y]
         rr = ref[y + dy]
-        for x in range(x0, x0 + bw, step):
-            acc += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
+        # two chains: the sums are exact (see match_level), so their order does not matter
+        a0 = 0.0
+        a1 = 0.0
+        x = x0
+        while x + step < x1:
+            a0 += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
+            a1 += abs(np.float32(rc[x + step]) - np.float32(rr[x + step + dx]))
+            x += 2 * step
+        if x < x1:
+            a0 += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
+        acc += a0 + a1
         if acc >= limit:
             break
     return acc
@@ -320,6 +346,8 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                     k = (n + (2 * radius + 1) ** 2 // 2) % (2 * radius + 1) ** 2
                     cy = py + k // (2 * radius + 1) - radius
                     cx = px + k % (2 * radius + 1) - radius
+                    if try_zero and cy == 0 and cx == 0:
+                        continue  # already evaluated first; an equal cost never wins
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
                     continue
                 sad = _block_sad(cur, ref, y0, x0, bh, bw, cy, cx, step, best_sad)

@@ -1,0 +1,400 @@
+"""Bootstrap phase (§3.1): profile a detector family on this machine, extract historical objects.
+
+**Latency** (§3.1.1). Each family member is timed as the runtime calls it (:meth:`DetectorFamily.run_tile`:
+crop, letterbox, body, decode, per-tile NMS) on real tiles of the profiling frames, members interleaved
+round-robin so machine noise hits all of them alike; mean and p99 (numpy linear interpolation) per member.
+The load average is recorded in the profile's ``meta`` because the machine is shared.
+
+**Accuracy** (§3.1.1). Profiling images = original frames plus uniformly partitioned sub-images: for every
+member input size ``s`` the ``ceil(W/s) x ceil(H/s)`` grid (the paper's "for each available model
+resolution") and the grid of ``s/2`` cells (objects as a 2x zoom shows them, so the upper bins get data;
+at most ``max_cells`` cells of each fine grid per frame, spread evenly). No ground truth: each original
+frame's *reference* objects are uniform tiling with the most accurate (largest-input) member, score >= 0.5
+(the paper's historical-object extraction, the same confident-output rule as :mod:`fluxshard.metrics`). In a
+sub-image, a reference box at least 70 % inside is an object (clipped); one partly inside is an ``iscrowd``
+region, so detections of its visible part are neither rewarded nor punished. Every member runs on every
+image; the accuracy of bin k is COCO AP@[.5:.95] (pycocotools, unchanged) restricted to objects whose
+relative size (``bins.relative_size`` w.r.t. the image) is in bin k - COCOeval's own area-range mechanism,
+with ``area = (1000 * relative size)^2``. Bins with fewer than ``MIN_BIN_OBJECTS`` reference objects are
+filled: linear interpolation between measured neighbours, 0 below the smallest measured bin (a detector
+never gets better on smaller objects), the last measured value above the largest.
+
+The same pass yields the **Remix baseline's absolute profile**: 12 bins over the object side in *model-input*
+pixels (``[0, 8)``, ten uniform bins up to 196, ``>= 196``; Remix's bins with its scaling correction for
+tiles), stored in ``meta["remix"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluxshard.models.base import Detections
+from fluxshard.tiling.bins import EDGES, N_BINS, REMIX_EDGES_PX
+from fluxshard.tiling.infer import DetectorFamily, merge, uniform_grid
+from fluxshard.tiling.profile import FamilyProfile, ModelProfile, ProfileError, load_profile
+
+REFERENCE_MIN_SCORE = 0.5
+VISIBLE_OBJECT = 0.7
+MIN_BIN_OBJECTS = 3
+AREA_UNIT = 1000.0
+REMIX_EDGES: np.ndarray = np.asarray(REMIX_EDGES_PX, dtype=np.float64)  # 11 interior edges -> 12 bins
+SHIPPED_DIR = Path(__file__).with_name("profiles")
+
+Progress = Callable[[str, int, int], None]
+
+
+def machine_key() -> str:
+    """CPU model, logical CPUs and torch threads: what the latencies depend on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu} x{os.cpu_count()} t{torch.get_num_threads()}"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FLUXSHARD_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "fluxshard") / "tiling"
+
+
+def cache_path(family: DetectorFamily) -> Path:
+    import hashlib
+
+    m = hashlib.sha256(machine_key().encode()).hexdigest()[:10]
+    return cache_dir() / f"{family.model}-{family.weights_hash()}-{m}.json"
+
+
+def shipped_profile_path(model: str = "nanodet") -> Path:
+    return SHIPPED_DIR / f"{model}.json"
+
+
+# ----------------------------------------------------------------------------------------- reference objects
+
+
+def reference_detections(family: DetectorFamily, rgb: np.ndarray, model: int | None = None) -> Detections:
+    """Uniform tiling of the frame with one member (default: the largest input), merged with NMS."""
+    m = int(np.argmax(family.sizes)) if model is None else model
+    h, w = rgb.shape[:2]
+    runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
+    return merge([r.detections for r in runs])
+
+
+def extract_history(family: DetectorFamily, frames: Sequence[np.ndarray], min_score: float = REFERENCE_MIN_SCORE,
+                    progress: Progress | None = None) -> tuple[np.ndarray, list[float]]:
+    """§3.1.2: historical objects (global-view xyxy, pooled over frames) and the merge times (ms) seen."""
+    boxes, merge_ms = [], []
+    for i, rgb in enumerate(frames):
+        m = int(np.argmax(family.sizes))
+        h, w = rgb.shape[:2]
+        runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
+        t0 = time.perf_counter()
+        det = merge([r.detections for r in runs])
+        merge_ms.append(1e3 * (time.perf_counter() - t0))
+        boxes.append(det.boxes[det.scores >= min_score])
+        if progress:
+            progress("history", i + 1, len(frames))
+    return (np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, 4))), merge_ms
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+def _cells(w: int, h: int, cell: float, max_cells: int | None) -> list[tuple[int, int, int, int]]:
+    nx, ny = max(1, math.ceil(w / cell)), max(1, math.ceil(h / cell))
+    if nx == 1 and ny == 1:
+        return []
+    rects = [(round(c * w / nx), round(r * h / ny), round((c + 1) * w / nx), round((r + 1) * h / ny))
+             for r in range(ny) for c in range(nx)]
+    if max_cells is not None and len(rects) > max_cells:
+        idx = np.linspace(0, len(rects) - 1, max_cells).round().astype(int)
+        rects = [rects[i] for i in idx]
+    return rects
+
+
+def sub_images(w: int, h: int, sizes: Sequence[int], max_cells: int = 4) -> list[tuple[int, int, int, int]]:
+    """The original frame plus the distinct partition cells used for profiling (see module docstring)."""
+    out = [(0, 0, w, h)]
+    for s in sorted(set(sizes)):
+        out += _cells(w, h, s, None)
+        out += _cells(w, h, s / 2, max_cells)
+    seen, uniq = set(), []
+    for r in out:
+        if r not in seen:
+            seen.add(r)
+            uniq.append(r)
+    return uniq
+
+
+def _clip_reference(ref: Detections, rect: tuple[int, int, int, int]) -> list[tuple[np.ndarray, int, bool]]:
+    """(clipped box in sub-image px, class, is_crowd) for reference boxes overlapping the sub-image."""
+    x0, y0, x1, y1 = rect
+    out = []
+    for b, c in zip(ref.boxes.astype(np.float64), ref.class_ids, strict=True):
+        area = max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
+        cb = np.array([max(b[0], x0), max(b[1], y0), min(b[2], x1), min(b[3], y1)])
+        inter = max(cb[2] - cb[0], 0) * max(cb[3] - cb[1], 0)
+        if area <= 0 or inter <= 0:
+            continue
+        out.append((cb - [x0, y0, x0, y0], int(c), inter / area < VISIBLE_OBJECT))
+    return out
+
+
+def _bin_ap(images: list[dict[str, Any]], gts: list[list[tuple[np.ndarray, int, bool]]],
+            dets: list[Detections], size_of: Callable[[np.ndarray, dict[str, Any]], np.ndarray],
+            edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AP@[.5:.95] per size bin (NaN where empty) and reference-object counts per bin."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    n_bins = len(edges) + 1
+    lo = np.concatenate([[0.0], edges])
+    hi = np.concatenate([edges, [1e9]])
+    cats = sorted({c for g in gts for _, c, _ in g} | {int(c) for d in dets for c in d.class_ids})
+    anns, res, counts = [], [], np.zeros(n_bins)
+    for i, (img, g, d) in enumerate(zip(images, gts, dets, strict=True)):
+        if g:
+            gb = np.array([b for b, _, _ in g])
+            gs = size_of(gb, img)
+            for (b, c, crowd), s in zip(g, gs, strict=True):
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "iscrowd": int(crowd),
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": float((AREA_UNIT * s) ** 2)})
+                if not crowd:
+                    counts[int(np.searchsorted(edges, s, side="right"))] += 1
+        if len(d):
+            ds = size_of(d.boxes.astype(np.float64), img)
+            for b, sc, c, s in zip(d.boxes, d.scores, d.class_ids, ds, strict=True):
+                res.append({"id": len(res) + 1, "image_id": i + 1, "category_id": int(c), "score": float(sc),
+                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                            "area": float((AREA_UNIT * s) ** 2), "iscrowd": 0})
+    ap = np.full(n_bins, np.nan)
+    if not anns or not res:
+        return (np.where(counts > 0, 0.0, np.nan) if anns else ap), counts
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i + 1, "width": im["w"], "height": im["h"]} for i, im in enumerate(images)],
+                      "annotations": anns, "categories": [{"id": c} for c in cats]}
+        gt.createIndex()
+        dt = COCO()
+        dt.dataset = {"images": gt.dataset["images"], "annotations": res, "categories": gt.dataset["categories"]}
+        dt.createIndex()
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.areaRng = [[float((AREA_UNIT * a) ** 2), float((AREA_UNIT * b) ** 2)] for a, b in zip(lo, hi,
+                                                                                                        strict=True)]
+        ev.params.areaRngLbl = [f"b{k}" for k in range(n_bins)]
+        ev.params.maxDets = [100]
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][:, :, :, :, 0]  # T x R x K x A
+    for k in range(n_bins):
+        p = prec[:, :, :, k]
+        v = p[p > -1]
+        if counts[k] > 0:
+            ap[k] = float(v.mean()) if v.size else 0.0
+    return ap, counts
+
+
+def fill_bins(ap: np.ndarray, counts: np.ndarray, min_objects: int = MIN_BIN_OBJECTS) -> np.ndarray:
+    """Empty / thin bins: interpolate between measured neighbours, 0 below, last measured value above."""
+    ok = (counts >= min_objects) & np.isfinite(ap)
+    out = np.zeros(len(ap))
+    if not ok.any():
+        return out
+    idx = np.flatnonzero(ok)
+    x = np.arange(len(ap))
+    out = np.interp(x, idx, ap[idx])
+    out[x < idx[0]] = 0.0
+    return np.clip(out, 0.0, 1.0)
+
+
+def _rel_size(boxes: np.ndarray, img: dict[str, Any]) -> np.ndarray:
+    return np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)) / max(
+        img["w"], img["h"])
+
+
+def profile_family(
+    family: DetectorFamily,
+    frames: Sequence[np.ndarray],
+    *,
+    latency_runs: int = 100,
+    max_cells: int = 4,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+) -> FamilyProfile:
+    """Measure latency (mean, p99) and the 22-bin (and Remix 12-bin) accuracy vectors of every member."""
+    import torch
+
+    if not frames:
+        raise ValueError("profiling needs at least one frame")
+    family.warmup()
+    load_before = os.getloadavg()
+    images, gts, dets_per_model = [], [], [[] for _ in family.sizes]
+    n_images = sum(len(sub_images(f.shape[1], f.shape[0], family.sizes, max_cells)) for f in frames)
+    total = len(frames) + n_images * len(family.sizes)
+    done = 0
+    refs = []
+    for rgb in frames:
+        refs.append(reference_detections(family, rgb).filter(REFERENCE_MIN_SCORE))
+        done += 1
+        if progress:
+            progress("reference", done, total)
+    for fi, rgb in enumerate(frames):
+        for rect in sub_images(rgb.shape[1], rgb.shape[0], family.sizes, max_cells):
+            x0, y0, x1, y1 = rect
+            crop = rgb[y0:y1, x0:x1]
+            images.append({"w": x1 - x0, "h": y1 - y0})
+            gts.append(_clip_reference(refs[fi], rect))
+            for m in range(len(family.sizes)):
+                det, _ = family.run_crop(crop, m)
+                dets_per_model[m].append(det)
+                done += 1
+                if progress:
+                    progress("accuracy", done, total)
+    acc, remix_acc, counts_rel, counts_abs = [], [], None, []
+    for m, s in enumerate(family.sizes):
+        ap, counts_rel = _bin_ap(images, gts, dets_per_model[m], _rel_size, EDGES)
+        acc.append(fill_bins(ap, counts_rel))
+        rap, rc = _bin_ap(images, gts, dets_per_model[m], lambda b, img, s=s: _rel_size(b, img) * s / AREA_UNIT,
+                          REMIX_EDGES / AREA_UNIT)
+        remix_acc.append(fill_bins(rap, rc))
+        counts_abs.append(rc.tolist())
+    times = measure_latency(family, frames, latency_runs, progress)
+    models = []
+    for m, s in enumerate(family.sizes):
+        t = np.asarray(times[m])
+        models.append(ModelProfile(family.names[m], int(s), float(t.mean()), float(np.percentile(t, 99)),
+                                   tuple(float(a) for a in acc[m])))
+    info = {
+        "model": family.model,
+        "weights_hash": family.weights_hash(),
+        "machine": machine_key(),
+        "threads": torch.get_num_threads(),
+        "memory_format": "channels_last" if family.fmt == torch.channels_last else "nchw",
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "latency_runs": latency_runs,
+        "latency_median_ms": [round(float(np.median(t)), 3) for t in times],
+        "profiling_frames": len(frames),
+        "profiling_images": len(images),
+        "bin_objects": [int(c) for c in (counts_rel if counts_rel is not None else [])],
+        "accuracy_metric": "COCO AP@[.5:.95] per relative-size bin vs uniform tiling with the largest input",
+        "remix": {"edges_px": [float(e) for e in REMIX_EDGES],
+                  "accuracy": {family.names[m]: [float(a) for a in remix_acc[m]] for m in range(len(family.sizes))},
+                  "bin_objects": counts_abs},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(meta or {}),
+    }
+    return FamilyProfile(tuple(models), 0.0, info)
+
+
+def measure_latency(family: DetectorFamily, frames: Sequence[np.ndarray], runs: int = 100,
+                    progress: Progress | None = None) -> list[list[float]]:
+    """Per member, ``runs`` timings (ms) of :meth:`DetectorFamily.run_tile` on random quad-tree cells (depth
+    0-2) of the frames, members interleaved round-robin."""
+    rng = np.random.default_rng(0)
+    times: list[list[float]] = [[] for _ in family.sizes]
+    for r in range(runs):
+        rgb = frames[int(rng.integers(len(frames)))]
+        h, w = rgb.shape[:2]
+        n = 2 ** int(rng.integers(0, 3))
+        c, q = int(rng.integers(n)), int(rng.integers(n))
+        rect = (c * w / n, q * h / n, (c + 1) * w / n, (q + 1) * h / n)
+        for m in range(len(family.sizes)):
+            times[m].append(family.run_tile(rgb, rect, m).ms)
+        if progress:
+            progress("latency", r + 1, runs)
+    return times
+
+
+def remeasure_latency(profile: FamilyProfile, family: DetectorFamily, frames: Sequence[np.ndarray],
+                      runs: int = 100, progress: Progress | None = None) -> FamilyProfile:
+    """The same profile with latencies measured again now (accuracy does not depend on machine load)."""
+    family.warmup()
+    before = os.getloadavg()
+    times = measure_latency(family, frames, runs, progress)
+    models = tuple(ModelProfile(m.name, m.input_size, float(np.mean(t)), float(np.percentile(t, 99)), m.accuracy)
+                   for m, t in zip(profile.models, times, strict=True))
+    meta = {**profile.meta, "loadavg_before": [round(v, 2) for v in before],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()], "latency_runs": runs,
+            "latency_median_ms": [round(float(np.median(t)), 3) for t in times], "machine": machine_key(),
+            "latency_measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return FamilyProfile(models, profile.plan_runtime_ms, meta)
+
+
+def profiling_frames(clips: Sequence[tuple[str, int, int, int]]) -> list[np.ndarray]:
+    """Frames ``(clip, start, stop, step)`` decoded as RGB (the profiling data set)."""
+    from fluxshard.data.fetch import clip_path
+    from fluxshard.video import open_video
+
+    out = []
+    for clip, start, stop, step in clips:
+        for f in open_video(clip_path(clip), export_mvs=False, max_frames=stop):
+            if f.index >= start and (f.index - start) % step == 0:
+                out.append(np.ascontiguousarray(f.rgb))
+    return out
+
+
+# vtest frames the PTZ benchmark clips (source frames 0..~200) never show, plus two other scenes.
+DEFAULT_PROFILING_SET: tuple[tuple[str, int, int, int], ...] = (
+    ("vtest", 300, 795, 55), ("bikes", 10, 250, 60), ("cup", 5, 217, 50),
+)
+
+
+def remix_accuracy(profile: FamilyProfile) -> tuple[np.ndarray, np.ndarray]:
+    """(edges_px, (n_models, 12) accuracy) of the Remix absolute-size profile stored in ``meta``."""
+    r = profile.meta.get("remix")
+    if not isinstance(r, dict) or "accuracy" not in r:
+        raise ProfileError("profile has no Remix absolute-size accuracy (meta.remix); re-profile the family")
+    acc = np.array([r["accuracy"][n] for n in profile.names], dtype=np.float64)
+    return np.asarray(r["edges_px"], dtype=np.float64), acc
+
+
+def get_profile(family: DetectorFamily, path: str | Path | None = None, *, refresh: bool = False,
+                progress: Progress | None = None) -> tuple[FamilyProfile, Path, bool]:
+    """(profile, path, measured_now): an explicit file, else the cache for this model + machine (profiled
+    and written on first use). ``path='shipped'`` selects the profile shipped in the package."""
+    if path is not None:
+        p = shipped_profile_path(family.model) if str(path) == "shipped" else Path(path)
+        prof = load_profile(p)
+        _check_names(prof, family, p)
+        return prof, p, False
+    p = cache_path(family)
+    if p.exists() and not refresh:
+        prof = load_profile(p)
+        _check_names(prof, family, p)
+        return prof, p, False
+    prof = profile_family(family, profiling_frames(DEFAULT_PROFILING_SET), progress=progress)
+    prof.save(p)
+    return prof, p, True
+
+
+def _check_names(prof: FamilyProfile, family: DetectorFamily, path: Path) -> None:
+    if prof.names != family.names:
+        raise ProfileError(f"{path}: profile is for {prof.names}, the family is {family.names}")
+
+
+def profile_summary(prof: FamilyProfile) -> dict[str, Any]:
+    return {"models": [{"name": m.name, "input": m.input_size, "mean_ms": round(m.mean_ms, 2),
+                        "p99_ms": round(m.p99_ms, 2)} for m in prof.models],
+            "machine": prof.meta.get("machine"), "loadavg": prof.meta.get("loadavg_before")}
+
+
+def dumps(prof: FamilyProfile) -> str:
+    return json.dumps(prof.to_json(), indent=1)
+
+
+__all__ = ["N_BINS", "extract_history", "get_profile", "profile_family", "profiling_frames", "remix_accuracy"]

@@ -1,0 +1,343 @@
+"""One evaluation loop for Uirapuru and the baselines on a clip (``fluxshard tile`` / ``tile-bench``).
+
+Bootstrap (once per clip): historical objects from global-view frames (uniform tiling with the largest
+member), the plan-runtime estimate (§3.1.3) and the merge estimate. Then per frame: camera transform (from
+the virtual-PTZ JSON beside the clip, or estimated from motion vectors), every method's plan, its tiles and
+the NMS merge; mAP against the reference (uniform tiling with the largest member on the same frame).
+
+Decisions:
+
+* **Historical frames.** With a virtual-PTZ JSON the global view is the source clip: ``history`` frames of it
+  evenly spread over the source frames the PTZ clip does *not* show (all of them if it shows every one).
+  Without a JSON the camera is assumed at rest for the clip's first ``history`` frames, which are the global
+  view (initial transform = identity; those frames are evaluated too).
+* **Overhead budget.** ``SLO - plan_runtime`` is the inference budget; ``plan_runtime`` = p99 of the planner
+  call on the historical objects (30 timings) + p99 of the merge times seen during history extraction, each
+  + 10 % (§3.1.3 covers planning; the merge is the other per-frame cost outside the tiles).
+* **Shared tile runs.** Within a frame, each distinct (tile, member) runs once and its measured time is
+  charged to every method whose plan contains it (methods are modes of one loop, like ``fluxshard bench``);
+  a method's frame latency = its planning time + its tiles' measured times + its own merge.
+* **Stride.** ``stride > 1`` evaluates every stride-th frame (the camera is still tracked on every frame):
+  a benchmark-time saving on two cores, not part of the method.
+* **Camera for Uirapuru.** ``camera="auto"``: ground truth when the JSON exists, else motion vectors. With
+  both available the motion-vector tracker also runs and the mean box-centre distance between the historical
+  boxes reprojected by it and by the ground truth is reported (boxes kept by both).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluxshard.data.ptz import load_ptz_meta
+from fluxshard.errors import FluxShardError
+from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
+from fluxshard.models.base import Detections
+from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, pick_for_slo, tiles_per_frame, uniform_plan
+from fluxshard.tiling.camera import CameraTracker, ptz_global_to_view, reproject_boxes
+from fluxshard.tiling.infer import DetectorFamily, TileRun, merge
+from fluxshard.tiling.planner import max_depth_for
+from fluxshard.tiling.profile import PLAN_RUNTIME_MARGIN, FamilyProfile, plan_runtime_estimate
+from fluxshard.tiling.profiler import extract_history
+from fluxshard.tiling.runtime import UirapuruPlanner
+
+MODE_SHORT = {"conservative": "uirapuru-c", "non-conservative": "uirapuru-nc"}
+Progress = Callable[[str, int, int], None]
+Key = tuple[str, float | None]
+FrameCallback = Callable[[int, np.ndarray, dict[Key, Detections], dict[Key, list[TileRun]]], None]
+
+
+class TileBenchError(FluxShardError):
+    """A clip cannot be evaluated (no frames, unreadable metadata, ...)."""
+
+
+@dataclass
+class FrameRecord:
+    frame: int
+    method: str
+    slo: float | None
+    latency_ms: float
+    plan_ms: float
+    infer_ms: float
+    merge_ms: float
+    n_tiles: int
+    kind: str
+    models: str
+    fits: bool
+    detections: int
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClipResult:
+    clip: str
+    size: tuple[int, int]
+    frames: int
+    camera: str
+    history_objects: int
+    plan_runtime_ms: float
+    max_depth: int
+    records: list[FrameRecord]
+    detections: dict[tuple[str, float | None], list[Detections]]
+    reference: list[Detections]
+    reprojection_px: list[float]
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _history_frames(meta: dict[str, Any] | None, clip: Path, n: int) -> tuple[list[np.ndarray], str]:
+    from fluxshard.video import open_video
+
+    if meta is not None:
+        src = Path(meta["source"])
+        used = {int(f.get("source_frame", i)) for i, f in enumerate(meta["frames"])}
+        probe = open_video(src, export_mvs=False)
+        total = probe.info.frames_expected
+        if total is None:
+            total = max(used) + 1
+        free = [k for k in range(total) if k not in used] or list(range(total))
+        want = set(np.asarray(free)[np.linspace(0, len(free) - 1, min(n, len(free))).round().astype(int)].tolist())
+        out = [np.ascontiguousarray(f.rgb) for f in open_video(src, export_mvs=False) if f.index in want]
+        return out, f"{src.name} frames {min(want)}..{max(want)} ({len(out)})"
+    out = [np.ascontiguousarray(f.rgb) for f in open_video(clip, export_mvs=False, max_frames=n)]
+    return out, f"{clip.name} frames 0..{len(out) - 1} (camera assumed at rest)"
+
+
+def _centres(b: np.ndarray) -> np.ndarray:
+    return np.c_[(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2]
+
+
+def reprojection_error(history: np.ndarray, est: np.ndarray, truth: np.ndarray, w: int, h: int) -> float | None:
+    """Mean distance (px) between box centres reprojected by ``est`` and ``truth`` (boxes kept by both)."""
+    a, ia = reproject_boxes(history, est, w, h)
+    b, ib = reproject_boxes(history, truth, w, h)
+    _, ka, kb = np.intersect1d(ia, ib, return_indices=True)
+    if not len(ka):
+        return None
+    return float(np.linalg.norm(_centres(a[ka]) - _centres(b[kb]), axis=1).mean())
+
+
+def run_clip(
+    clip: str | Path,
+    family: DetectorFamily,
+    profile: FamilyProfile,
+    slos: Sequence[float],
+    *,
+    modes: Sequence[str] = ("conservative", "non-conservative"),
+    baselines: bool = True,
+    camera: str = "auto",
+    history: int = 20,
+    max_frames: int | None = None,
+    max_depth: int | None = None,
+    stride: int = 1,
+    progress: Progress | None = None,
+    on_frame: FrameCallback | None = None,
+) -> ClipResult:
+    from fluxshard.motion import MotionStream
+
+    path = Path(clip)
+    if not path.exists():
+        raise TileBenchError(f"{path}: no such clip")
+    meta = None
+    if path.with_suffix(".json").exists():
+        meta = load_ptz_meta(path)
+    if camera not in ("auto", "gt", "mv"):
+        raise TileBenchError(f"camera must be auto, gt or mv, got {camera!r}")
+    if camera == "gt" and meta is None:
+        raise TileBenchError(f"{path}: --camera gt needs the virtual-PTZ JSON {path.with_suffix('.json')}")
+    use_gt = meta is not None and camera != "mv"
+    family.warmup()
+
+    # ------------------------------------------------------------------ bootstrap
+    hist_frames, hist_desc = _history_frames(meta, path, history)
+    if not hist_frames:
+        raise TileBenchError(f"{path}: no historical frames could be decoded")
+    hist_boxes, merge_times = extract_history(family, hist_frames,
+                                              progress=(lambda s, i, n: progress(s, i, n)) if progress else None)
+    width, height = (int(meta["size"][0]), int(meta["size"][1])) if meta else hist_frames[0].shape[1::-1]
+    depth = max_depth_for(width, height, min_leaf=0.75 * min(family.sizes)) if max_depth is None else max_depth
+    initial = ptz_global_to_view(meta, 0) if meta is not None else np.eye(3)
+    probe = UirapuruPlanner(FamilyProfile(profile.models), hist_boxes, width, height, "conservative",
+                            initial_view=initial, max_depth=depth)
+    probe.plan_frame(max(slos), view=initial)
+    plan_times = [probe.plan_frame(max(slos), view=initial).timings_ms["total"] for _ in range(30)]
+    merge_est = float(np.percentile(merge_times, 99)) * (1 + PLAN_RUNTIME_MARGIN) if merge_times else 0.0
+    runtime = plan_runtime_estimate(plan_times) + merge_est
+    prof = FamilyProfile(profile.models, runtime, dict(profile.meta))
+
+    # ------------------------------------------------------------------ methods
+    planners: dict[tuple[str, float], UirapuruPlanner] = {}
+    for mode in modes:
+        for slo in slos:
+            planners[(MODE_SHORT[mode], float(slo))] = UirapuruPlanner(prof, hist_boxes, width, height, mode,
+                                                                      initial_view=initial, max_depth=depth)
+    fixed: dict[tuple[str, float | None], list[tuple[tuple[float, float, float, float], int]]] = {}
+    sizes = [int(s) for s in family.sizes]
+    ds_tiles = [1] * len(sizes)
+    ut_tiles = [tiles_per_frame(width, height, s) for s in sizes]
+    remix_plans: dict[float, Any] = {}
+    if baselines:
+        for m, s in enumerate(sizes):
+            fixed[(f"ds-{family.names[m]}", None)] = downsample_plan(width, height, m)
+            fixed[(f"ut-{family.names[m]}", None)] = uniform_plan(width, height, s, m)
+        remix = RemixPlanner(prof, width, height, max_depth=depth)
+        local0, _ = reproject_boxes(hist_boxes, initial, width, height)
+        for slo in slos:
+            res = remix.plan(local0, max(0.0, float(slo) - merge_est))
+            remix_plans[float(slo)] = res
+            fixed[("remix", float(slo))] = [((t.x0, t.y0, t.x1, t.y1), t.model) for t in res.plan.tiles]
+    best = int(np.argmax(sizes))
+
+    # ------------------------------------------------------------------ frames
+    records: list[FrameRecord] = []
+    dets: dict[tuple[str, float | None], list[Detections]] = {k: [] for k in [*planners, *fixed]}
+    reference: list[Detections] = []
+    reproj: list[float] = []
+    mv_tracker = CameraTracker(initial)
+    n_total = max_frames or (len(meta["frames"]) if meta else None) or 0
+    n_total = -(-n_total // stride)
+    if stride < 1:
+        raise TileBenchError(f"stride must be >= 1, got {stride}")
+    need_mv = (not use_gt) or meta is not None
+    stream = MotionStream(path, max_frames=max_frames)
+    n_done = 0
+    for mf in stream:
+        t = mf.frame.index
+        rgb = np.ascontiguousarray(mf.frame.rgb)
+        if rgb.shape[:2] != (height, width):
+            raise TileBenchError(f"{path}: frame {t} is {rgb.shape[1]}x{rgb.shape[0]}, expected {width}x{height}")
+        cache: dict[tuple[tuple[float, ...], int], TileRun] = {}
+
+        def run(tiles: Sequence[tuple[Sequence[float], int]], cache=cache, rgb=rgb) -> list[TileRun]:
+            out = []
+            for rect, m in tiles:
+                key = (tuple(round(float(v), 3) for v in rect), int(m))
+                if key not in cache:
+                    cache[key] = family.run_tile(rgb, rect, m)
+                out.append(cache[key])
+            return out
+
+        mv_ms = 0.0
+        truth = None
+        if need_mv and t > 0:
+            t0 = time.perf_counter()
+            mv_tracker.update_from_field(mf.field)
+            mv_ms = 1e3 * (time.perf_counter() - t0)
+        if meta is not None and t < len(meta["frames"]):
+            truth = ptz_global_to_view(meta, t)
+            if need_mv:
+                e = reprojection_error(hist_boxes, mv_tracker.matrix, truth, width, height)
+                if e is not None:
+                    reproj.append(e)
+        view = truth if use_gt and truth is not None else mv_tracker.matrix
+        if t % stride:
+            continue  # camera tracked on every frame, methods evaluated on every ``stride``-th
+        # reference
+        ref_runs = run(uniform_plan(width, height, sizes[best], best))
+        reference.append(merge([r.detections for r in ref_runs]))
+        frame_dets: dict[tuple[str, float | None], Detections] = {}
+        frame_runs: dict[tuple[str, float | None], list[TileRun]] = {}
+        for key, up in planners.items():
+            fp = up.plan_frame(key[1], view=view)
+            plan = fp.result.plan
+            runs = run([((tl.x0, tl.y0, tl.x1, tl.y1), tl.model) for tl in plan.tiles])
+            t0 = time.perf_counter()
+            d = merge([r.detections for r in runs])
+            merge_ms = 1e3 * (time.perf_counter() - t0)
+            plan_ms = fp.timings_ms["total"] + (0.0 if use_gt else mv_ms)
+            infer = sum(r.ms for r in runs)
+            kind = plan.kind if fp.result.fits else "fallback"
+            br = {"preprocess": fp.timings_ms["preprocess"] + (0.0 if use_gt else mv_ms),
+                  "dpdp": fp.timings_ms.get("adaptive", 0.0), "uniform": fp.timings_ms.get("uniform", 0.0),
+                  "inference": infer, "merge": merge_ms}
+            records.append(FrameRecord(t, key[0], key[1], plan_ms + infer + merge_ms, plan_ms, infer, merge_ms,
+                                       len(runs), kind, _models(family, runs), fp.result.fits, len(d), br))
+            dets[key].append(d)
+            frame_dets[key] = d
+            frame_runs[key] = runs
+        for key, tiles in fixed.items():
+            runs = run(tiles)
+            t0 = time.perf_counter()
+            d = merge([r.detections for r in runs])
+            merge_ms = 1e3 * (time.perf_counter() - t0)
+            infer = sum(r.ms for r in runs)
+            kind = "downsample" if key[0].startswith("ds-") else "uniform" if key[0].startswith("ut-") else (
+                remix_plans[key[1]].plan.kind)
+            records.append(FrameRecord(t, key[0], key[1], infer + merge_ms, 0.0, infer, merge_ms, len(runs), kind,
+                                       _models(family, runs), True, len(d),
+                                       {"preprocess": 0.0, "dpdp": 0.0, "uniform": 0.0, "inference": infer,
+                                        "merge": merge_ms}))
+            dets[key].append(d)
+            frame_dets[key] = d
+            frame_runs[key] = runs
+        if on_frame is not None:
+            on_frame(t, rgb, frame_dets, frame_runs)
+        n_done += 1
+        if progress:
+            progress("frames", n_done, n_total)
+    if n_done == 0:
+        raise TileBenchError(f"{path}: no frames decoded")
+    res = ClipResult(str(path), (width, height), n_done,
+                     ("ground-truth PTZ JSON" if use_gt else "motion vectors"), len(hist_boxes), runtime, depth,
+                     records, dets, reference, reproj)
+    res.summary = summarise(res, family, prof, slos, ds_tiles, ut_tiles)
+    res.info = {"history": hist_desc, "plan_runtime_ms": round(runtime, 3), "merge_estimate_ms": round(merge_est, 3),
+                "remix_plans": {str(k): f"{v.plan.kind}:{len(v.plan.tiles)} tiles" for k, v in remix_plans.items()}}
+    return res
+
+
+def _models(family: DetectorFamily, runs: Sequence[TileRun]) -> str:
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[family.names[r.model]] = counts.get(family.names[r.model], 0) + 1
+    return ";".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+
+
+def _row(res: ClipResult, name: str, key: tuple[str, float | None], slo: float | None) -> dict[str, Any]:
+    recs = [r for r in res.records if (r.method, r.slo) == key]
+    lat = np.array([r.latency_ms for r in recs])
+    ap = average_precision(res.detections[key], res.reference, "bbox", DENSE_REFERENCE)
+    row: dict[str, Any] = {
+        "clip": Path(res.clip).name, "method": name, "source": key[0], "slo_ms": slo,
+        "map": None if np.isnan(ap.map) else round(ap.map, 4),
+        "map50": None if np.isnan(ap.map50) else round(ap.map50, 4),
+        "latency_median_ms": round(float(np.median(lat)), 2), "latency_mean_ms": round(float(lat.mean()), 2),
+        "latency_p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "miss_rate": None if slo is None else round(float((lat > slo).mean()), 4),
+        "overhead_ms": round(float(np.mean([r.plan_ms for r in recs])), 3),
+        "overhead_share": round(float(np.mean([r.plan_ms for r in recs]) / max(lat.mean(), 1e-9)), 4),
+        "adaptive_share": round(float(np.mean([r.kind == "adaptive" for r in recs])), 4),
+        "uniform_share": round(float(np.mean([r.kind == "uniform" for r in recs])), 4),
+        "fallback_share": round(float(np.mean([r.kind == "fallback" for r in recs])), 4),
+        "tiles_mean": round(float(np.mean([r.n_tiles for r in recs])), 2),
+    }
+    for part in ("preprocess", "dpdp", "uniform", "inference", "merge"):
+        row[f"{part}_ms"] = round(float(np.mean([r.breakdown.get(part, 0.0) for r in recs])), 3)
+    return row
+
+
+def summarise(res: ClipResult, family: DetectorFamily, prof: FamilyProfile, slos: Sequence[float],
+              ds_tiles: Sequence[int], ut_tiles: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (method, SLO): Uirapuru modes, Remix, and the DS/UT member picked for that SLO; plus one row
+    per DS/UT member with no SLO (the fixed configurations themselves)."""
+    rows = []
+    keys = {k for k in res.detections}
+    for slo in slos:
+        for short in MODE_SHORT.values():
+            if (short, float(slo)) in keys:
+                rows.append(_row(res, short, (short, float(slo)), float(slo)))
+        if ("remix", float(slo)) in keys:
+            rows.append(_row(res, "remix", ("remix", float(slo)), float(slo)))
+        for prefix, tiles in (("ds", ds_tiles), ("ut", ut_tiles)):
+            m = pick_for_slo(prof, float(slo), tiles)
+            key = (f"{prefix}-{family.names[m]}", None)
+            if key in keys:
+                rows.append(_row(res, prefix, key, float(slo)))
+    for k in sorted((k for k in keys if k[1] is None), key=lambda k: k[0]):
+        rows.append(_row(res, k[0], k, None))
+    return rows

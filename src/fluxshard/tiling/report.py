@@ -1,0 +1,177 @@
+"""``tile-bench`` outputs: per-frame and summary CSV, mAP-vs-SLO (Fig. 6) and per-step time breakdown (Fig. 8)
+plots, and a markdown report with the miss-rate table (Table 2)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fluxshard.tiling.evaluate import ClipResult
+
+SLO_METHODS = ("uirapuru-c", "uirapuru-nc", "remix", "ds", "ut")
+LABELS = {"uirapuru-c": "Uirapuru conservative (UC)", "uirapuru-nc": "Uirapuru non-conservative (UNC)",
+          "remix": "Remix-like (R)", "ds": "down-sampling (DS)", "ut": "uniform tiling (UT)"}
+PARTS = ("preprocess", "dpdp", "uniform", "inference", "merge")
+
+
+def write_frames_csv(results: Sequence[ClipResult], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        cols = ["clip", "frame", "method", "slo_ms", "latency_ms", "plan_ms", "infer_ms", "merge_ms", "n_tiles",
+                "kind", "models", "fits", "detections", *[f"{p}_ms" for p in PARTS]]
+        w.writerow(cols)
+        for res in results:
+            for r in res.records:
+                d = asdict(r)
+                w.writerow([Path(res.clip).name, r.frame, r.method, r.slo, round(r.latency_ms, 3),
+                            round(r.plan_ms, 3), round(r.infer_ms, 3), round(r.merge_ms, 3), r.n_tiles, r.kind,
+                            r.models, r.fits, r.detections, *[round(d["breakdown"].get(p, 0.0), 3) for p in PARTS]])
+    return path
+
+
+def write_summary_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """Per clip: mAP per method x SLO (Fig. 6 as a table) and miss rate per method x SLO (Table 2)."""
+    out = []
+    for clip in dict.fromkeys(r["clip"] for r in rows):
+        rs = [r for r in rows if r["clip"] == clip and r["slo_ms"] is not None]
+        slos = sorted({r["slo_ms"] for r in rs})
+        methods = [m for m in SLO_METHODS if any(r["method"] == m for r in rs)]
+        get = {(r["method"], r["slo_ms"]): r for r in rs}
+        out.append(f"### {clip}\n")
+        out.append("mAP@[.5:.95] vs the reference (uniform tiling, largest input); DS/UT = member picked for the "
+                   "SLO (in brackets)\n")
+        out.append("| SLO (ms) | " + " | ".join(methods) + " |")
+        out.append("|---" * (len(methods) + 1) + "|")
+        for s in slos:
+            cells = []
+            for m in methods:
+                r = get.get((m, s))
+                if r is None:
+                    cells.append("-")
+                    continue
+                extra = f" ({r['source'].split('-', 1)[1]})" if m in ("ds", "ut") else ""
+                cells.append(_fmt(r["map"]) + extra)
+            out.append(f"| {s:g} | " + " | ".join(cells) + " |")
+        out.append("\nSLO miss rate (%) (Table 2) · median frame latency (ms)\n")
+        out.append("| SLO (ms) | " + " | ".join(methods) + " |")
+        out.append("|---" * (len(methods) + 1) + "|")
+        for s in slos:
+            cells = []
+            for m in methods:
+                r = get.get((m, s))
+                cells.append("-" if r is None else f"{_fmt(r['miss_rate'], True)} · {r['latency_median_ms']:.0f}")
+            out.append(f"| {s:g} | " + " | ".join(cells) + " |")
+        out.append("\nUirapuru planning overhead (share of mean frame latency) and elected plan type\n")
+        out.append("| SLO (ms) | mode | overhead ms | overhead share | adaptive | uniform | fallback | tiles |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for s in slos:
+            for m in ("uirapuru-c", "uirapuru-nc", "remix"):
+                r = get.get((m, s))
+                if r is not None:
+                    out.append(f"| {s:g} | {m} | {r['overhead_ms']:.2f} | {_fmt(r['overhead_share'], True)} % | "
+                               f"{_fmt(r['adaptive_share'], True)} % | {_fmt(r['uniform_share'], True)} % | "
+                               f"{_fmt(r['fallback_share'], True)} % | {r['tiles_mean']:.2f} |")
+        fixed = [r for r in rows if r["clip"] == clip and r["slo_ms"] is None]
+        if fixed:
+            out.append("\nFixed configurations (no SLO)\n")
+            out.append("| method | mAP | mAP50 | median ms | p99 ms | tiles |")
+            out.append("|---|---|---|---|---|---|")
+            for r in fixed:
+                out.append(f"| {r['method']} | {_fmt(r['map'])} | {_fmt(r['map50'])} | {r['latency_median_ms']:.1f} "
+                           f"| {r['latency_p99_ms']:.1f} | {r['tiles_mean']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def make_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    paths = []
+    clips = list(dict.fromkeys(r["clip"] for r in rows))
+    # Fig. 6: mAP vs SLO, one panel per clip.
+    fig, axes = plt.subplots(1, len(clips), figsize=(5 * len(clips), 4), squeeze=False)
+    for ax, clip in zip(axes[0], clips, strict=True):
+        rs = [r for r in rows if r["clip"] == clip and r["slo_ms"] is not None]
+        for m in SLO_METHODS:
+            pts = sorted((r["slo_ms"], r["map"]) for r in rs if r["method"] == m and r["map"] is not None)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
+        ax.set_title(clip)
+        ax.set_xlabel("latency SLO (ms)")
+        ax.set_ylabel("mAP@[.5:.95] vs reference")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    paths.append(_save(fig, out / "map_vs_slo.png"))
+    # Fig. 8: mean time per step for Uirapuru (non-conservative if present, else conservative) per SLO.
+    fig, axes = plt.subplots(1, len(clips), figsize=(5 * len(clips), 4), squeeze=False)
+    for ax, clip in zip(axes[0], clips, strict=True):
+        rs = [r for r in rows if r["clip"] == clip and r["slo_ms"] is not None]
+        m = "uirapuru-nc" if any(r["method"] == "uirapuru-nc" for r in rs) else "uirapuru-c"
+        rs = sorted((r for r in rs if r["method"] == m), key=lambda r: r["slo_ms"])
+        if rs:
+            x = np.arange(len(rs))
+            bottom = np.zeros(len(rs))
+            for p in PARTS:
+                v = np.array([r[f"{p}_ms"] for r in rs])
+                ax.bar(x, v, bottom=bottom, label=p)
+                bottom += v
+            ax.scatter(x, [r["slo_ms"] for r in rs], marker="_", s=400, color="k", label="SLO")
+            ax.set_xticks(x, [f"{r['slo_ms']:g}" for r in rs])
+        ax.set_title(f"{clip} · {m}")
+        ax.set_xlabel("latency SLO (ms)")
+        ax.set_ylabel("mean time per frame (ms)")
+    axes[0][0].legend(fontsize=7)
+    paths.append(_save(fig, out / "time_breakdown.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Sequence[ClipResult], rows: Sequence[dict[str, Any]], plots: Sequence[Path],
+                 path: Path, profile_info: dict[str, Any]) -> Path:
+    lines = ["# Uirapuru tile-bench\n",
+             f"Profile: {profile_info.get('path')} (machine {profile_info.get('machine')}, load average at "
+             f"profiling {profile_info.get('loadavg')})\n"]
+    for r in results:
+        rep = f"{np.mean(r.reprojection_px):.2f} px" if r.reprojection_px else "n/a"
+        lines.append(f"- {Path(r.clip).name}: {r.size[0]}x{r.size[1]}, {r.frames} frames, camera from {r.camera}, "
+                     f"quad-tree depth {r.max_depth}, {r.history_objects} historical objects "
+                     f"({r.info.get('history')}), plan runtime estimate {r.plan_runtime_ms:.2f} ms, "
+                     f"MV-vs-truth box-centre reprojection error {rep}")
+    lines.append("")
+    lines.append(markdown_tables(rows))
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,99 @@
+"""`fluxshard tile` / `tile-bench` end to end on a tiny virtual-PTZ clip (shipped profile, few frames)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxshard.data.fetch import clip_path
+from fluxshard.data.ptz import make_ptz_clip
+from fluxshard.tiling.profile import load_profile
+from fluxshard.tiling.profiler import shipped_profile_path
+
+
+@pytest.fixture(scope="module")
+def ptz_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tile") / "pz.mp4"
+    make_ptz_clip(clip_path("vtest"), out, "pause:2,pan:4:3,zoom:1.03:3", size=(448, 336))
+    return out
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fluxshard", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_shipped_profile_loads() -> None:
+    prof = load_profile(shipped_profile_path("nanodet"))
+    assert prof.names == ["nanodet320", "nanodet416", "nanodet512", "nanodet640"]
+    assert "remix" in prof.meta and len(prof.meta["remix"]["accuracy"]["nanodet640"]) == 12
+
+
+def test_tile_json(ptz_clip: Path, tmp_path: Path) -> None:
+    ov = tmp_path / "ov.mp4"
+    r = cli("tile", str(ptz_clip), "--slo", "150", "--json", "--profile", "shipped", "--history", "2",
+            "--max-frames", "5", "--out", str(ov))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    s = json.loads(lines[0])
+    for k in ("map", "map50", "latency_median_ms", "miss_rate", "overhead_share", "plan_types", "camera",
+              "reprojection_error_px", "plan_runtime_ms", "quadtree_depth"):
+        assert k in s, k
+    assert s["frames"] == 5 and s["mode"] == "conservative" and s["camera"] == "ground-truth PTZ JSON"
+    assert 0 <= s["miss_rate"] <= 1 and 0 <= s["overhead_share"] < 1
+    assert sum(s["plan_types"].values()) == pytest.approx(1.0)
+    assert s["reprojection_error_px"] is not None and s["reprojection_error_px"] < 10
+    assert ov.exists() and ov.stat().st_size > 0
+
+
+def test_tile_motion_vectors_without_json(ptz_clip: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.mp4"
+    shutil.copy(ptz_clip, bare)  # no JSON beside it: camera from motion vectors, history from the clip
+    r = cli("tile", str(bare), "--slo", "80", "--mode", "non-conservative", "--json", "--profile", "shipped",
+            "--history", "2", "--max-frames", "4")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["camera"] == "motion vectors" and s["reprojection_error_px"] is None and s["frames"] == 4
+
+
+def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tb"
+    r = cli("tile-bench", str(ptz_clip), "--slo", "60,200", "--json", "--profile", "shipped", "--history", "2",
+            "--max-frames", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["slos"] == [60.0, 200.0]
+    methods = {(row["method"], row["slo_ms"]) for row in data["summary"]}
+    for slo in (60.0, 200.0):
+        for m in ("uirapuru-c", "uirapuru-nc", "remix", "ds", "ut"):
+            assert (m, slo) in methods
+    for name in ("ds-nanodet320", "ut-nanodet640"):
+        assert (name, None) in methods
+    ref = next(row for row in data["summary"] if row["method"] == "ut-nanodet640")
+    assert ref["map"] == pytest.approx(1.0, abs=1e-6) or ref["map"] is None  # the reference scores itself 1
+    for f in ("frames_csv", "summary_csv", "report"):
+        assert Path(data[f]).exists()
+    assert all(Path(p).exists() for p in data["plots"]) and len(data["plots"]) == 2
+    with open(data["frames_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} >= {"uirapuru-c", "remix", "ds-nanodet416"}
+    assert "| SLO (ms) |" in Path(data["report"]).read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["tile", "/nonexistent/clip.mp4", "--slo", "50", "--profile", "shipped"], "/nonexistent/clip.mp4"),
+    (["tile-bench", "vtest", "--slo", "fast", "--profile", "shipped"], "--slo"),
+    (["tile", "vtest", "--slo", "50", "--profile", "/nonexistent/p.json"], "/nonexistent/p.json"),
+    (["tile", "vtest", "--slo", "50", "--mode", "greedy"], "--mode"),
+])
+def test_errors_are_one_line(args: list[str], needle: str) -> None:
+    r = cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr

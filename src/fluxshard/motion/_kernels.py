@@ -148,49 +148,87 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
             filled[i, j] = False
             # --- pool the block's cells: majority vector, covered, coherent
             kb = min(k, wc - j * k)
-            n = 0
-            cov = True
-            for a in range(ka):
-                cy = i * k + a
-                for b in range(kb):
-                    cx = j * k + b
-                    key = keys[cy, cx]
-                    if key == EMPTY:
-                        cov = False
+            if ka == 2 and kb == 2:  # 8-px cells in a 16-px block (H.264 at b = 16): four keys, unrolled
+                cy = i * 2
+                cx = j * 2
+                k00 = keys[cy, cx]
+                k01 = keys[cy, cx + 1]
+                k10 = keys[cy + 1, cx]
+                k11 = keys[cy + 1, cx + 1]
+                if k00 == EMPTY or k01 == EMPTY or k10 == EMPTY or k11 == EMPTY:
+                    continue
+                out[2, i, j] = COVERED
+                n_covered += 1
+                if not (k00 == k01 and k00 == k10 and k00 == k11):
+                    # majority vote, first of the most frequent in raster order; fewer than 2 of 4 → incoherent
+                    c0 = 1 + (k01 == k00) + (k10 == k00) + (k11 == k00)
+                    c1 = 1 + (k00 == k01) + (k10 == k01) + (k11 == k01)
+                    c2 = 1 + (k00 == k10) + (k01 == k10) + (k11 == k10)
+                    c3 = 1 + (k00 == k11) + (k01 == k11) + (k10 == k11)
+                    best_c = c0
+                    if c1 > best_c:
+                        best_c = c1
+                        cx += 1
+                    if c2 > best_c:
+                        best_c = c2
+                        cy = i * 2 + 1
+                        cx = j * 2
+                    if c3 > best_c:
+                        best_c = c3
+                        cy = i * 2 + 1
+                        cx = j * 2 + 1
+                    if 2 * best_c < 4:
+                        continue
+                fy = kf[cy, 2 * cx + 1]
+                fx = kf[cy, 2 * cx]
+            else:
+                n = 0
+                cov = True
+                for a in range(ka):
+                    cy = i * k + a
+                    for b in range(kb):
+                        cx = j * k + b
+                        key = keys[cy, cx]
+                        if key == EMPTY:
+                            cov = False
+                            break
+                        ks[n] = key
+                        pos[n] = cy * wc + cx
+                        n += 1
+                    if not cov:
                         break
-                    ks[n] = key
-                    pos[n] = cy * wc + cx
-                    n += 1
-                if not cov:
-                    break
-            if not cov or n == 0:
-                continue
-            out[2, i, j] = COVERED
-            n_covered += 1
-            best = 0
-            best_c = n
-            k0 = ks[0]
-            for p in range(1, n):
-                if ks[p] != k0:
-                    best_c = 0
-                    break
-            if best_c == 0:  # partitions disagree: majority vote
-                for p in range(n):
-                    c = 0
-                    for q in range(n):
-                        if ks[p] == ks[q]:
-                            c += 1
-                    if c > best_c:
-                        best_c = c
-                        best = p
-                if 2 * best_c < n:
-                    continue  # incoherent
-            bcy = pos[best] // wc
-            bcx = pos[best] - bcy * wc
-            fy = kf[bcy, 2 * bcx + 1]
-            fx = kf[bcy, 2 * bcx]
-            by = _round_half_away(fy / prior)  # without verification the expected span is taken as exact
-            bx = _round_half_away(fx / prior)
+                if not cov or n == 0:
+                    continue
+                out[2, i, j] = COVERED
+                n_covered += 1
+                best = 0
+                best_c = n
+                k0 = ks[0]
+                for p in range(1, n):
+                    if ks[p] != k0:
+                        best_c = 0
+                        break
+                if best_c == 0:  # partitions disagree: majority vote
+                    for p in range(n):
+                        c = 0
+                        for q in range(n):
+                            if ks[p] == ks[q]:
+                                c += 1
+                        if c > best_c:
+                            best_c = c
+                            best = p
+                    if 2 * best_c < n:
+                        continue  # incoherent
+                bcy = pos[best] // wc
+                bcx = pos[best] - bcy * wc
+                fy = kf[bcy, 2 * bcx + 1]
+                fx = kf[bcy, 2 * bcx]
+            if prior == 1:
+                by = _round_half_away(np.float64(fy))
+                bx = _round_half_away(np.float64(fx))
+            else:  # without verification the expected span is taken as exact
+                by = _round_half_away(fy / prior)
+                bx = _round_half_away(fx / prior)
             if verify:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must

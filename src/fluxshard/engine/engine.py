@@ -59,10 +59,13 @@ class EngineConfig:
     calibrate: bool = False  # measure each layer's sparse/dense costs on the first dense frame (~2 s for NanoDet)
     fuse: bool = True  # apply a convolution's sole following activation on its recomputed tiles only
     rfap: bool = True  # fast mode: strict RFAP at the first conv; False = naive MV reuse (a baseline, not exact)
+    layout: str = "auto"  # executor path: auto (cost model) | batch | hw | gemm | pgemm | dense (tests, benchmarks)
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
             raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
+        if self.layout not in ("auto", "batch", "hw", "gemm", "pgemm", "dense"):
+            raise EngineError(f"engine layout must be auto, batch, hw, gemm, pgemm or dense, not {self.layout!r}")
         if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0
                                      or not self.rfap):
             raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation) and always applies "
@@ -203,6 +206,7 @@ class Engine:
         self._post, self._fused_into = _find_fusions(self.gm, self.info) if self.config.fuse \
             else ({}, {})
         self._conv_nodes = _conv_nodes(self.gm, self.info)
+        self._runner_obj: _Runner | None = None
         self.reset()
 
     @property
@@ -292,15 +296,24 @@ class Engine:
         return PixelMaps.build(field, residual)
 
     # -- execution -----------------------------------------------------------------------------------------
+    def _runner(self, maps: PixelMaps | None) -> _Runner:
+        """One interpreter per engine, re-armed per frame (building an ``fx.Interpreter`` walks every
+        submodule, ~0.5 ms)."""
+        r = self._runner_obj
+        if r is None:
+            r = self._runner_obj = _Runner(self)
+        r.arm(maps)
+        return r
+
     def _run_dense(self, x: torch.Tensor) -> Any:
-        runner = _Runner(self, None)
+        runner = self._runner(None)
         out = runner.run(x)
         self._caches = runner.new_caches
         return out
 
     def _run_incremental(self, x: torch.Tensor, maps: PixelMaps,
                          ) -> tuple[Any, list[LayerStats], np.ndarray | None]:
-        runner = _Runner(self, maps)
+        runner = self._runner(maps)
         out = runner.run(x)
         self._caches = runner.new_caches
         return out, runner.layer_stats, runner.first_recompute
@@ -339,16 +352,21 @@ class _Runner(fx.Interpreter):
     Caches are updated in place (moved rows, then recomputed tiles): ``Engine.step`` hands out copies of the
     outputs, so nothing outside the engine aliases a cache."""
 
-    def __init__(self, engine: Engine, maps: PixelMaps | None) -> None:
+    def __init__(self, engine: Engine) -> None:
         super().__init__(engine.gm)
         self.engine = engine
+        self._convs = engine._conv_nodes
+        self._args = {n.name: [a.name for a in tensor_args(n)] for n in engine.gm.graph.nodes}
+        self.arm(None)
+
+    def arm(self, maps: PixelMaps | None) -> None:
+        """Per-frame state: the input maps (None = dense frame) and fresh caches, masks and stats."""
         self.maps = maps
-        self.fast = maps is not None and engine.config.mode == "fast"
+        self.fast = maps is not None and self.engine.config.mode == "fast"
         self.new_caches: dict[str, torch.Tensor] = {}
         self.layer_stats: list[LayerStats] = []
         self.changed: dict[str, np.ndarray] = {}
         self._masks: dict[tuple[Any, ...], Any] = {}
-        self._convs = engine._conv_nodes
         self.first_recompute: np.ndarray | None = None
 
     def run_node(self, n: fx.Node) -> Any:
@@ -405,8 +423,11 @@ class _Runner(fx.Interpreter):
         else:
             base = _move(cache, sy, sx, moves)
             if eng._sparse is not None:
+                layout = eng.config.layout
+                if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
+                    layout = "batch"  # GEMM paths need groups == 1
                 y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
-                                    tiles=tiles, track=self.fast, positions=np.flatnonzero(rec))
+                                    tiles=tiles, track=self.fast, positions=np.flatnonzero(rec), layout=layout)
                 path = st.path
                 tile_fraction = st.fraction if path != "dense" else 1.0
                 if self.fast:
@@ -492,7 +513,7 @@ class _Runner(fx.Interpreter):
             assert self.maps is not None
             self.changed[n.name] = self.maps.residual
             return
-        ins = [self.changed[a.name] for a in tensor_args(n) if a.name in self.changed]
+        ins = [self.changed[a] for a in self._args[n.name] if a in self.changed]
         shape = self.engine.info.shapes.get(n.name)
         if not ins or shape is None or len(shape) != 4:
             if ins:

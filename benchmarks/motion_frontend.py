@@ -1,16 +1,21 @@
 """Cost of the motion front-end relative to plain decoding, measured in one run (medians over repeats).
 
-For each clip, three passes alternate ``--repeats`` times so machine noise hits them alike:
+For each clip, four passes run ``--repeats`` times, their order rotated every repeat so machine noise and
+drift hit them alike:
 
 * ``plain``  — decode every frame (threading SLICE, no side data) and take its luma plane;
 * ``plain+rgb`` — the same plus RGB conversion, what any analytics consumer does anyway;
-* ``motion`` — decode with ``+export_mvs`` and build the sanitised per-block field (verification and
-  fill included) for every frame: the whole motion front-end.
+* ``export`` — decode with ``+export_mvs`` and take the luma plane, side data left unread: what libavcodec
+  itself spends producing the vectors (attribution only: it is part of the front-end's cost);
+* ``motion`` — decode with ``+export_mvs`` and build the sanitised per-block field (verification, fill and
+  block matching of I-frames included) for every frame: the whole motion front-end.
 
 All passes use the same decoder settings (SLICE threading, frames decoded ahead on a worker thread, which
-FFmpeg allows because it releases the GIL). Two costs are printed: wall-clock overhead = motion / plain − 1
-(throughput a user sees; on two cores the front-end mostly overlaps decoding) and CPU overhead from
-process CPU time, all threads summed (what the front-end costs an otherwise busy machine). Usage:
+FFmpeg allows because it releases the GIL). Overheads are medians of the per-repeat ratios (each ratio
+pairs passes run back to back). Printed: wall-clock overhead = motion / plain − 1 (throughput a user sees;
+on two cores the front-end partly overlaps decoding), CPU overhead from process CPU time, all threads summed
+(what the front-end costs an otherwise busy machine), the part of that CPU overhead spent inside the
+decoder's vector export, and the front-end's CPU time per frame. Usage:
 ``python benchmarks/motion_frontend.py [CLIP ...] [--repeats 5]`` (default: the bundled clips + a PTZ clip).
 """
 
@@ -27,10 +32,10 @@ from fluxshard.motion import MotionStream
 from fluxshard.video import open_video
 
 
-def plain(path: str, rgb: bool) -> tuple[int, float, float]:
+def plain(path: str, rgb: bool = False, export: bool = False) -> tuple[int, float, float]:
     t, c = time.perf_counter(), time.process_time()
     n = 0
-    for f in open_video(path, export_mvs=False, on_error="collect"):
+    for f in open_video(path, export_mvs=export, read_mvs=False, on_error="collect"):
         _ = f.rgb if rgb else f.luma
         n += 1
     return n, time.perf_counter() - t, time.process_time() - c
@@ -44,6 +49,11 @@ def motion(path: str) -> tuple[int, float, float, str]:
         _ = mf.field
         n += 1
     return n, time.perf_counter() - t, time.process_time() - c, ms.mv_source
+
+
+def ratio(a: dict[str, list[float]], k: str, base: str = "plain") -> float:
+    """Median over repeats of a[k] / a[base] − 1 (passes of one repeat ran back to back)."""
+    return statistics.median(x / y for x, y in zip(a[k], a[base], strict=True)) - 1
 
 
 def main() -> None:
@@ -61,26 +71,31 @@ def main() -> None:
         clips.append(str(ptz))
     motion(clips[0])  # load the compiled kernels outside the timings
     print(f"{'clip':<16}{'codec':<10}{'src':<11}{'frames':>7}{'plain fps':>11}{'+rgb fps':>10}{'motion fps':>12}"
-          f"{'wall ovh':>10}{'cpu ovh':>9}{'cpu ovh vs +rgb':>17}")
+          f"{'wall ovh':>10}{'cpu ovh':>9}{'(export)':>10}{'cpu ovh vs +rgb':>17}{'µs/frame':>10}")
     for c in clips:
-        wp, wr, wm, cp, cr, cm = [], [], [], [], [], []
-        src = ""
+        passes = {
+            "plain": lambda c=c: plain(c),
+            "rgb": lambda c=c: plain(c, rgb=True),
+            "export": lambda c=c: plain(c, export=True),
+            "motion": lambda c=c: motion(c)[:3],
+        }
+        names = list(passes)
+        wall: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
         n = 0
-        for _ in range(args.repeats):
-            n, t, cpu = plain(c, rgb=False)
-            wp.append(t)
-            cp.append(cpu)
-            _, t, cpu = plain(c, rgb=True)
-            wr.append(t)
-            cr.append(cpu)
-            _, t, cpu, src = motion(c)
-            wm.append(t)
-            cm.append(cpu)
+        for r in range(args.repeats):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                n, t, u = passes[k]()
+                wall[k].append(t)
+                cpu[k].append(u)
+        src = motion(c)[3]
         med = statistics.median
-        p, r, m = med(wp), med(wr), med(wm)
+        extra_vs_rgb = med((m - p) / r for m, p, r in zip(cpu["motion"], cpu["plain"], cpu["rgb"], strict=True))
+        per_frame = med((m - p) / n * 1e6 for m, p in zip(cpu["motion"], cpu["plain"], strict=True))
         codec = open_video(c).info.codec
-        print(f"{Path(c).name:<16}{codec:<10}{src:<11}{n:>7}{n / p:>11.0f}{n / r:>10.0f}{n / m:>12.0f}"
-              f"{m / p - 1:>10.1%}{med(cm) / med(cp) - 1:>9.1%}{(med(cm) - med(cp)) / med(cr):>17.1%}")
+        print(f"{Path(c).name:<16}{codec:<10}{src:<11}{n:>7}{n / med(wall['plain']):>11.0f}"
+              f"{n / med(wall['rgb']):>10.0f}{n / med(wall['motion']):>12.0f}{ratio(wall, 'motion'):>10.1%}"
+              f"{ratio(cpu, 'motion'):>9.1%}{ratio(cpu, 'export'):>10.1%}{extra_vs_rgb:>17.1%}{per_frame:>10.0f}")
     tmp.cleanup()
 
 

@@ -9,7 +9,8 @@ cached on disk (``cache=True``).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 CELL = 4
 
@@ -324,26 +325,57 @@ def luma_histograms(a, b, ha, hb) -> None:
     _histogram32(b, hb)
 
 
+def _sad_zero(img):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_sad_zero)
+def _sad_zero_impl(img):
+    """The accumulator's zero: integer for integer images (exact, 1-cycle adds), float64 otherwise."""
+    if isinstance(img.dtype, types.Integer):
+        return lambda img: np.int64(0)
+    return lambda img: 0.0
+
+
+#: "No candidate yet" for integer sums (far above any real sum, and exact in float64).
+_INT_NONE = 1 << 62
+
+
+def _sad_none(img):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_sad_none)
+def _sad_none_impl(img):
+    """Initial best sum (no candidate yet), in the accumulator's type."""
+    if isinstance(img.dtype, types.Integer):
+        return lambda img: np.int64(_INT_NONE)
+    return lambda img: np.inf
+
+
+def _absdiff(a, b):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_absdiff)
+def _absdiff_impl(a, b):
+    """|a − b| without wrap-around: in int32 for integer pixels, float32 for the pyramid levels."""
+    if isinstance(a, types.Integer):
+        return lambda a, b: abs(np.int32(a) - np.int32(b))
+    return lambda a, b: abs(np.float32(a) - np.float32(b))
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _block_sad(cur, ref, y0, x0, bh, bw, dy, dx, step, limit) -> float:
+def _block_sad(cur, ref, y0, x0, bh, bw, dy, dx, step, limit):
     """Sum of |Δ| over the sampled pixels of a block displaced by (dy, dx); stops after the first sample row
-    that reaches ``limit`` (the candidate can no longer win, the partial sum is returned)."""
-    acc = 0.0
-    x1 = x0 + bw
+    that reaches ``limit`` (the candidate can no longer win, the partial sum is returned). Integer sums for
+    uint8 planes, float64 for the float pyramid: both exact (see :func:`match_level`)."""
+    acc = _sad_zero(cur)
     for y in range(y0, y0 + bh, step):
         rc = cur[y]
         rr = ref[y + dy]
-        # two chains: the sums are exact (see match_level), so their order does not matter
-        a0 = 0.0
-        a1 = 0.0
-        x = x0
-        while x + step < x1:
-            a0 += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
-            a1 += abs(np.float32(rc[x + step]) - np.float32(rr[x + step + dx]))
-            x += 2 * step
-        if x < x1:
-            a0 += abs(np.float32(rc[x]) - np.float32(rr[x + dx]))
-        acc += a0 + a1
+        for x in range(x0, x0 + bw, step):
+            acc += _absdiff(rc[x], rr[x + dx])
         if acc >= limit:
             break
     return acc
@@ -359,6 +391,7 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
     evaluates the cost on every step-th pixel in each direction."""
     height, width = cur.shape
     hb, wb = out_dy.shape
+    side = 2 * radius + 1
     for i in range(hb):
         y0 = i * block
         bh = min(block, height - y0)
@@ -372,18 +405,18 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
             # candidate stop as soon as its partial sum reaches the best (partial distortion elimination):
             # same winner, same cost as evaluating every candidate in full.
             n_samples = ((bh + step - 1) // step) * ((bw + step - 1) // step)
-            best_sad = np.inf
+            best_sad = _sad_none(cur)
             by = 0
             bx = 0
-            for n in range(-1 if try_zero else 0, (2 * radius + 1) ** 2):
+            for n in range(-1 if try_zero else 0, side * side):
                 if n < 0:
                     cy = 0
                     cx = 0
                 else:
                     # spiral-free order: the prediction first, then the square around it
-                    k = (n + (2 * radius + 1) ** 2 // 2) % (2 * radius + 1) ** 2
-                    cy = py + k // (2 * radius + 1) - radius
-                    cx = px + k % (2 * radius + 1) - radius
+                    k = (n + side * side // 2) % (side * side)
+                    cy = py + k // side - radius
+                    cx = px + k % side - radius
                     if try_zero and cy == 0 and cx == 0:
                         continue  # already evaluated first; an equal cost never wins
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
@@ -395,7 +428,7 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                     bx = cx
             out_dy[i, j] = by
             out_dx[i, j] = bx
-            out_cost[i, j] = best_sad / n_samples
+            out_cost[i, j] = np.inf if best_sad == _sad_none(cur) else best_sad / n_samples
 
 
 @njit(cache=True, nogil=True)

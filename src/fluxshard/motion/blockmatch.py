@@ -74,8 +74,9 @@ def block_match(
         top = lvl == levels - 1
         pdy, pdx = (dy, dx) if top else (dy * 2, dx * 2)
         ndy, ndx = np.empty_like(dy), np.empty_like(dx)
-        _kernels.match_level(pyr_c[lvl], pyr_r[lvl], b >> lvl, pdy, pdx, cfg.search if top else 1, lvl == 0, 1,
-                             ndy, ndx, cost)
+        # Full resolution on the planes themselves: integer costs, equal to those of the float copies.
+        c_l, r_l = (cur, ref) if lvl == 0 and cur.dtype == np.uint8 == ref.dtype else (pyr_c[lvl], pyr_r[lvl])
+        _kernels.match_level(c_l, r_l, b >> lvl, pdy, pdx, cfg.search if top else 1, lvl == 0, 1, ndy, ndx, cost)
         dy, dx = ndy, ndx
     f = MotionField(dy, dx, cost <= cfg.tau, b, height, width, frame_type, source="blockmatch")
     f.valid &= f.source_inside()

@@ -110,8 +110,12 @@ class VideoSource:
         on_error: Literal["raise", "collect"] = "raise",
         max_frames: int | None = None,
         prefetch: int = 4,
+        read_mvs: bool = True,
     ) -> None:
         self.path = str(path)
+        # False: decode with +export_mvs but leave the side data unread (``mvs`` is None). Only for measuring
+        # what the decoder's own vector export costs.
+        self._read_mvs = read_mvs
         self.prefetch = prefetch
         self.on_error = on_error
         self.max_frames = max_frames
@@ -219,6 +223,7 @@ class VideoSource:
         stream = self._stream
         demux = self._container.demux(stream)
         n = 0
+        read = self.export_mvs and self._read_mvs
         clock = time.thread_time  # CPU time of the decoding thread: robust to the machine being shared
         while True:
             t0 = clock()
@@ -239,7 +244,7 @@ class VideoSource:
             for frame in frames:
                 if frame.is_corrupt:
                     self.problems.append(DecodeProblem(n, f"corrupt data in frame {n} (decoder concealed errors)"))
-                yield frame, (_read_mvs(frame) if self.export_mvs else None)
+                yield frame, (_read_mvs(frame) if read else None)
                 n += 1
                 if self.max_frames is not None and n >= self.max_frames:
                     return

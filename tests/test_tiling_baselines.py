@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fluxshard.models.base import Detections
-from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, pick_for_slo, tiles_per_frame, uniform_plan
+from fluxshard.tiling.baselines import (
+    RemixPlanner,
+    downsample_plan,
+    fitting,
+    pick_for_slo,
+    tiles_per_frame,
+    uniform_plan,
+)
 from fluxshard.tiling.bins import EDGES, N_BINS
 from fluxshard.tiling.profile import FamilyProfile, synthetic_family
 from fluxshard.tiling.profiler import REMIX_EDGES, _bin_ap, _clip_reference, fill_bins, sub_images
@@ -39,6 +46,7 @@ def test_pick_for_slo() -> None:
     assert pick_for_slo(fam, 45, tiles) == 3  # 320 and 640 fit; the larger input wins
     assert pick_for_slo(fam, 55, tiles) == 3
     assert pick_for_slo(fam, 39, tiles) == 0  # nothing fits: the cheapest plan (first of the ties)
+    assert fitting(fam, 45, tiles) == [0, 3] and fitting(fam, 39, tiles) == [0]
 
 
 def test_remix_values_use_absolute_input_pixels() -> None:

@@ -165,6 +165,7 @@ def test_nanodet_tiles_find_people_and_merge(nanodet_family: DetectorFamily) -> 
     from fluxshard.data.fetch import clip_path
     from fluxshard.video import open_video
 
+    assert nanodet_family.reference_model == 1  # the network's trained input (416), not the largest
     rgb = next(iter(open_video(clip_path("vtest"), export_mvs=False, max_frames=1))).rgb
     h, w = rgb.shape[:2]
     tiles = [(r, 0) for r in uniform_grid(w, h, 320)]

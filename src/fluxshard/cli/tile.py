@@ -164,7 +164,7 @@ def tile(
         "plan_runtime_ms": round(res.plan_runtime_ms, 3),
         "map": None if np.isnan(ap.map) else round(ap.map, 4),
         "map50": None if np.isnan(ap.map50) else round(ap.map50, 4),
-        "reference": f"uniform tiling with {family.names[int(np.argmax(family.sizes))]} (score >= 0.5)",
+        "reference": f"uniform tiling with {family.names[family.reference_model]} (score >= 0.5)",
         "latency_median_ms": round(float(np.median(lat)), 2), "latency_mean_ms": round(float(lat.mean()), 2),
         "latency_p99_ms": round(float(np.percentile(lat, 99)), 2),
         "miss_rate": round(float((lat > slo).mean()), 4),

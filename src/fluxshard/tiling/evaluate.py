@@ -1,9 +1,10 @@
 """One evaluation loop for Uirapuru and the baselines on a clip (``fluxshard tile`` / ``tile-bench``).
 
-Bootstrap (once per clip): historical objects from global-view frames (uniform tiling with the largest
-member), the plan-runtime estimate (§3.1.3) and the merge estimate. Then per frame: camera transform (from
-the virtual-PTZ JSON beside the clip, or estimated from motion vectors), every method's plan, its tiles and
-the NMS merge; mAP against the reference (uniform tiling with the largest member on the same frame).
+Bootstrap (once per clip): historical objects from global-view frames (uniform tiling with the reference
+member, :attr:`DetectorFamily.reference_model`), the plan-runtime estimate (§3.1.3) and the merge estimate.
+Then per frame: camera transform (from the virtual-PTZ JSON beside the clip, or estimated from motion
+vectors), every method's plan, its tiles and the NMS merge; mAP against the reference (uniform tiling
+with the reference member on the same frame).
 
 Decisions:
 
@@ -38,7 +39,7 @@ from fluxshard.data.ptz import load_ptz_meta
 from fluxshard.errors import FluxShardError
 from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
 from fluxshard.models.base import Detections
-from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, pick_for_slo, tiles_per_frame, uniform_plan
+from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, fitting, tiles_per_frame, uniform_plan
 from fluxshard.tiling.camera import CameraTracker, ptz_global_to_view, reproject_boxes
 from fluxshard.tiling.infer import DetectorFamily, TileRun, merge
 from fluxshard.tiling.planner import max_depth_for
@@ -191,7 +192,7 @@ def run_clip(
             res = remix.plan(local0, max(0.0, float(slo) - merge_est))
             remix_plans[float(slo)] = res
             fixed[("remix", float(slo))] = [((t.x0, t.y0, t.x1, t.y1), t.model) for t in res.plan.tiles]
-    best = int(np.argmax(sizes))
+    best = family.reference_model
 
     # ------------------------------------------------------------------ frames
     records: list[FrameRecord] = []
@@ -327,6 +328,12 @@ def summarise(res: ClipResult, family: DetectorFamily, prof: FamilyProfile, slos
     per DS/UT member with no SLO (the fixed configurations themselves)."""
     rows = []
     keys = {k for k in res.detections}
+    fixed_rows = {k[0]: _row(res, k[0], k, None) for k in keys if k[1] is None}
+
+    def score(name: str) -> float:
+        v = fixed_rows[name]["map"]
+        return -1.0 if v is None else float(v)
+
     for slo in slos:
         for short in MODE_SHORT.values():
             if (short, float(slo)) in keys:
@@ -334,10 +341,10 @@ def summarise(res: ClipResult, family: DetectorFamily, prof: FamilyProfile, slos
         if ("remix", float(slo)) in keys:
             rows.append(_row(res, "remix", ("remix", float(slo)), float(slo)))
         for prefix, tiles in (("ds", ds_tiles), ("ut", ut_tiles)):
-            m = pick_for_slo(prof, float(slo), tiles)
-            key = (f"{prefix}-{family.names[m]}", None)
-            if key in keys:
-                rows.append(_row(res, prefix, key, float(slo)))
-    for k in sorted((k for k in keys if k[1] is None), key=lambda k: k[0]):
-        rows.append(_row(res, k[0], k, None))
+            names = [f"{prefix}-{family.names[m]}" for m in fitting(prof, float(slo), tiles)]
+            names = [n for n in names if n in fixed_rows]
+            if names:
+                best = max(names, key=score)
+                rows.append(_row(res, prefix, (best, None), float(slo)))
+    rows += [fixed_rows[n] for n in sorted(fixed_rows)]
     return rows

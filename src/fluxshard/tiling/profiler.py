@@ -9,7 +9,8 @@ The load average is recorded in the profile's ``meta`` because the machine is sh
 member input size ``s`` the ``ceil(W/s) x ceil(H/s)`` grid (the paper's "for each available model
 resolution") and the grid of ``s/2`` cells (objects as a 2x zoom shows them, so the upper bins get data;
 at most ``max_cells`` cells of each fine grid per frame, spread evenly). No ground truth: each original
-frame's *reference* objects are uniform tiling with the most accurate (largest-input) member, score >= 0.5
+frame's *reference* objects are uniform tiling with the most accurate member
+(:attr:`DetectorFamily.reference_model`: the network's trained input size, else the largest), score >= 0.5
 (the paper's historical-object extraction, the same confident-output rule as :mod:`fluxshard.metrics`). In a
 sub-image, a reference box at least 70 % inside is an object (clipped); one partly inside is an ``iscrowd``
 region, so detections of its visible part are neither rewarded nor punished. Every member runs on every
@@ -87,8 +88,8 @@ def shipped_profile_path(model: str = "nanodet") -> Path:
 
 
 def reference_detections(family: DetectorFamily, rgb: np.ndarray, model: int | None = None) -> Detections:
-    """Uniform tiling of the frame with one member (default: the largest input), merged with NMS."""
-    m = int(np.argmax(family.sizes)) if model is None else model
+    """Uniform tiling of the frame with one member (default: the reference member), merged with NMS."""
+    m = family.reference_model if model is None else model
     h, w = rgb.shape[:2]
     runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
     return merge([r.detections for r in runs])
@@ -99,7 +100,7 @@ def extract_history(family: DetectorFamily, frames: Sequence[np.ndarray], min_sc
     """§3.1.2: historical objects (global-view xyxy, pooled over frames) and the merge times (ms) seen."""
     boxes, merge_ms = [], []
     for i, rgb in enumerate(frames):
-        m = int(np.argmax(family.sizes))
+        m = family.reference_model
         h, w = rgb.shape[:2]
         runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
         t0 = time.perf_counter()
@@ -291,7 +292,8 @@ def profile_family(
         "profiling_frames": len(frames),
         "profiling_images": len(images),
         "bin_objects": [int(c) for c in (counts_rel if counts_rel is not None else [])],
-        "accuracy_metric": "COCO AP@[.5:.95] per relative-size bin vs uniform tiling with the largest input",
+        "accuracy_metric": "COCO AP@[.5:.95] per relative-size bin vs uniform tiling with the reference member",
+        "reference_model": family.names[family.reference_model],
         "remix": {"edges_px": [float(e) for e in REMIX_EDGES],
                   "accuracy": {family.names[m]: [float(a) for a in remix_acc[m]] for m in range(len(family.sizes))},
                   "bin_objects": counts_abs},

@@ -115,7 +115,7 @@ class VideoSource:
         self.path = str(path)
         # False: decode with +export_mvs but leave the side data unread (``mvs`` is None). Only for measuring
         # what the decoder's own vector export costs.
-        self._read_mvs = read_mvs
+        self._read = read_mvs
         self.prefetch = prefetch
         self.on_error = on_error
         self.max_frames = max_frames
@@ -178,8 +178,8 @@ class VideoSource:
 
     def _frames(self) -> Iterator[DecodedFrame]:
         if self.prefetch <= 0:
-            for frame, mvs in self._decode():
-                yield self._wrap(frame, mvs)
+            for frame in self._decode():
+                yield self._wrap(frame)
             return
         # FFmpeg decodes with the GIL released: a producer thread decodes the next frames while the consumer
         # (motion front-end, inference) works on this one.
@@ -213,17 +213,16 @@ class VideoSource:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                yield self._wrap(*item)
+                yield self._wrap(item)
         finally:
             stop.set()
             worker.join()
 
-    def _decode(self) -> Iterator[tuple[Any, np.ndarray | None]]:
-        """Demux and decode; record problems; yield (PyAV frame, motion vectors or None) in display order."""
+    def _decode(self) -> Iterator[Any]:
+        """Demux and decode; record problems; yield PyAV frames in display order."""
         stream = self._stream
         demux = self._container.demux(stream)
         n = 0
-        read = self.export_mvs and self._read_mvs
         clock = time.thread_time  # CPU time of the decoding thread: robust to the machine being shared
         while True:
             t0 = clock()
@@ -244,12 +243,15 @@ class VideoSource:
             for frame in frames:
                 if frame.is_corrupt:
                     self.problems.append(DecodeProblem(n, f"corrupt data in frame {n} (decoder concealed errors)"))
-                yield frame, (_read_mvs(frame) if read else None)
+                yield frame
                 n += 1
                 if self.max_frames is not None and n >= self.max_frames:
                     return
 
-    def _wrap(self, frame: Any, mvs: np.ndarray | None) -> DecodedFrame:
+    def _wrap(self, frame: Any) -> DecodedFrame:
+        # The side data is read here, on the consuming thread: with decode-ahead, the decoding thread (the
+        # throughput bottleneck) only decodes, and this core's caches still hold the interpreter's state.
+        mvs = _read_mvs(frame) if self._read and self.export_mvs else None
         pict_name = _PICT_NAMES.get(int(frame.pict_type), "?")
         tb = frame.time_base
         out = DecodedFrame(

@@ -33,8 +33,8 @@ def test_truncation_reduces_work_and_bounds_error() -> None:
         noisy.append(((x + 0.004 * torch.randn(x.shape, generator=g)).clamp(0, 1), f))
     act = {}
     err = {}
-    for name, cfg in {"exact": EngineConfig(), "fast": EngineConfig(mode="fast", tau_in=0.02,
-                                                                     default_threshold=0.02)}.items():
+    for name, cfg in {"exact": EngineConfig(layout="pgemm"),
+                      "fast": EngineConfig(mode="fast", tau_in=0.02, default_threshold=0.02)}.items():
         eng = Engine(body, (96, 128), cfg)
         a, e = [], []
         with torch.inference_mode():

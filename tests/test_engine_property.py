@@ -164,8 +164,11 @@ def test_exact_mode_equals_dense_on_random_nets(spec: list[dict[str, Any]], seed
     with torch.inference_mode():
         for t, (x, f) in enumerate(frames):
             out, st_ = eng.step(x, f)
-            assert st_.dense == (t == 0)
-            if t and noise == 0 and shift[0] % s0 == 0 and shift[1] % s0 == 0:
+            if layout == "auto" and t and st_.dense:  # the cost model may run a whole frame dense
+                assert st_.reason == "little to reuse"
+            else:
+                assert st_.dense == (t == 0)
+            if t and not st_.dense and noise == 0 and shift[0] % s0 == 0 and shift[1] % s0 == 0:
                 assert st_.layers[0].reuse_fraction > 0, "nothing reused at the first convolution"
             ref = body(x)
             scale = max(1.0, float(ref.abs().max()))

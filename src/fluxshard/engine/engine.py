@@ -180,6 +180,12 @@ def _plan_cache() -> Any:
     return PlanCache()
 
 
+def choose_path(*args: Any, **kw: Any) -> str:
+    from fluxshard.engine.sparse import choose_path as cp
+
+    return cp(*args, **kw)
+
+
 def _sparse_executor() -> Any:
     try:
         from fluxshard.engine.sparse import sparse_conv2d
@@ -235,8 +241,9 @@ class Engine:
         else:
             assert field is not None and self._x_cache is not None
             maps = self._input_maps(x, field)
+            masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
             try:
-                out, layers, first = self._run_incremental(x, maps)
+                out, layers, first = self._run_incremental(x, maps, masks)
             except BaseException:
                 self.reset()  # caches are updated in place: after a failure only a dense frame is safe
                 raise
@@ -311,9 +318,26 @@ class Engine:
         self._caches = runner.new_caches
         return out
 
-    def _run_incremental(self, x: torch.Tensor, maps: PixelMaps,
+    def _exact_masks(self, maps: PixelMaps) -> dict[tuple[Any, ...], Any]:
+        """Exact mode: the strict RFAP mask of every convolution geometry (~30 µs each), computed up front."""
+        masks: dict[tuple[Any, ...], Any] = {}
+        for name in self._conv_nodes:
+            g = self.info.geoms[name]
+            shape = self.info.shapes.get(name)
+            if shape is None:
+                continue
+            hw = (int(shape[-2]), int(shape[-1]))
+            key = (*g.key(), *hw)
+            if key not in masks:
+                ok, sy, sx = reuse_mask(maps, g, hw)
+                masks[key] = (ok, sy, sx, _Moves(sy, sx))
+        return masks
+
+    def _run_incremental(self, x: torch.Tensor, maps: PixelMaps, masks: dict[tuple[Any, ...], Any] | None = None,
                          ) -> tuple[Any, list[LayerStats], np.ndarray | None]:
         runner = self._runner(maps)
+        if masks:
+            runner._masks.update(masks)
         out = runner.run(x)
         self._caches = runner.new_caches
         return out, runner.layer_stats, runner.first_recompute
@@ -406,6 +430,16 @@ class _Runner(fx.Interpreter):
         rec = np.empty((ho, wo), np.bool_)
         if not self.fast or (cn.first and eng.config.rfap):
             ok, sy, sx, moves = self._strict(n.name, (ho, wo))  # exact mode, or the first conv in fast mode
+            if not self.fast and self._dense_anyway(cn, x, ok, tile):
+                # lossy video often leaves a residual in most receptive fields: when even the optimistic
+                # fraction (tiles no coarser than positions) is past the layer's crossover, skip the bookkeeping
+                y = conv(x) if post is None else post(conv(x))
+                self.new_caches[n.name] = y
+                f = 1.0 - float(ok.mean())
+                self.layer_stats.append(LayerStats(n.name, 1.0 - f, f, (time.perf_counter() - t0) * 1e3, "dense"))
+                if self.first_recompute is None:
+                    self.first_recompute = ~ok
+                return y
             np.logical_not(ok, out=rec)
             count = _ek.mask_tiles(rec, th, tw, tiles)
         else:
@@ -421,18 +455,27 @@ class _Runner(fx.Interpreter):
             if self.fast:
                 self.changed[n.name] = np.ones((ho, wo), np.bool_)
         else:
-            base = _move(cache, sy, sx, moves)
-            if eng._sparse is not None:
-                layout = eng.config.layout
+            layout = eng.config.layout
+            positions = np.flatnonzero(rec)
+            if eng._sparse is not None and layout == "auto":
+                layout = choose_path(x, conv, tiles, positions, tile=tile, plan_cache=eng._plans)
+                layout = "auto" if layout == "skip" else layout
+            if layout == "dense":  # decided before moving the cache: a dense layer never reads it
+                y, path = (conv(x) if post is None else post(conv(x))), "dense"
+                if self.fast:
+                    self.changed[n.name] = self._truncate(n.name, y, _move(cache, sy, sx, moves), None)
+            elif eng._sparse is not None:
+                base = _move(cache, sy, sx, moves)
                 if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
                     layout = "batch"  # GEMM paths need groups == 1
                 y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
-                                    tiles=tiles, track=self.fast, positions=np.flatnonzero(rec), layout=layout)
+                                    tiles=tiles, track=self.fast, positions=positions, layout=layout)
                 path = st.path
                 tile_fraction = st.fraction if path != "dense" else 1.0
                 if self.fast:
                     self.changed[n.name] = self._truncate(n.name, y, base, st)
             else:
+                base = _move(cache, sy, sx, moves)
                 y = torch.where(torch.from_numpy(rec), conv(x) if post is None else post(conv(x)), base)
                 path = "dense+select"
                 if self.fast:
@@ -443,6 +486,14 @@ class _Runner(fx.Interpreter):
                        tile_fraction)
         )
         return y
+
+    def _dense_anyway(self, cn: _ConvNode, x: torch.Tensor, ok: np.ndarray, tile: int) -> bool:
+        eng = self.engine
+        if eng._plans is None or eng.config.layout != "auto" or not isinstance(cn.module, nn.Conv2d):
+            return False
+        f = 1.0 - float(ok.mean())
+        lc = eng._plans.layer(cn.module, (int(x.shape[-2]), int(x.shape[-1])), tile)[2]
+        return lc.choose(f, f) == "dense"
 
     def _truncate(self, name: str, y: torch.Tensor, base: torch.Tensor, st: Any) -> np.ndarray:
         """Fast mode: positions whose recomputed value moved by more than τ^l (max over channels) from the
@@ -478,7 +529,7 @@ class _Runner(fx.Interpreter):
         key = (*g.key(), *hw)
         if key not in self._masks:
             ok, sy, sx = reuse_mask(self.maps, g, hw)
-            self._masks[key] = (ok, sy, sx, _moves(sy, sx))
+            self._masks[key] = (ok, sy, sx, _Moves(sy, sx))
         return self._masks[key]
 
     def _shift_map(self, S: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
@@ -501,7 +552,7 @@ class _Runner(fx.Interpreter):
             ix = np.arange(wo)[None, :] + sx
             ok = valid & (iy >= 0) & (iy < ho) & (ix >= 0) & (ix < wo)
             sy, sx = np.where(ok, sy, 0), np.where(ok, sx, 0)
-            self._masks[key] = (~ok, sy, sx, _moves(sy, sx))
+            self._masks[key] = (~ok, sy, sx, _Moves(sy, sx))
         return self._masks[key]
 
     # -- fast mode: change masks through non-conv nodes -------------------------------------------------
@@ -550,21 +601,31 @@ def _window(mask: np.ndarray, k: tuple[int, int], s: tuple[int, int], p: tuple[i
     return out
 
 
-def _moves(sy: np.ndarray, sx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(destination rows, source rows) of the positions whose shift is not zero, as pixel-row indices."""
-    moved = np.flatnonzero((sy != 0) | (sx != 0))
-    if moved.size == 0:
-        return None
-    w = sy.shape[1]
-    src = moved + sy.reshape(-1)[moved] * w + sx.reshape(-1)[moved]
-    return torch.from_numpy(moved.astype(np.int64)), torch.from_numpy(src.astype(np.int64))
+class _Moves:
+    """(destination rows, source rows) of the positions whose shift is not zero, as pixel-row indices; built
+    on first use (layers that run dense never need them)."""
+
+    def __init__(self, sy: np.ndarray, sx: np.ndarray) -> None:
+        self.sy, self.sx = sy, sx
+        self._rows: tuple[torch.Tensor, torch.Tensor] | bool | None = False
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._rows is False:
+            sy, sx = self.sy, self.sx
+            moved = np.flatnonzero((sy != 0) | (sx != 0))
+            if moved.size == 0:
+                self._rows = None
+            else:
+                src = moved + sy.reshape(-1)[moved] * sy.shape[1] + sx.reshape(-1)[moved]
+                self._rows = (torch.from_numpy(moved.astype(np.int64)), torch.from_numpy(src.astype(np.int64)))
+        return self._rows  # type: ignore[return-value]
 
 
-def _move(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray,
-          moves: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def _move(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray, lazy: _Moves) -> torch.Tensor:
     """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]``. When few positions move, the moved rows
     are gathered first and written back into ``cache`` in place (a static camera with a few moving objects
     costs only those rows); when most move, one gather builds a new tensor."""
+    moves = lazy.rows()
     if moves is None:
         return cache
     n, c, h, w = cache.shape

@@ -378,6 +378,22 @@ class PlanCache:
         self._geoms[key] = (weakref.ref(conv), g)
         return g
 
+    def layer(self, conv: nn.Conv2d, hw: tuple[int, int], tile: int | None) -> tuple[WindowGeom, _Plan, LayerCost]:
+        """Geometry, plan and cost model of ``conv`` on an input of size ``hw``, memoised per (module, size,
+        tile): repeated calls skip hashing the geometry and building the signature (~40 µs of Python)."""
+        key = (id(conv), hw[0], hw[1], tile)
+        hit = self._calls.get(key)
+        if hit is not None and hit[0]() is conv:
+            return hit[1], hit[2], hit[3]
+        g = self.conv_geometry(conv, hw)
+        plan = self.plan(g, tile or default_tile(g.out_hw))
+        sig = ((1, conv.in_channels, *hw), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+               conv.dilation, conv.groups, conv.padding_mode, plan.tile)
+        lc = self.cost(sig, lambda: default_costs(g, conv.in_channels, conv.out_channels, conv.groups, plan.tile,
+                                                  conv.groups == 1))
+        self._calls[key] = (weakref.ref(conv), g, plan, lc)
+        return g, plan, lc
+
     def plan(self, g: WindowGeom, tile: int) -> _Plan:
         key = (g, tile)
         p = self.plans.get(key)
@@ -682,16 +698,7 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
     cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"input has {x.shape[1]} channels, conv expects {conv.in_channels}")
-    key = (id(conv), int(x.shape[-2]), int(x.shape[-1]), tile)
-    hit = cache._calls.get(key)
-    if hit is not None and hit[0]() is conv:
-        _, g, plan, lc = hit
-    else:
-        g = cache.conv_geometry(conv, (int(x.shape[-2]), int(x.shape[-1])))
-        plan = cache.plan(g, tile or default_tile(g.out_hw))
-        lc = cache.cost(_signature(x, conv, plan.tile), lambda: default_costs(
-            g, conv.in_channels, conv.out_channels, conv.groups, plan.tile, conv.groups == 1))
-        cache._calls[key] = (weakref.ref(conv), g, plan, lc)
+    g, plan, lc = cache.layer(conv, (int(x.shape[-2]), int(x.shape[-1])), tile)
     w, b = conv.weight, conv.bias
 
     def window_op(t: Tensor) -> Tensor:
@@ -704,6 +711,19 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
 
     return _run(x, base, active, g, conv.out_channels, tile, layout, plan_cache, 0.0, window_op, conv,
                 post, gemm, lambda _: lc, inplace, crossover, tiles, track, positions, plan)
+
+
+def choose_path(x: Tensor, conv: nn.Conv2d, tiles: np.ndarray, positions: np.ndarray | None, *,
+                tile: int | None = None, plan_cache: PlanCache | None = None) -> str:
+    """The path ``sparse_conv2d(..., layout="auto")`` would take for this tile grid and position set, without
+    running it: callers skip preparing ``base`` (moving a cache) when the answer is ``"dense"``."""
+    cache = plan_cache if plan_cache is not None else _DEFAULT_CACHE
+    _, plan, lc = cache.layer(conv, (int(x.shape[-2]), int(x.shape[-1])), tile)
+    n = int(np.count_nonzero(tiles))
+    if n == 0:
+        return "skip"
+    fp = len(positions) / (plan.ho * plan.wo) if positions is not None and conv.groups == 1 else None
+    return lc.choose(n / plan.ntiles, fp)
 
 
 def sparse_pool2d(x: Tensor, pool: nn.MaxPool2d | nn.AvgPool2d, base: Tensor, active: Tensor | np.ndarray, *,

@@ -1,0 +1,139 @@
+"""Engine vs dense inference, per clip × model × mode, measured in one run (issue: core engine).
+
+Frames and motion fields are decoded once per clip and kept in memory, so only inference is timed. For every
+mode the engine and the dense body run on the same frame back to back (the machine is shared: only same-loop
+ratios mean anything); medians over the clip (the dense first frame excluded from the engine's median).
+
+Printed per row: dense ms, engine ms, speedup = dense / engine, active fraction (mean share of conv output
+positions recomputed), efficiency = speedup × active fraction (1.0 = the engine costs exactly its share of
+dense work), retention (mAP@0.5 of the engine's detections against dense detections), max |Δ| of the raw
+outputs. ``fast-zero-mv`` runs fast mode with a zero field (the DeltaCNN assumption): on moving clips MV
+alignment must give a smaller active set than zero motion.
+
+    python benchmarks/engine.py [CLIP ...] [--frames 60] [--factor 1,2] [--threads 2] [--modes exact,fast,...]
+
+Default clips: vtest, cup, bikes and a virtual-PTZ pan clip cut from vtest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxshard.data.fetch import clip_path
+from fluxshard.engine.baselines import zero_field
+from fluxshard.engine.engine import Engine, EngineConfig, default_profile
+from fluxshard.engine.inputs import InputMapper, choose_factor
+from fluxshard.metrics import accuracy_retention
+from fluxshard.models import load_model
+from fluxshard.motion import MotionStream
+
+MODES = ("exact", "fast", "fast-zero-mv")
+
+
+def load_frames(path: str, frames: int, factor: int | None) -> tuple[InputMapper, list[tuple[torch.Tensor, Any]]]:
+    stream = MotionStream(path, block=16, max_frames=frames)
+    mapper = InputMapper((stream.info.height, stream.info.width),
+                         factor or choose_factor((stream.info.height, stream.info.width)))
+    out = [(mapper.tensor(mf.frame.rgb), mapper.field(mf.field)) for mf in stream]
+    return mapper, out
+
+
+def config_for(mode: str, model: str) -> EngineConfig:
+    if mode == "exact":
+        return EngineConfig(mode="exact")
+    prof = default_profile(model)
+    return EngineConfig.from_file(prof) if prof else EngineConfig(mode="fast")
+
+
+def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: str) -> dict[str, Any]:
+    cfg = config_for(mode, model)
+    eng = Engine(adapter.body, mapper.input_hw, cfg)
+    body = adapter.body
+    eng_ms: list[float] = []
+    dense_ms: list[float] = []
+    active: list[float] = []
+    diffs: list[float] = []
+    cand, ref = [], []
+    with torch.inference_mode():
+        for i, (x, f) in enumerate(frames):
+            fld = zero_field(f) if mode == "fast-zero-mv" else f
+            t0 = time.perf_counter()
+            out, st = eng.step(x, fld)
+            t1 = time.perf_counter()
+            xd = x.contiguous(memory_format=torch.channels_last)
+            t2 = time.perf_counter()
+            dense = body(xd)
+            t3 = time.perf_counter()
+            if i > 0 and not st.dense:
+                eng_ms.append((t1 - t0) * 1e3)
+                active.append(st.active_fraction)
+            elif i > 0:
+                eng_ms.append((t1 - t0) * 1e3)
+                active.append(1.0)
+            dense_ms.append((t3 - t2) * 1e3)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            refs = dense if isinstance(dense, (tuple, list)) else (dense,)
+            diffs.append(max(float((a - b).abs().max()) for a, b in zip(outs, refs, strict=True)))
+            cand.append(adapter.postprocess_input(out, mapper.input_hw))
+            ref.append(adapter.postprocess_input(dense, mapper.input_hw))
+    rep = accuracy_retention(cand, ref, iou_types=["bbox"])
+    d, e = statistics.median(dense_ms), statistics.median(eng_ms)
+    af = float(np.mean(active))
+    return {"mode": mode, "dense_ms": d, "engine_ms": e, "speedup": d / e, "active": af,
+            "efficiency": d / e * af, "retention_map50": rep.retention.get("bbox", {}).get("map50"),
+            "max_abs_diff": max(diffs), "frames": len(frames)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("clips", nargs="*")
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--factor", default="auto", help="input reduction(s), comma-separated; auto = fit 640 px")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--model", default="nanodet")
+    ap.add_argument("--json", action="store_true", help="also print one JSON line per row")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    clips = [clip_path(c) for c in args.clips] if args.clips else None
+    if clips is None:
+        from fluxshard.data.ptz import make_ptz_clip
+
+        ptz = Path(tmp.name) / "vtest_ptz_pan.mp4"
+        make_ptz_clip(clip_path("vtest"), ptz, "pause:5,pan:4:60,tilt:-2:30", size=(640, 480))
+        clips = [clip_path(c) for c in ("vtest", "cup", "bikes")] + [str(ptz)]
+    adapter = load_model(args.model)
+    factors = [None if f == "auto" else int(f) for f in args.factor.split(",")]
+    modes = args.modes.split(",")
+    print(f"threads {args.threads}, {args.frames} frames per clip, model {args.model}")
+    print(f"{'clip':<18}{'input':>10} {'mode':<14}{'dense ms':>9}{'engine ms':>10}{'speedup':>8}{'active':>8}"
+          f"{'effic.':>7}{'ret@.5':>8}{'max|Δ|':>9}")
+    rows = []
+    for c in clips:
+        for fac in factors:
+            mapper, frames = load_frames(c, args.frames, fac)
+            for m in modes:
+                r = run_mode(adapter, mapper, frames, m, args.model)
+                r.update(clip=Path(c).name, input_hw=list(mapper.input_hw))
+                rows.append(r)
+                ret = r["retention_map50"]
+                print(f"{r['clip']:<18}{'x'.join(map(str, mapper.input_hw[::-1])):>10} {m:<14}{r['dense_ms']:>9.1f}"
+                      f"{r['engine_ms']:>10.1f}{r['speedup']:>7.2f}×{r['active']:>8.3f}{r['efficiency']:>7.2f}"
+                      f"{(ret if ret is not None else float('nan')):>8.3f}{r['max_abs_diff']:>9.2g}", flush=True)
+                if args.json:
+                    print(json.dumps(r))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

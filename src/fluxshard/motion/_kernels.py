@@ -67,9 +67,10 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
     ``mvs`` is the side data's AVMotionVector record array, read in place. ``params`` packs height, width,
     block, (unused), verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
     dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
-    FILLED bits) and the bool maps ``valid`` / ``filled``. ``keys`` (uint64, Hc × Wc for 4-px cells) is
-    scratch for the cell grid and ``kf`` its float32 view (Hc × 2·Wc): each cell holds the float32 pair
-    (vx, vy) of the last past vector drawn on it, so one 64-bit compare tests two vectors for equality
+    FILLED bits) and the bool maps ``valid`` / ``filled``. ``keys`` (uint64, flat, at least Hc × Wc for 4-px
+    cells) is scratch for the cell grid, row-major with the row length of the cell size in use (contiguous,
+    so an 8-px grid touches a quarter of the memory), and ``kf`` its float32 view: each cell holds the float32
+    pair (vx, vy) of the last past vector drawn on it, so one 64-bit compare tests two vectors for equality
     (float32 bit equality is value equality here: no NaN, no −0) and an all-ones key marks an empty cell.
     Returning arrays from numba costs ~7 µs each, more than most of the work. Cells are 8 px when no
     partition is smaller (H.264 exports 8×8 at least), 4 px otherwise. Returns the number of covered blocks.
@@ -98,7 +99,7 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
     prior = max(int(params[11]), 1)
     for cy in range(hc):
         for cx in range(wc):
-            keys[cy, cx] = EMPTY
+            keys[cy * wc + cx] = EMPTY
     for r in range(nmv):
         row = mvs[r]
         if row.source >= 0:  # future reference
@@ -115,8 +116,8 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
         cx1 = min(cx0 + max(w >> shift, 1), wc)
         for cy in range(max(cy0, 0), cy1):
             for cx in range(max(cx0, 0), cx1):
-                kf[cy, 2 * cx] = vx
-                kf[cy, 2 * cx + 1] = vy
+                kf[2 * (cy * wc + cx)] = vx
+                kf[2 * (cy * wc + cx) + 1] = vy
 
     hb = out.shape[1]
     wb = out.shape[2]
@@ -139,10 +140,11 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
             if ka == 2 and kb == 2:  # 8-px cells in a 16-px block (H.264 at b = 16): four keys, unrolled
                 cy = i * 2
                 cx = j * 2
-                k00 = keys[cy, cx]
-                k01 = keys[cy, cx + 1]
-                k10 = keys[cy + 1, cx]
-                k11 = keys[cy + 1, cx + 1]
+                c00 = cy * wc + cx
+                k00 = keys[c00]
+                k01 = keys[c00 + 1]
+                k10 = keys[c00 + wc]
+                k11 = keys[c00 + wc + 1]
                 if k00 == EMPTY or k01 == EMPTY or k10 == EMPTY or k11 == EMPTY:
                     continue
                 out[2, i, j] = COVERED
@@ -167,8 +169,8 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
                         cx = j * 2 + 1
                     if 2 * best_c < 4:
                         continue
-                fy = kf[cy, 2 * cx + 1]
-                fx = kf[cy, 2 * cx]
+                fy = kf[2 * (cy * wc + cx) + 1]
+                fx = kf[2 * (cy * wc + cx)]
             else:
                 n = 0
                 cov = True
@@ -176,7 +178,7 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
                     cy = i * k + a
                     for b in range(kb):
                         cx = j * k + b
-                        key = keys[cy, cx]
+                        key = keys[cy * wc + cx]
                         if key == EMPTY:
                             cov = False
                             break
@@ -207,10 +209,8 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
                             best = p
                     if 2 * best_c < n:
                         continue  # incoherent
-                bcy = pos[best] // wc
-                bcx = pos[best] - bcy * wc
-                fy = kf[bcy, 2 * bcx + 1]
-                fx = kf[bcy, 2 * bcx]
+                fy = kf[2 * pos[best] + 1]
+                fx = kf[2 * pos[best]]
             if prior == 1:
                 by = _round_half_away(np.float64(fy))
                 bx = _round_half_away(np.float64(fx))

@@ -87,7 +87,7 @@ class CodecFieldBuilder:
         self._params = np.array([height, width, b, 0, config.verify, max(config.max_ref_span, 1), config.verify_tau,
                                  config.verify_margin, config.verify_good, config.fill, config.fill_tau, 1],
                                 np.float64)
-        self._keys = np.empty((-(-height // CELL), -(-width // CELL)), np.uint64)
+        self._keys = np.empty((-(-height // CELL)) * (-(-width // CELL)), np.uint64)
         self._keys_f32 = self._keys.view(np.float32)
 
     def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,

@@ -172,7 +172,7 @@ def test_nanodet_tiles_find_people_and_merge(nanodet_family: DetectorFamily) -> 
     merged, runs, _ = nanodet_family.run_plan(rgb, tiles)
     assert len(runs) == 6
     people = merged.filter(0.5, "person")
-    assert len(people) >= 4
+    assert len(people) >= 3
     b = merged.boxes
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= h).all()
     # duplicates across tile borders are merged: no two same-class boxes overlap by more than the NMS IoU

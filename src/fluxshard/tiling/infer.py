@@ -182,7 +182,7 @@ class DetectorFamily:
         return merged, runs, 1e3 * (time.perf_counter() - t0)
 
 
-def uniform_grid(width: int, height: int, input_size: int) -> list[tuple[float, float, float, float]]:
+def uniform_grid(width: int, height: int, input_size: float) -> list[tuple[float, float, float, float]]:
     """The ``ceil(W/s) x ceil(H/s)`` grid of a uniform plan for input size ``s`` (row-major rects)."""
     nx, ny = math.ceil(width / input_size), math.ceil(height / input_size)
     tw, th = width / nx, height / ny

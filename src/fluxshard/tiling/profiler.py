@@ -96,13 +96,16 @@ def reference_detections(family: DetectorFamily, rgb: np.ndarray, model: int | N
 
 
 def extract_history(family: DetectorFamily, frames: Sequence[np.ndarray], min_score: float = REFERENCE_MIN_SCORE,
-                    progress: Progress | None = None) -> tuple[np.ndarray, list[float]]:
-    """§3.1.2: historical objects (global-view xyxy, pooled over frames) and the merge times (ms) seen."""
+                    progress: Progress | None = None, scale: float = 1.0) -> tuple[np.ndarray, list[float]]:
+    """§3.1.2: historical objects (global-view xyxy, pooled over frames) and the merge times (ms) seen.
+
+    ``scale`` > 1 runs the uniform tiling at that many input px per global-view px (grid cells of
+    ``input / scale`` global px, up-sampled): the pixel scale at which the camera will see the scene."""
     boxes, merge_ms = [], []
     for i, rgb in enumerate(frames):
         m = family.reference_model
         h, w = rgb.shape[:2]
-        runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
+        runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m] / max(scale, 1.0))]
         t0 = time.perf_counter()
         det = merge([r.detections for r in runs])
         merge_ms.append(1e3 * (time.perf_counter() - t0))

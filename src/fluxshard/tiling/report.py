@@ -68,7 +68,7 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
         get = {(r["method"], r["slo_ms"]): r for r in rs}
         out.append(f"### {clip}\n")
         out.append("mAP@[.5:.95] vs the reference (uniform tiling with the reference member); DS/UT = the best "
-                   "member whose profiled mean latency fits the SLO (in brackets)\n")
+                   "member whose profiled mean latency fits the SLO (in brackets; ✗ = none fits, the cheapest shown)\n")
         out.append("| SLO (ms) | " + " | ".join(methods) + " |")
         out.append("|---" * (len(methods) + 1) + "|")
         for s in slos:
@@ -79,13 +79,16 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
                     cells.append("-")
                     continue
                 extra = f" ({r['source'].split('-', 1)[1]})" if m in ("ds", "ut") else ""
+                if r.get("fits_slo") is False:
+                    extra += f" ✗ needs {r['profiled_mean_ms']:.0f} ms"
                 cells.append(_fmt(r["map"]) + extra)
             out.append(f"| {s:g} | " + " | ".join(cells) + " |")
         out.append("\nAP50 vs the same reference (the paper's metric against oracle-model labels, §4.4)\n")
         out.append("| SLO (ms) | " + " | ".join(methods) + " |")
         out.append("|---" * (len(methods) + 1) + "|")
         for s in slos:
-            cells = ["-" if get.get((m, s)) is None else _fmt(get[(m, s)]["map50"]) for m in methods]
+            cells = ["-" if get.get((m, s)) is None else _fmt(get[(m, s)]["map50"])
+                     + (" ✗" if get[(m, s)].get("fits_slo") is False else "") for m in methods]
             out.append(f"| {s:g} | " + " | ".join(cells) + " |")
         out.append("\nSLO miss rate (%) (Table 2) · median frame latency (ms)\n")
         out.append("| SLO (ms) | " + " | ".join(methods) + " |")

@@ -339,6 +339,19 @@ def _sad_none_impl(img):
     return lambda img: np.inf
 
 
+def _row_zero(img):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_row_zero)
+def _row_zero_impl(img):
+    """A row accumulator's zero: int32 for integer images (a row of ≤ 16 |Δ| ≤ 255 cannot overflow, and
+    narrow lanes vectorise better), float64 otherwise."""
+    if isinstance(img.dtype, types.Integer):
+        return lambda img: np.int32(0)
+    return lambda img: 0.0
+
+
 def _absdiff(a, b):  # pragma: no cover - replaced by the overload inside compiled code
     raise NotImplementedError
 
@@ -360,6 +373,23 @@ def _block_sad(cur, ref, y0, x0, bh, bw, dy, dx, step, limit):
     for y in range(y0, y0 + bh, step):
         for x in range(x0, x0 + bw, step):  # 2-D indexing: row views would be reference-counted objects
             acc += _absdiff(cur[y, x], ref[y + dy, x + dx])
+        if acc >= limit:
+            break
+    return acc
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _grid_sad(cur, ref, y0, x0, dy, dx, limit, n, step):
+    """:func:`_block_sad` for a full block sampled on an ``n`` × ``n`` grid: inlined with literal ``n`` and
+    ``step``, so the compiler unrolls/vectorises the fixed-length rows (measured ~2-3× faster)."""
+    acc = _sad_zero(cur)
+    for a in range(n):
+        y = y0 + a * step
+        row = _row_zero(cur)
+        for b in range(n):
+            x = x0 + b * step
+            row += _absdiff(cur[y, x], ref[y + dy, x + dx])
+        acc += row
         if acc >= limit:
             break
     return acc
@@ -405,7 +435,12 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                         continue  # already evaluated first; an equal cost never wins
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
                     continue
-                sad = _block_sad(cur, ref, y0, x0, bh, bw, cy, cx, step, best_sad)
+                if block == 16 and bh == 16 and bw == 16 and step == 2:  # predictor mode at b = 16
+                    sad = _grid_sad(cur, ref, y0, x0, cy, cx, best_sad, 8, 2)
+                elif block == 16 and bh == 16 and bw == 16 and step == 1:  # full resolution, b = 16
+                    sad = _grid_sad(cur, ref, y0, x0, cy, cx, best_sad, 16, 1)
+                else:
+                    sad = _block_sad(cur, ref, y0, x0, bh, bw, cy, cx, step, best_sad)
                 if sad < best_sad:
                     best_sad = sad
                     by = cy

@@ -114,26 +114,49 @@ class StepStats:
 
 
 def _activation(gm: fx.GraphModule, node: fx.Node) -> Any:
-    """The elementwise activation ``node`` computes, as a callable of one tensor, or None."""
+    """The elementwise activation ``node`` computes, as an in-place callable of one tensor, or None. The
+    engine only applies it to fresh convolution outputs, so in place saves an allocation and a pass."""
     t = node.target
     if node.op == "call_function":
         if t in (F.relu, torch.relu, torch.ops.aten.relu.default):
-            return F.relu
+            return torch.relu_
         if t in (F.silu, torch.ops.aten.silu.default):
-            return F.silu
+            return _silu_
         if t in (torch.sigmoid, F.sigmoid, torch.ops.aten.sigmoid.default):
-            return torch.sigmoid
+            return torch.sigmoid_
         if t in (F.relu6,):
-            return F.relu6
+            return _relu6_
         if t is F.leaky_relu:
             slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-            return lambda v, s=float(slope): F.leaky_relu(v, s)
+            return lambda v, s=float(slope): F.leaky_relu_(v, s)
         return None
     if node.op == "call_module":
         m = gm.get_submodule(str(t))
-        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish)):
-            return m
+        if type(m) is nn.ReLU:
+            return torch.relu_
+        if type(m) is nn.ReLU6:
+            return _relu6_
+        if type(m) is nn.SiLU:
+            return _silu_
+        if type(m) is nn.Sigmoid:
+            return torch.sigmoid_
+        if type(m) is nn.LeakyReLU:
+            return lambda v, s=float(m.negative_slope): F.leaky_relu_(v, s)
+        if type(m) is nn.Hardswish:
+            return _hardswish_
     return None
+
+
+def _silu_(v: torch.Tensor) -> torch.Tensor:
+    return F.silu(v, inplace=True)
+
+
+def _relu6_(v: torch.Tensor) -> torch.Tensor:
+    return F.hardtanh(v, 0.0, 6.0, inplace=True)
+
+
+def _hardswish_(v: torch.Tensor) -> torch.Tensor:
+    return F.hardswish(v, inplace=True)
 
 
 def _find_fusions(gm: fx.GraphModule, info: GraphInfo) -> tuple[dict[str, Any], dict[str, fx.Node]]:

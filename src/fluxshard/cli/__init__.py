@@ -27,6 +27,7 @@ def _register() -> None:
     from fluxshard.cli import data as data_cmd
     from fluxshard.cli import detect as detect_cmd
     from fluxshard.cli import motion as motion_cmd
+    from fluxshard.cli import profile as profile_cmd
     from fluxshard.cli import run as run_cmd
     from fluxshard.cli import tile as tile_cmd
 
@@ -35,6 +36,7 @@ def _register() -> None:
     detect_cmd.register(app)
     run_cmd.register(app)
     bench_cmd.register(app)
+    profile_cmd.register(app)
     tile_cmd.register(app)
 
 

@@ -60,14 +60,22 @@ class EngineConfig:
     fuse: bool = True  # apply a convolution's sole following activation on its recomputed tiles only
     rfap: bool = True  # fast mode: strict RFAP at the first conv; False = naive MV reuse (a baseline, not exact)
     layout: str = "auto"  # executor path: auto (cost model) | batch | hw | gemm | pgemm | dense (tests, benchmarks)
+    # truncation profile by motion (issue 5): upper bin edges in mean |MV| (engine-input px/frame) and, per
+    # bin, (τ^l per conv, default τ); a frame uses the bin of its field's motion. Empty = ``thresholds``.
+    motion_bins: tuple[float, ...] = ()
+    bin_thresholds: tuple[tuple[dict[str, float], float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
             raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
         if self.layout not in ("auto", "batch", "hw", "gemm", "pgemm", "dense"):
             raise EngineError(f"engine layout must be auto, batch, hw, gemm, pgemm or dense, not {self.layout!r}")
+        if len(self.motion_bins) != len(self.bin_thresholds):
+            raise EngineError(f"{len(self.motion_bins)} motion bins but {len(self.bin_thresholds)} threshold sets")
+        if list(self.motion_bins) != sorted(self.motion_bins):
+            raise EngineError(f"motion bin edges must increase: {list(self.motion_bins)}")
         if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0
-                                     or not self.rfap):
+                                     or not self.rfap or self.motion_bins):
             raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation) and always applies "
                               "RFAP; use mode='fast'")
 
@@ -82,7 +90,32 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise EngineError(f"{path}: engine thresholds must be a JSON object")
         kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every") if k in data}
+        bins = data.get("bins")
+        if bins:  # a profile from `fluxshard profile`
+            try:
+                kw["motion_bins"] = tuple(float(b["max_motion"]) for b in bins)
+                kw["bin_thresholds"] = tuple(({str(k): float(v) for k, v in b["thresholds"].items()},
+                                              float(b.get("default_threshold", 0.0))) for b in bins)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise EngineError(f"{path}: malformed motion bins ({exc!r})") from exc
         return cls(mode="fast", **{**kw, **overrides})
+
+    def thresholds_for(self, motion: float) -> tuple[dict[str, float], float]:
+        """(τ^l per conv, default τ) for a frame whose mean |MV| is ``motion`` px (engine input)."""
+        for edge, th in zip(self.motion_bins, self.bin_thresholds, strict=True):
+            if motion < edge:
+                return th
+        if self.bin_thresholds:
+            return self.bin_thresholds[-1]
+        return self.thresholds, self.default_threshold
+
+
+def field_motion(field: MotionField) -> float:
+    """Mean displacement magnitude over valid blocks (px/frame): the motion measure the profile bins use."""
+    v = field.valid
+    if not v.any():
+        return 0.0
+    return float(np.hypot(field.dy[v], field.dx[v]).mean())
 
 
 @dataclass
@@ -236,6 +269,7 @@ class Engine:
             else ({}, {})
         self._conv_nodes = _conv_nodes(self.gm, self.info)
         self._runner_obj: _Runner | None = None
+        self._tau: tuple[dict[str, float], float] = (self.config.thresholds, self.config.default_threshold)
         self.reset()
 
     @property
@@ -265,6 +299,7 @@ class Engine:
             assert field is not None and self._x_cache is not None
             maps = self._input_maps(x, field)
             masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
+            self._tau = self.config.thresholds_for(field_motion(field))
             try:
                 out, layers, first = self._run_incremental(x, maps, masks)
             except BaseException:
@@ -521,7 +556,8 @@ class _Runner(fx.Interpreter):
     def _truncate(self, name: str, y: torch.Tensor, base: torch.Tensor, st: Any) -> np.ndarray:
         """Fast mode: positions whose recomputed value moved by more than τ^l (max over channels) from the
         shifted cache — only these propagate (seed 000 Eq. 2–4)."""
-        tau = self.engine.config.thresholds.get(name, self.engine.config.default_threshold)
+        per, default = self.engine._tau
+        tau = per.get(name, default)
         ho, wo = y.shape[-2:]
         if st is not None and st.path == "skip":
             return np.zeros((ho, wo), np.bool_)

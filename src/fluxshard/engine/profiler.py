@@ -1,0 +1,193 @@
+"""Truncation profiler (seed 000 §II-C and its truncation policy): per motion bin, the largest per-layer
+thresholds that keep accuracy retention ≥ a target against dense inference, maximising reuse.
+
+Decisions (the seed gives the idea, not the numbers; see docs/design.md):
+
+* **Motion bins** — mean |MV| over the frame's valid blocks, in engine-input px/frame, upper edges
+  ``DEFAULT_BINS`` = 0.5 (static), 2, 6, ∞ (fast pans). Fast motion moves more content through block
+  boundaries and RFAP-failing windows, so its caches carry more approximation and want tighter thresholds.
+* **Schedule** — one parameter per bin: τ^l = α · σ_l, where σ_l is the standard deviation of layer l's
+  dense output over the profiling frames. Deep layers with large activations get proportionally larger
+  thresholds; a single α keeps the search one-dimensional and monotone.
+* **Search** — α over a fixed ascending grid; every clip is run once per α with that α in every bin, and
+  each bin keeps the largest α before its retention (mAP@0.5 on the frames of that bin, all clips pooled)
+  first drops below the target. Bins with too few frames take the smallest α of their measured neighbours.
+  Frames of one bin are affected by the caches earlier frames left, so a final pass with the chosen per-bin
+  thresholds measures what the profile actually achieves; that is what the JSON records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxshard.engine.engine import Engine, EngineConfig, field_motion
+from fluxshard.engine.inputs import InputMapper, choose_factor
+from fluxshard.errors import FluxShardError
+
+DEFAULT_BINS = (0.5, 2.0, 6.0, math.inf)
+ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.45, 0.65, 1.0, 1.5, 2.2, 3.0)
+MIN_BIN_FRAMES = 5
+
+
+@dataclass
+class Clip:
+    path: str
+    mapper: InputMapper
+    frames: list[tuple[torch.Tensor, Any]]
+    motion: list[float]
+    dense_dets: list[Any]
+
+
+def model_hash(body: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(body.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = None) -> Clip:
+    from fluxshard.motion import MotionStream
+
+    stream = MotionStream(path, block=16, max_frames=max_frames)
+    mapper = InputMapper((stream.info.height, stream.info.width),
+                         factor or choose_factor((stream.info.height, stream.info.width)))
+    frames, motion, dets = [], [], []
+    with torch.inference_mode():
+        for mf in stream:
+            x = mapper.tensor(mf.frame.rgb)
+            f = mapper.field(mf.field)
+            frames.append((x, f))
+            motion.append(field_motion(f) if not f.scene_cut else math.inf)
+            dets.append(adapter.postprocess_input(adapter.body(x.contiguous(memory_format=torch.channels_last)),
+                                                  mapper.input_hw))
+    if len(frames) < 2:
+        raise FluxShardError(f"{path}: fewer than 2 frames decoded, nothing to profile")
+    return Clip(path, mapper, frames, motion, dets)
+
+
+def layer_scales(adapter: Any, clips: Sequence[Clip], frames_per_clip: int = 4) -> dict[str, float]:
+    """σ_l: standard deviation of each convolution's dense output (post-activation when fused)."""
+    acc: dict[str, list[float]] = {}
+    for c in clips:
+        eng = Engine(adapter.body, c.mapper.input_hw, EngineConfig(mode="fast"))
+        for x, _ in c.frames[:frames_per_clip]:
+            eng.step(x, None)  # no field: a dense frame that fills every cache
+            for name, t in eng._caches.items():
+                acc.setdefault(name, []).append(float(t.float().std()))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def bin_of(motion: float, bins: Sequence[float]) -> int:
+    for i, edge in enumerate(bins):
+        if motion < edge:
+            return i
+    return len(bins) - 1
+
+
+def _retention(cand: list[Any], ref: list[Any]) -> float | None:
+    from fluxshard.metrics import accuracy_retention
+
+    rep = accuracy_retention(cand, ref, iou_types=["bbox"])
+    v = rep.retention.get("bbox", {}).get("map50")
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def run_config(adapter: Any, clip: Clip, cfg: EngineConfig) -> tuple[list[Any], list[float], list[bool]]:
+    """Detections, active fraction and dense flag per frame of ``clip`` under ``cfg``."""
+    eng = Engine(adapter.body, clip.mapper.input_hw, cfg)
+    dets, active, dense = [], [], []
+    with torch.inference_mode():
+        for x, f in clip.frames:
+            out, st = eng.step(x, f)
+            dets.append(adapter.postprocess_input(out, clip.mapper.input_hw))
+            active.append(st.active_fraction)
+            dense.append(st.dense)
+    return dets, active, dense
+
+
+def per_bin(clips: Sequence[Clip], runs: Sequence[tuple[list[Any], list[float], list[bool]]],
+            bins: Sequence[float]) -> list[dict[str, Any]]:
+    """Retention and reuse per bin over the incrementally computed frames of all clips."""
+    out = []
+    for b in range(len(bins)):
+        cand, ref, act = [], [], []
+        for c, (dets, active, dense) in zip(clips, runs, strict=True):
+            for i, m in enumerate(c.motion):
+                if dense[i] or bin_of(m, bins) != b:
+                    continue
+                cand.append(dets[i])
+                ref.append(c.dense_dets[i])
+                act.append(active[i])
+        ret = _retention(cand, ref) if cand else None
+        out.append({"frames": len(cand), "retention_map50": ret,
+                    "reuse": float(1.0 - np.mean(act)) if act else None})
+    return out
+
+
+def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.99, tau_in: float = 0.02,
+            bins: Sequence[float] = DEFAULT_BINS, alphas: Sequence[float] = ALPHAS,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Search α per bin (see module docstring) and return the profile as a JSON-ready dict."""
+    t0 = time.perf_counter()
+    sigma = layer_scales(adapter, clips)
+    best: list[float | None] = [None] * len(bins)
+    failed = [False] * len(bins)
+    tried: list[dict[str, Any]] = []
+    for a in alphas:
+        th = {k: a * v for k, v in sigma.items()}
+        cfg = EngineConfig(mode="fast", tau_in=tau_in, thresholds=th)
+        runs = [run_config(adapter, c, cfg) for c in clips]
+        stats = per_bin(clips, runs, bins)
+        tried.append({"alpha": a, "bins": stats})
+        for b, s in enumerate(stats):
+            if failed[b] or s["frames"] < MIN_BIN_FRAMES:
+                continue
+            ok = s["retention_map50"] is None or s["retention_map50"] >= target
+            if ok:
+                best[b] = a
+            else:
+                failed[b] = True
+        if progress is not None:
+            progress(f"alpha {a:g}: " + ", ".join(
+                f"bin{b} ret {s['retention_map50'] if s['retention_map50'] is None else round(s['retention_map50'], 3)}"
+                for b, s in enumerate(stats)))
+        if all(failed[b] or (best[b] is None and stats[b]["frames"] < MIN_BIN_FRAMES) for b in range(len(bins))):
+            break
+    measured = [x is not None for x in best]
+    known = [x for x in best if x is not None]
+    fallback = min(known) if known else 0.0
+    alpha = [x if x is not None else fallback for x in best]
+    final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins),
+                             bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha))
+    runs = [run_config(adapter, c, final_cfg) for c in clips]
+    final = per_bin(clips, runs, bins)
+    overall = _retention([d for r in runs for d, dn in zip(r[0], r[2], strict=True) if not dn],
+                         [d for c, r in zip(clips, runs, strict=True)
+                          for d, dn in zip(c.dense_dets, r[2], strict=True) if not dn])
+    return {
+        "model": model,
+        "model_hash": model_hash(adapter.body),
+        "target_retention": target,
+        "tau_in": tau_in,
+        "schedule": "tau_l = alpha * sigma_l; sigma_l = std of conv l's dense output over the profiling frames",
+        "motion_unit": "mean |MV| over valid blocks, engine-input px/frame",
+        "sigma": sigma,
+        "bins": [
+            {"max_motion": (edge if math.isfinite(edge) else 1e9), "alpha": a, "measured": m,
+             "thresholds": {k: a * v for k, v in sigma.items()}, "default_threshold": 0.0, **f}
+            for edge, a, m, f in zip(bins, alpha, measured, final, strict=True)
+        ],
+        "retention_map50_all": overall,
+        "search": tried,
+        "clips": [{"path": c.path, "frames": len(c.frames), "input_hw": list(c.mapper.input_hw)} for c in clips],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -59,6 +59,9 @@ class EngineConfig:
     calibrate: bool = False  # measure each layer's sparse/dense costs on the first dense frame (~2 s for NanoDet)
     fuse: bool = True  # apply a convolution's sole following activation on its recomputed tiles only
     rfap: bool = True  # fast mode: strict RFAP at the first conv; False = naive MV reuse (a baseline, not exact)
+    # fast mode: largest misalignment (input px) accepted when a block's vector is rounded to a layer's
+    # stride; larger → those positions are recomputed (a misaligned cache is wrong whatever τ^l says)
+    shift_tolerance: int = 0
     layout: str = "auto"  # executor path: auto (cost model) | batch | hw | gemm | pgemm | dense (tests, benchmarks)
     # truncation profile by motion (issue 5): upper bin edges in mean |MV| (engine-input px/frame) and, per
     # bin, (τ^l per conv, default τ); a frame uses the bin of its field's motion. Empty = ``thresholds``.
@@ -89,7 +92,8 @@ class EngineConfig:
             raise EngineError(f"{path}: cannot read engine thresholds ({exc})") from exc
         if not isinstance(data, dict):
             raise EngineError(f"{path}: engine thresholds must be a JSON object")
-        kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every") if k in data}
+        kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every", "shift_tolerance")
+              if k in data}
         bins = data.get("bins")
         if bins:  # a profile from `fluxshard profile`
             try:
@@ -609,7 +613,9 @@ class _Runner(fx.Interpreter):
             sx = (np.sign(dx) * np.floor(np.abs(dx) / S + 0.5)).astype(np.int32)
             iy = np.arange(ho)[:, None] + sy
             ix = np.arange(wo)[None, :] + sx
-            ok = valid & (iy >= 0) & (iy < ho) & (ix >= 0) & (ix < wo)
+            tol = self.engine.config.shift_tolerance
+            aligned = (np.abs(dy - sy * S) <= tol) & (np.abs(dx - sx * S) <= tol)
+            ok = valid & aligned & (iy >= 0) & (iy < ho) & (ix >= 0) & (ix < wo)
             sy, sx = np.where(ok, sy, 0), np.where(ok, sx, 0)
             self._masks[key] = (~ok, sy, sx, _Moves(sy, sx))
         return self._masks[key]

@@ -175,8 +175,10 @@ def estimate_transform(field: MotionField, seed: int = 0) -> Similarity:
     a = np.concatenate([a, [1.0]])
     bvec = np.concatenate([bvec, [np.median(q - p, axis=0)]])
     sub = rng.choice(n, SCORE_POINTS, replace=False) if n > SCORE_POINTS else np.arange(n)  # bounded memory
-    resid = np.linalg.norm(q[None, sub] - (a[:, None, None] * p[None, sub] + bvec[:, None, :]), axis=2)
-    best = int(np.argmax((resid <= INLIER_PX).sum(1)))
+    ps, qs = p[sub], q[sub]
+    rx = qs[None, :, 0] - a[:, None] * ps[None, :, 0] - bvec[:, 0, None]  # (hypotheses, points), no 3-D temp
+    ry = qs[None, :, 1] - a[:, None] * ps[None, :, 1] - bvec[:, 1, None]
+    best = int(np.argmax((rx * rx + ry * ry <= INLIER_PX**2).sum(1)))
     inl = np.linalg.norm(q - (a[best] * p + bvec[best]), axis=1) <= INLIER_PX
     for _ in range(2):
         if inl.sum() < 2:

@@ -129,7 +129,9 @@ def make_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for ax, clip in zip(axes[0], clips, strict=True):
         rs = [r for r in rows if r["clip"] == clip and r["slo_ms"] is not None]
         for m in SLO_METHODS:
-            pts = sorted((r["slo_ms"], r["map"]) for r in rs if r["method"] == m and r["map"] is not None)
+            # a DS/UT point where no member fits the SLO is not a result at that SLO: left out
+            pts = sorted((r["slo_ms"], r["map"]) for r in rs if r["method"] == m and r["map"] is not None
+                         and r.get("fits_slo") is not False)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
         ax.set_title(clip)

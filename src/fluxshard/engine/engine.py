@@ -476,7 +476,7 @@ class _Runner(fx.Interpreter):
         cache = eng._caches.get(n.name)
         post = eng._post.get(n.name)
         if self.maps is None or cache is None:
-            y = conv(x) if post is None else post(conv(x))
+            y = _dense(conv, post, x)
             self.new_caches[n.name] = y
             plans = eng._plans
             if eng.config.calibrate and plans is not None and n.name not in eng._calibrated:
@@ -495,7 +495,7 @@ class _Runner(fx.Interpreter):
             if not self.fast and self._dense_anyway(cn, x, ok, tile):
                 # lossy video often leaves a residual in most receptive fields: when even the optimistic
                 # fraction (tiles no coarser than positions) is past the layer's crossover, skip the bookkeeping
-                y = conv(x) if post is None else post(conv(x))
+                y = _dense(conv, post, x)
                 self.new_caches[n.name] = y
                 f = 1.0 - float(ok.mean())
                 self.layer_stats.append(LayerStats(n.name, 1.0 - f, f, (time.perf_counter() - t0) * 1e3, "dense"))
@@ -513,7 +513,7 @@ class _Runner(fx.Interpreter):
             self.first_recompute = rec
         tile_fraction = 1.0
         if count == ho * wo:
-            y, path = (conv(x) if post is None else post(conv(x))), "dense"
+            y, path = _dense(conv, post, x), "dense"
             if self.fast:
                 self.changed[n.name] = np.ones((ho, wo), np.bool_)
         else:
@@ -523,7 +523,7 @@ class _Runner(fx.Interpreter):
                 layout = choose_path(x, conv, tiles, positions, tile=tile, plan_cache=eng._plans)
                 layout = "auto" if layout == "skip" else layout
             if layout == "dense":  # decided before moving the cache: a dense layer never reads it
-                y, path = (conv(x) if post is None else post(conv(x))), "dense"
+                y, path = _dense(conv, post, x), "dense"
                 if self.fast:
                     self.changed[n.name] = self._truncate(n.name, y, _move(cache, sy, sx, moves), None)
             elif eng._sparse is not None:
@@ -538,7 +538,7 @@ class _Runner(fx.Interpreter):
                     self.changed[n.name] = self._truncate(n.name, y, base, st)
             else:
                 base = _move(cache, sy, sx, moves)
-                y = torch.where(torch.from_numpy(rec), conv(x) if post is None else post(conv(x)), base)
+                y = torch.where(torch.from_numpy(rec), _dense(conv, post, x), base)
                 path = "dense+select"
                 if self.fast:
                     self.changed[n.name] = self._truncate(n.name, y, base, None)
@@ -656,6 +656,10 @@ class _Runner(fx.Interpreter):
 
 
 _NO_EXTRA = np.zeros((0, 0), np.bool_)
+
+
+def _dense(conv: nn.Module, post: Any, x: torch.Tensor) -> torch.Tensor:
+    return conv(x) if post is None else post(conv(x))
 
 
 def _window(mask: np.ndarray, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int],

@@ -250,7 +250,7 @@ class VideoSource:
 
     def _wrap(self, frame: Any) -> DecodedFrame:
         # The side data is read here, on the consuming thread: with decode-ahead, the decoding thread (the
-        # throughput bottleneck) only decodes, and this core's caches still hold the interpreter's state.
+        # throughput bottleneck) only decodes.
         mvs = _read_mvs(frame) if self._read and self.export_mvs else None
         pict_name = _PICT_NAMES.get(int(frame.pict_type), "?")
         tb = frame.time_base

@@ -1,0 +1,113 @@
+"""Truncation profiler: the per-bin search logic, the profile format and the engine's per-frame lookup."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fluxshard.engine import profiler
+from fluxshard.engine.engine import EngineConfig, EngineError, field_motion
+from fluxshard.motion.field import MotionField
+
+
+class FakeAdapter:
+    class body:  # stands in for an nn.Module
+        @staticmethod
+        def state_dict() -> dict[str, Any]:
+            import torch
+
+            return {"w": torch.ones(2)}
+
+
+def test_search_keeps_largest_alpha_before_first_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    # retention falls with alpha, faster in the fast-motion bin; bin 1 has too few frames
+    limits = {0: 0.3, 1: None, 2: 0.1, 3: 0.05}
+    calls: list[float] = []
+
+    def fake_per_bin(clips: Any, runs: Any, bins: Any) -> list[dict[str, Any]]:
+        a = runs[0][0][0]
+        calls.append(a)
+        out = []
+        for b in range(4):
+            if limits[b] is None:
+                out.append({"frames": 2, "retention_map50": 1.0, "reuse": 0.5})
+            else:
+                out.append({"frames": 20, "retention_map50": 1.0 if a <= limits[b] else 0.9, "reuse": a})
+        return out
+
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 2.0, "c2": 0.5})
+    monkeypatch.setattr(profiler, "run_config",
+                        lambda adapter, clip, cfg: ([cfg.thresholds.get("c1", 0.0) / 2.0 if cfg.thresholds
+                                                     else -1.0], [0.0], [True]))
+    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
+    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, alphas=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8))
+    alphas = [b["alpha"] for b in prof["bins"]]
+    assert alphas == [0.3, 0.05, 0.1, 0.05]  # bin 1 unmeasured → smallest measured alpha
+    assert [b["measured"] for b in prof["bins"]] == [True, False, True, True]
+    assert prof["bins"][0]["thresholds"] == {"c1": 0.6, "c2": 0.15}
+    assert calls == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, -1.0]  # stopped once every measured bin failed; final pass
+
+
+def _field(dy: int, dx: int, n_valid: int = 4) -> MotionField:
+    f = MotionField.zero(32, 32, 16)
+    f.dy[:], f.dx[:] = dy, dx
+    f.valid.reshape(-1)[n_valid:] = False
+    return f
+
+
+def test_engine_picks_thresholds_by_motion(tmp_path: Path) -> None:
+    prof = {"tau_in": 0.03, "bins": [
+        {"max_motion": 1.0, "thresholds": {"a": 0.5}, "default_threshold": 0.1},
+        {"max_motion": 1e9, "thresholds": {"a": 0.05}, "default_threshold": 0.01},
+    ]}
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(prof))
+    cfg = EngineConfig.from_file(p)
+    assert cfg.tau_in == 0.03 and cfg.motion_bins == (1.0, 1e9)
+    assert field_motion(_field(0, 0)) == 0.0
+    assert math.isclose(field_motion(_field(3, 4)), 5.0)
+    assert cfg.thresholds_for(field_motion(_field(0, 0))) == ({"a": 0.5}, 0.1)
+    assert cfg.thresholds_for(field_motion(_field(3, 4))) == ({"a": 0.05}, 0.01)
+    p.write_text(json.dumps({"bins": [{"thresholds": {}}]}))
+    with pytest.raises(EngineError, match="malformed motion bins"):
+        EngineConfig.from_file(p)
+    with pytest.raises(EngineError, match="exact mode"):
+        EngineConfig(mode="exact", motion_bins=(1.0,), bin_thresholds=(({}, 0.0),))
+
+
+def test_shipped_profile_has_bins_for_every_layer() -> None:
+    from fluxshard.engine.engine import default_profile
+    from fluxshard.engine.graph import trace
+    from fluxshard.models import load_model
+
+    path = default_profile("nanodet")
+    assert path is not None
+    data = json.loads(path.read_text())
+    cfg = EngineConfig.from_file(path)
+    assert len(cfg.motion_bins) >= 3 and data["target_retention"] >= 0.99
+    import torch
+
+    convs = set(trace(load_model("nanodet").body, torch.zeros(1, 3, 64, 64)).convs)
+    for th, _ in cfg.bin_thresholds:
+        assert set(th) == convs and all(np.isfinite(v) and v >= 0 for v in th.values())
+    assert data["model_hash"] == profiler.model_hash(load_model("nanodet").body)
+
+
+def test_profile_cli_runs_on_a_short_clip(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "fluxshard", "profile", "vtest", "--max-frames", "6", "--json",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["profile"] == str(out) and len(s["bins"]) == 4
+    cfg = EngineConfig.from_file(out)
+    assert cfg.mode == "fast" and len(cfg.bin_thresholds) == 4

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fluxshard.engine import baselines
-from fluxshard.engine.engine import Engine, EngineConfig, StepStats, default_profile
+from fluxshard.engine.engine import Engine, EngineConfig, StepStats, default_profile, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.errors import FluxShardError
 from fluxshard.models import load_model
@@ -185,7 +185,9 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     scene = _SceneReuse(cfg.scene_threshold, cfg.scene_downsample)
     name = clip or Path(str(path)).stem
     res = ClipResult(name, str(path), mapper.input_hw, mapper.factor, "", {
-        "tau_in": fast.tau_in, "default_threshold": fast.default_threshold, "thresholds": dict(fast.thresholds)})
+        "tau_in": fast.tau_in, "default_threshold": fast.default_threshold, "thresholds": dict(fast.thresholds),
+        "motion_bins": list(fast.motion_bins),
+        "bin_alpha_tau_mean": [float(np.mean(list(th.values()))) if th else d for th, d in fast.bin_thresholds]})
     body = adapter.body.eval()
     hw = mapper.input_hw
 
@@ -199,6 +201,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
             x = mapper.tensor(mf.frame.rgb)
             fld = mapper.field(mf.field)
             motion = mf.field.mean_motion_px()
+            fld_motion = field_motion(fld)  # the profile's bin for every engine method (same thresholds)
             luma = mf.frame.luma
             k = i % len(methods)
             outs: dict[str, Any] = {}
@@ -216,7 +219,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
                         f = baselines.zero_field(fld)
                     elif m == "global-warp":
                         f = baselines.global_field(fld)
-                    out, st = engines[m].step(x, f)
+                    out, st = engines[m].step(x, f, motion=fld_motion)
                     dets = _to_frame(adapter.postprocess_input(out, hw), mapper)
                 ms = (time.perf_counter() - t0) * 1e3
                 outs[m] = out

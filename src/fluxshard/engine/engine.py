@@ -288,9 +288,12 @@ class Engine:
 
     # -- public -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, x: torch.Tensor, field: MotionField | None) -> tuple[Any, StepStats]:
+    def step(self, x: torch.Tensor, field: MotionField | None, motion: float | None = None,
+             ) -> tuple[Any, StepStats]:
         """Outputs of the body for input ``x`` (1×C×H×W) given the field from this frame to the previous one
-        (at the input's resolution; ``None`` = unknown motion → dense)."""
+        (at the input's resolution; ``None`` = unknown motion → dense). ``motion`` (mean |MV|, engine-input
+        px) picks the profile's threshold bin; default: measured on ``field`` (baselines that replace the
+        field pass the frame's real motion so every method truncates alike)."""
         t0 = time.perf_counter()
         self._check(x, field)
         x = x.contiguous(memory_format=torch.channels_last)  # 2–4× faster convolutions on this CPU
@@ -303,7 +306,7 @@ class Engine:
             assert field is not None and self._x_cache is not None
             maps = self._input_maps(x, field)
             masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
-            self._tau = self.config.thresholds_for(field_motion(field))
+            self._tau = self.config.thresholds_for(field_motion(field) if motion is None else motion)
             try:
                 out, layers, first = self._run_incremental(x, maps, masks)
             except BaseException:

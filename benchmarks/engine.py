@@ -7,8 +7,10 @@ ratios mean anything); medians over the clip (the dense first frame excluded fro
 Printed per row: dense ms, engine ms, speedup = dense / engine, active fraction (mean share of conv output
 positions recomputed), efficiency = speedup × active fraction (1.0 = the engine costs exactly its share of
 dense work), retention (mAP@0.5 of the engine's detections against dense detections), max |Δ| of the raw
-outputs. ``fast-zero-mv`` runs fast mode with a zero field (the DeltaCNN assumption): on moving clips MV
-alignment must give a smaller active set than zero motion.
+outputs. Each engine calibrates its executor's per-layer costs on its first (dense) frame, at the run's
+thread count (``--no-calibrate``: the default cost rule). ``fast-zero-mv`` runs fast mode with a zero field
+(the DeltaCNN assumption; thresholds still from the frame's real motion bin): on moving clips MV alignment
+must give a smaller active set than zero motion.
 
     python benchmarks/engine.py [CLIP ...] [--frames 60] [--factor 1,2] [--threads 2] [--modes exact,fast,...]
 
@@ -30,7 +32,7 @@ import torch
 
 from fluxshard.data.fetch import clip_path
 from fluxshard.engine.baselines import zero_field
-from fluxshard.engine.engine import Engine, EngineConfig, default_profile
+from fluxshard.engine.engine import Engine, EngineConfig, default_profile, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.metrics import accuracy_retention
 from fluxshard.models import load_model
@@ -47,15 +49,17 @@ def load_frames(path: str, frames: int, factor: int | None) -> tuple[InputMapper
     return mapper, out
 
 
-def config_for(mode: str, model: str) -> EngineConfig:
+def config_for(mode: str, model: str, calibrate: bool) -> EngineConfig:
     if mode == "exact":
-        return EngineConfig(mode="exact")
+        return EngineConfig(mode="exact", calibrate=calibrate)
     prof = default_profile(model)
-    return EngineConfig.from_file(prof) if prof else EngineConfig(mode="fast")
+    return EngineConfig.from_file(prof, calibrate=calibrate) if prof else EngineConfig(mode="fast",
+                                                                                       calibrate=calibrate)
 
 
-def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: str) -> dict[str, Any]:
-    cfg = config_for(mode, model)
+def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: str,
+             calibrate: bool = True) -> dict[str, Any]:
+    cfg = config_for(mode, model, calibrate)
     eng = Engine(adapter.body, mapper.input_hw, cfg)
     body = adapter.body
     eng_ms: list[float] = []
@@ -67,7 +71,7 @@ def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: 
         for i, (x, f) in enumerate(frames):
             fld = zero_field(f) if mode == "fast-zero-mv" else f
             t0 = time.perf_counter()
-            out, st = eng.step(x, fld)
+            out, st = eng.step(x, fld, motion=field_motion(f))  # thresholds by the frame's real motion
             t1 = time.perf_counter()
             xd = x.contiguous(memory_format=torch.channels_last)
             t2 = time.perf_counter()
@@ -102,6 +106,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--model", default="nanodet")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per row")
+    ap.add_argument("--no-calibrate", action="store_true", help="use the executor's default cost rule instead of "
+                    "measuring each layer on the first frame")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -123,7 +129,7 @@ def main() -> None:
         for fac in factors:
             mapper, frames = load_frames(c, args.frames, fac)
             for m in modes:
-                r = run_mode(adapter, mapper, frames, m, args.model)
+                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate)
                 r.update(clip=Path(c).name, input_hw=list(mapper.input_hw))
                 rows.append(r)
                 ret = r["retention_map50"]

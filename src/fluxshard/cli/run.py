@@ -28,7 +28,9 @@ def run(
     tau_in: Annotated[float | None, typer.Option(help="Fast mode: input residual threshold (0..1).")] = None,
     tau: Annotated[float | None, typer.Option(help="Fast mode: truncation threshold for every layer.")] = None,
     refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames.", min=1)] = None,
-    calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame.")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame "
+                                                 "(~2 s once; picks better paths at this machine's thread count)."
+                                            )] = True,
 ) -> None:
     """Run MODEL over CLIP with the FluxShard engine (exact or fast mode)."""
     from fluxshard.engine import EngineConfig

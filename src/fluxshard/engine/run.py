@@ -97,7 +97,7 @@ def run_clip(
             record: dict[str, Any] = {"detections": dets, "stats": st, "recompute_scale": recompute_scale}
             if verify:
                 t0 = time.perf_counter()
-                dense_out = adapter.body(x)
+                dense_out = adapter.body(x.contiguous(memory_format=torch.channels_last))  # dense at its best
                 dense_dets = _to_frame(adapter.postprocess_input(dense_out, mapper.input_hw), mapper)
                 dense_ms.append((time.perf_counter() - t0) * 1e3)
                 outs = out if isinstance(out, (tuple, list)) else (out,)

@@ -395,7 +395,7 @@ class Engine:
             key = (*g.key(), *hw)
             if key not in masks:
                 ok, sy, sx = reuse_mask(maps, g, hw)
-                masks[key] = (ok, sy, sx, _Moves(sy, sx))
+                masks[key] = (ok, sy, sx, _Moves(sy, sx, ok))
         return masks
 
     def _run_incremental(self, x: torch.Tensor, maps: PixelMaps, masks: dict[tuple[Any, ...], Any] | None = None,
@@ -495,12 +495,12 @@ class _Runner(fx.Interpreter):
         rec = np.empty((ho, wo), np.bool_)
         if not self.fast or (cn.first and eng.config.rfap):
             ok, sy, sx, moves = self._strict(n.name, (ho, wo))  # exact mode, or the first conv in fast mode
-            if not self.fast and self._dense_anyway(cn, x, ok, tile):
+            if not self.fast and self._dense_anyway(cn, x, moves.active(), tile):
                 # lossy video often leaves a residual in most receptive fields: when even the optimistic
                 # fraction (tiles no coarser than positions) is past the layer's crossover, skip the bookkeeping
                 y = _dense(conv, post, x)
                 self.new_caches[n.name] = y
-                f = 1.0 - float(ok.mean())
+                f = moves.active()
                 self.layer_stats.append(LayerStats(n.name, 1.0 - f, f, (time.perf_counter() - t0) * 1e3, "dense"))
                 if self.first_recompute is None:
                     self.first_recompute = ~ok
@@ -552,11 +552,10 @@ class _Runner(fx.Interpreter):
         )
         return y
 
-    def _dense_anyway(self, cn: _ConvNode, x: torch.Tensor, ok: np.ndarray, tile: int) -> bool:
+    def _dense_anyway(self, cn: _ConvNode, x: torch.Tensor, f: float, tile: int) -> bool:
         eng = self.engine
         if eng._plans is None or eng.config.layout != "auto" or not isinstance(cn.module, nn.Conv2d):
             return False
-        f = 1.0 - float(ok.mean())
         lc = eng._plans.layer(cn.module, (int(x.shape[-2]), int(x.shape[-1])), tile)[2]
         return lc.choose(f, f) == "dense"
 
@@ -595,7 +594,7 @@ class _Runner(fx.Interpreter):
         key = (*g.key(), *hw)
         if key not in self._masks:
             ok, sy, sx = reuse_mask(self.maps, g, hw)
-            self._masks[key] = (ok, sy, sx, _Moves(sy, sx))
+            self._masks[key] = (ok, sy, sx, _Moves(sy, sx, ok))
         return self._masks[key]
 
     def _shift_map(self, S: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
@@ -674,12 +673,19 @@ def _window(mask: np.ndarray, k: tuple[int, int], s: tuple[int, int], p: tuple[i
 
 
 class _Moves:
-    """(destination rows, source rows) of the positions whose shift is not zero, as pixel-row indices; built
-    on first use (layers that run dense never need them)."""
+    """(destination rows, source rows) of the positions whose shift is not zero, as pixel-row indices, and the
+    mask's active fraction; built on first use (layers that run dense never need the rows)."""
 
-    def __init__(self, sy: np.ndarray, sx: np.ndarray) -> None:
-        self.sy, self.sx = sy, sx
+    def __init__(self, sy: np.ndarray, sx: np.ndarray, ok: np.ndarray | None = None) -> None:
+        self.sy, self.sx, self.ok = sy, sx, ok
         self._rows: tuple[torch.Tensor, torch.Tensor] | bool | None = False
+        self._active: float | None = None
+
+    def active(self) -> float:
+        """Fraction of positions not reusable (strict masks; computed once per geometry and frame)."""
+        if self._active is None:
+            self._active = 1.0 - float(np.count_nonzero(self.ok)) / self.ok.size if self.ok is not None else 1.0
+        return self._active
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._rows is False:

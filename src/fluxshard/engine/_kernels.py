@@ -113,13 +113,72 @@ def warm() -> None:
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _accept(oy: int, ox: int, dy: int, dx: int, S: int, E: int, wy0: int, wy1: int, wx0: int, wx1: int,
+            height: int, width: int, ok, sy, sx) -> None:
+    """RFAP conditions 2 and 4 for a window that carries one displacement and no residual: ``d`` divisible
+    by ``E``, padding touched alike (per axis ``d`` = 0 or the window inside the image at both ends), source
+    inside the map; then mark the position reusable with its shift in output pixels."""
+    ho, wo = ok.shape
+    if dy % E != 0 or dx % E != 0:
+        return
+    if dy != 0 and not (wy0 >= 0 and wy1 <= height and wy0 + dy >= 0 and wy1 + dy <= height):
+        return
+    if dx != 0 and not (wx0 >= 0 and wx1 <= width and wx0 + dx >= 0 and wx1 + dx <= width):
+        return
+    ty = oy + dy // S
+    tx = ox + dx // S
+    if ty < 0 or ty >= ho or tx < 0 or tx >= wo:
+        return
+    ok[oy, ox] = True
+    sy[oy, ox] = dy // S
+    sx[oy, ox] = dx // S
+
+
+@njit(cache=True, nogil=True)
+def strict_reuse(i_res, i_blk, block: int, height: int, width: int, S: int, E: int, lo_y: int, hi_y: int,
+                 lo_x: int, hi_x: int, ok, sy, sx) -> None:
+    """Strict RFAP test for every output position (see ``engine/rfap.py``): O(1) per position from the
+    residual integral image (pixels) and the block-grid integrals of 1, dy, dy², dx, dx² (zero variance ⇔ one
+    displacement, exact in int64)."""
+    ho, wo = ok.shape
+    for oy in range(ho):
+        wy0 = oy * S - lo_y
+        wy1 = oy * S + hi_y + 1
+        cy0 = min(max(wy0, 0), height)
+        cy1 = min(max(wy1, 0), height)
+        by0 = cy0 // block
+        by1 = max(cy1 - 1, cy0) // block + 1
+        for ox in range(wo):
+            ok[oy, ox] = False
+            sy[oy, ox] = 0
+            sx[oy, ox] = 0
+            wx0 = ox * S - lo_x
+            wx1 = ox * S + hi_x + 1
+            cx0 = min(max(wx0, 0), width)
+            cx1 = min(max(wx1, 0), width)
+            if cy1 <= cy0 or cx1 <= cx0:
+                continue
+            if i_res[cy1, cx1] - i_res[cy0, cx1] - i_res[cy1, cx0] + i_res[cy0, cx0] != 0:
+                continue
+            bx0 = cx0 // block
+            bx1 = max(cx1 - 1, cx0) // block + 1
+            n = i_blk[0, by1, bx1] - i_blk[0, by0, bx1] - i_blk[0, by1, bx0] + i_blk[0, by0, bx0]
+            s1 = i_blk[1, by1, bx1] - i_blk[1, by0, bx1] - i_blk[1, by1, bx0] + i_blk[1, by0, bx0]
+            s2 = i_blk[2, by1, bx1] - i_blk[2, by0, bx1] - i_blk[2, by1, bx0] + i_blk[2, by0, bx0]
+            t1 = i_blk[3, by1, bx1] - i_blk[3, by0, bx1] - i_blk[3, by1, bx0] + i_blk[3, by0, bx0]
+            t2 = i_blk[4, by1, bx1] - i_blk[4, by0, bx1] - i_blk[4, by1, bx0] + i_blk[4, by0, bx0]
+            if n <= 0 or s2 * n != s1 * s1 or t2 * n != t1 * t1:
+                continue
+            _accept(oy, ox, s1 // n, t1 // n, S, E, wy0, wy1, wx0, wx1, height, width, ok, sy, sx)
+
+
 @njit(cache=True, nogil=True)
 def block_reuse(bad, dy, dx, block: int, height: int, width: int, S: int, lo_y: int, hi_y: int, lo_x: int,
                 hi_x: int, ok, sy, sx) -> None:
-    """Strict RFAP for one layer when the residual set is whole blocks (fast mode): the same test as
-    ``motion._kernels.strict_reuse`` with equivariance stride ``S``, but reading the (at most a few) blocks a
-    window touches directly instead of integral images — no per-frame integral images to build. ``bad`` marks
-    residual or invalid blocks."""
+    """Strict RFAP when the residual set is whole blocks (fast mode): the test of :func:`strict_reuse` with
+    equivariance stride ``S``, reading the (at most a few) blocks a window touches directly instead of
+    integral images — nothing to build per frame. ``bad`` marks residual or invalid blocks."""
     ho, wo = ok.shape
     for oy in range(ho):
         wy0 = oy * S - lo_y
@@ -150,16 +209,5 @@ def block_reuse(bad, dy, dx, block: int, height: int, width: int, S: int, lo_y: 
                         break
                 if not same:
                     break
-            if not same or d0 % S != 0 or e0 % S != 0:
-                continue
-            if d0 != 0 and not (wy0 >= 0 and wy1 <= height and wy0 + d0 >= 0 and wy1 + d0 <= height):
-                continue
-            if e0 != 0 and not (wx0 >= 0 and wx1 <= width and wx0 + e0 >= 0 and wx1 + e0 <= width):
-                continue
-            ty = oy + d0 // S
-            tx = ox + e0 // S
-            if ty < 0 or ty >= ho or tx < 0 or tx >= wo:
-                continue
-            ok[oy, ox] = True
-            sy[oy, ox] = d0 // S
-            sx[oy, ox] = e0 // S
+            if same:
+                _accept(oy, ox, d0, e0, S, S, wy0, wy1, wx0, wx1, height, width, ok, sy, sx)

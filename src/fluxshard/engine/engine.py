@@ -229,7 +229,7 @@ def _warm_kernels() -> None:
     img = torch.zeros(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0).numpy()
     _kernels.shifted_diff(img, img, z[:1, :1], z[:1, :1], 16, np.empty((16, 16), np.float32),
                           np.empty((1, 1), np.float32))
-    _kernels.strict_reuse(np.zeros((17, 17), np.int32), np.zeros((5, 2, 2), np.int64), 16, 16, 16, 2, 2, 1, 1,
+    _ek.strict_reuse(np.zeros((17, 17), np.int32), np.zeros((5, 2, 2), np.int64), 16, 16, 16, 2, 2, 1, 1,
                           1, 1, np.empty((8, 8), np.bool_), np.empty((8, 8), np.int32), np.empty((8, 8), np.int32))
     _ek.warm()
 

@@ -13,7 +13,7 @@ Output position ``o`` of a node with geometry ``g`` (see :mod:`fluxshard.engine.
    ``o`` and at its source ``o + d``.
 
 All four are evaluated for every position of every layer in one pass per distinct geometry (a numba kernel,
-``_kernels.strict_reuse``): uniformity from integral images of the vectors and their squares on the *block*
+``engine._kernels.strict_reuse``): uniformity from integral images of the vectors and their squares on the *block*
 grid (the field is constant per block; zero variance ⇔ uniform, exact in integers), residual-freeness from
 one integral image of the pixel mask. O(1) per position, whatever the receptive-field size.
 """
@@ -27,7 +27,6 @@ import torch
 
 from fluxshard.engine import _kernels as _ek
 from fluxshard.engine.graph import BIG, Geom
-from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
 
 
@@ -93,5 +92,5 @@ def reuse_mask(maps: PixelMaps, g: Geom, out_hw: tuple[int, int]) -> tuple[np.nd
             raise ValueError("block-granular maps support a layer's own equivariance only (E == S)")
         _ek.block_reuse(maps.bad, f.dy, f.dx, b, h, w, g.S, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
         return ok, sy, sx
-    _kernels.strict_reuse(maps.i_res, maps.i_blk, b, h, w, g.S, g.E, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
+    _ek.strict_reuse(maps.i_res, maps.i_blk, b, h, w, g.S, g.E, g.lo_y, g.hi_y, g.lo_x, g.hi_x, ok, sy, sx)
     return ok, sy, sx

@@ -136,41 +136,56 @@ def _accept(oy: int, ox: int, dy: int, dx: int, S: int, E: int, wy0: int, wy1: i
 
 
 @njit(cache=True, nogil=True)
+def _spans(n_out: int, S: int, lo: int, hi: int, n: int, block: int):
+    """Per output index along one axis: the window [w0, w1) in input pixels, its part inside the image
+    [c0, c1) and the blocks it touches [b0, b1). Hoisted out of the per-position loops (integer divisions by
+    run-time values dominated them)."""
+    w0 = np.empty(n_out, np.int64)
+    w1 = np.empty(n_out, np.int64)
+    c0 = np.empty(n_out, np.int64)
+    c1 = np.empty(n_out, np.int64)
+    b0 = np.empty(n_out, np.int64)
+    b1 = np.empty(n_out, np.int64)
+    for o in range(n_out):
+        w0[o] = o * S - lo
+        w1[o] = o * S + hi + 1
+        c0[o] = min(max(w0[o], 0), n)
+        c1[o] = min(max(w1[o], 0), n)
+        b0[o] = c0[o] // block
+        b1[o] = max(c1[o] - 1, c0[o]) // block + 1
+    return w0, w1, c0, c1, b0, b1
+
+
+@njit(cache=True, nogil=True)
 def strict_reuse(i_res, i_blk, block: int, height: int, width: int, S: int, E: int, lo_y: int, hi_y: int,
                  lo_x: int, hi_x: int, ok, sy, sx) -> None:
     """Strict RFAP test for every output position (see ``engine/rfap.py``): O(1) per position from the
     residual integral image (pixels) and the block-grid integrals of 1, dy, dy², dx, dx² (zero variance ⇔ one
     displacement, exact in int64)."""
     ho, wo = ok.shape
+    ok[:] = False
+    sy[:] = 0
+    sx[:] = 0
+    wy0, wy1, cy0, cy1, by0, by1 = _spans(ho, S, lo_y, hi_y, height, block)
+    wx0, wx1, cx0, cx1, bx0, bx1 = _spans(wo, S, lo_x, hi_x, width, block)
     for oy in range(ho):
-        wy0 = oy * S - lo_y
-        wy1 = oy * S + hi_y + 1
-        cy0 = min(max(wy0, 0), height)
-        cy1 = min(max(wy1, 0), height)
-        by0 = cy0 // block
-        by1 = max(cy1 - 1, cy0) // block + 1
+        y0, y1, k0, k1 = cy0[oy], cy1[oy], by0[oy], by1[oy]
+        if y1 <= y0:
+            continue
         for ox in range(wo):
-            ok[oy, ox] = False
-            sy[oy, ox] = 0
-            sx[oy, ox] = 0
-            wx0 = ox * S - lo_x
-            wx1 = ox * S + hi_x + 1
-            cx0 = min(max(wx0, 0), width)
-            cx1 = min(max(wx1, 0), width)
-            if cy1 <= cy0 or cx1 <= cx0:
+            x0, x1, l0, l1 = cx0[ox], cx1[ox], bx0[ox], bx1[ox]
+            if x1 <= x0:
                 continue
-            if i_res[cy1, cx1] - i_res[cy0, cx1] - i_res[cy1, cx0] + i_res[cy0, cx0] != 0:
+            if i_res[y1, x1] - i_res[y0, x1] - i_res[y1, x0] + i_res[y0, x0] != 0:
                 continue
-            bx0 = cx0 // block
-            bx1 = max(cx1 - 1, cx0) // block + 1
-            n = i_blk[0, by1, bx1] - i_blk[0, by0, bx1] - i_blk[0, by1, bx0] + i_blk[0, by0, bx0]
-            s1 = i_blk[1, by1, bx1] - i_blk[1, by0, bx1] - i_blk[1, by1, bx0] + i_blk[1, by0, bx0]
-            s2 = i_blk[2, by1, bx1] - i_blk[2, by0, bx1] - i_blk[2, by1, bx0] + i_blk[2, by0, bx0]
-            t1 = i_blk[3, by1, bx1] - i_blk[3, by0, bx1] - i_blk[3, by1, bx0] + i_blk[3, by0, bx0]
-            t2 = i_blk[4, by1, bx1] - i_blk[4, by0, bx1] - i_blk[4, by1, bx0] + i_blk[4, by0, bx0]
+            n = i_blk[0, k1, l1] - i_blk[0, k0, l1] - i_blk[0, k1, l0] + i_blk[0, k0, l0]
+            s1 = i_blk[1, k1, l1] - i_blk[1, k0, l1] - i_blk[1, k1, l0] + i_blk[1, k0, l0]
+            s2 = i_blk[2, k1, l1] - i_blk[2, k0, l1] - i_blk[2, k1, l0] + i_blk[2, k0, l0]
+            t1 = i_blk[3, k1, l1] - i_blk[3, k0, l1] - i_blk[3, k1, l0] + i_blk[3, k0, l0]
+            t2 = i_blk[4, k1, l1] - i_blk[4, k0, l1] - i_blk[4, k1, l0] + i_blk[4, k0, l0]
             if n <= 0 or s2 * n != s1 * s1 or t2 * n != t1 * t1:
                 continue
-            _accept(oy, ox, s1 // n, t1 // n, S, E, wy0, wy1, wx0, wx1, height, width, ok, sy, sx)
+            _accept(oy, ox, s1 // n, t1 // n, S, E, wy0[oy], wy1[oy], wx0[ox], wx1[ox], height, width, ok, sy, sx)
 
 
 @njit(cache=True, nogil=True)
@@ -180,34 +195,25 @@ def block_reuse(bad, dy, dx, block: int, height: int, width: int, S: int, lo_y: 
     equivariance stride ``S``, reading the (at most a few) blocks a window touches directly instead of
     integral images — nothing to build per frame. ``bad`` marks residual or invalid blocks."""
     ho, wo = ok.shape
+    ok[:] = False
+    sy[:] = 0
+    sx[:] = 0
+    wy0, wy1, cy0, cy1, by0, by1 = _spans(ho, S, lo_y, hi_y, height, block)
+    wx0, wx1, cx0, cx1, bx0, bx1 = _spans(wo, S, lo_x, hi_x, width, block)
     for oy in range(ho):
-        wy0 = oy * S - lo_y
-        wy1 = oy * S + hi_y + 1
-        cy0 = min(max(wy0, 0), height)
-        cy1 = min(max(wy1, 0), height)
-        by0 = cy0 // block
-        by1 = max(cy1 - 1, cy0) // block + 1
+        if cy1[oy] <= cy0[oy]:
+            continue
+        k0, k1 = by0[oy], by1[oy]
         for ox in range(wo):
-            ok[oy, ox] = False
-            sy[oy, ox] = 0
-            sx[oy, ox] = 0
-            wx0 = ox * S - lo_x
-            wx1 = ox * S + hi_x + 1
-            cx0 = min(max(wx0, 0), width)
-            cx1 = min(max(wx1, 0), width)
-            if cy1 <= cy0 or cx1 <= cx0:
+            if cx1[ox] <= cx0[ox]:
                 continue
-            bx0 = cx0 // block
-            bx1 = max(cx1 - 1, cx0) // block + 1
-            d0 = dy[by0, bx0]
-            e0 = dx[by0, bx0]
+            l0, l1 = bx0[ox], bx1[ox]
+            d0 = dy[k0, l0]
+            e0 = dx[k0, l0]
             same = True
-            for i in range(by0, by1):
-                for j in range(bx0, bx1):
+            for i in range(k0, k1):
+                for j in range(l0, l1):
                     if bad[i, j] or dy[i, j] != d0 or dx[i, j] != e0:
                         same = False
-                        break
-                if not same:
-                    break
             if same:
-                _accept(oy, ox, d0, e0, S, S, wy0, wy1, wx0, wx1, height, width, ok, sy, sx)
+                _accept(oy, ox, d0, e0, S, S, wy0[oy], wy1[oy], wx0[ox], wx1[ox], height, width, ok, sy, sx)

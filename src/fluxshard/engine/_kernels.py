@@ -113,7 +113,7 @@ def warm() -> None:
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _accept(oy: int, ox: int, dy: int, dx: int, S: int, E: int, wy0: int, wy1: int, wx0: int, wx1: int,
             height: int, width: int, ok, sy, sx) -> None:
     """RFAP conditions 2 and 4 for a window that carries one displacement and no residual: ``d`` divisible

@@ -111,3 +111,13 @@ def test_profile_cli_runs_on_a_short_clip(tmp_path: Path) -> None:
     assert s["profile"] == str(out) and len(s["bins"]) == 4
     cfg = EngineConfig.from_file(out)
     assert cfg.mode == "fast" and len(cfg.bin_thresholds) == 4
+
+
+def test_retention_counts_detections_where_dense_has_none() -> None:
+    from fluxshard.models.base import Detections
+
+    empty = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    one = Detections([[10, 10, 50, 80]], [0.9], [0])
+    assert profiler._retention([empty, empty], [empty, empty]) is None  # nothing to find, nothing found
+    assert profiler._retention([one, empty], [empty, empty]) == 0.0  # false positives only: a failure
+    assert profiler._retention([one], [one]) == pytest.approx(1.0)

@@ -94,8 +94,12 @@ def bin_of(motion: float, bins: Sequence[float]) -> int:
 
 
 def _retention(cand: list[Any], ref: list[Any]) -> float | None:
+    """mAP@0.5 of ``cand`` against ``ref``; None only when neither holds a detection. Detections where dense
+    has none (AP undefined) count as a failure (0.0): false positives are accuracy lost too."""
     from fluxshard.metrics import accuracy_retention
 
+    if not any(len(r) for r in ref):
+        return 0.0 if any(len(c) for c in cand) else None
     rep = accuracy_retention(cand, ref, iou_types=["bbox"])
     v = rep.retention.get("bbox", {}).get("map50")
     return None if v is None or not np.isfinite(v) else float(v)

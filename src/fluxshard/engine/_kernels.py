@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fluxshard.motion._kernels import block_diff_sum
+
 
 @njit(cache=True, nogil=True)
 def window_any(m_in, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, dh: int, dw: int, extra, out,
@@ -68,8 +70,9 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
     the codec intra-coded); ``out_bad`` = the block is residual (mean above ``tau``, source outside the frame,
     or invalid and not static). ``dy``/``dx``/``valid`` are updated in place: rescued blocks become valid
     zero-motion blocks."""
-    height, width, nc = cur.shape
+    height, width, _ = cur.shape
     hb, wb = dy.shape
+    nopix = np.empty((0, 0), np.float32)  # block_diff_sum: no per-pixel output
     for i in range(hb):
         y0 = i * block
         y1 = min(y0 + block, height)
@@ -81,17 +84,7 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
             if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
                 out_bad[i, j] = True
                 continue
-            acc = 0.0
-            for y in range(y0, y1):
-                ry = y + oy
-                for x in range(x0, x1):
-                    rx = x + ox
-                    m = 0.0
-                    for c in range(nc):
-                        d = abs(np.float32(cur[y, x, c]) - np.float32(ref[ry, rx, c]))
-                        if d > m:
-                            m = d
-                    acc += m
+            acc = block_diff_sum(cur, ref, y0, y1, x0, x1, oy, ox, nopix)
             bad = acc / ((y1 - y0) * (x1 - x0)) > tau
             if not valid[i, j] and not bad:
                 valid[i, j] = True

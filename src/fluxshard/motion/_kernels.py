@@ -451,12 +451,34 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
 
 
 @njit(cache=True, nogil=True)
+def block_diff_sum(cur, ref, y0: int, y1: int, x0: int, x1: int, oy: int, ox: int, out_pix) -> float:
+    """Sum over the block [y0, y1) × [x0, x1) of max over channels |cur − ref shifted by (oy, ox)| (source
+    clamped to the frame); the per-pixel values also go to ``out_pix`` unless it is empty (0×0)."""
+    height, width, nc = cur.shape
+    write = out_pix.shape[0] > 0
+    acc = 0.0
+    for y in range(y0, y1):
+        ry = min(max(y + oy, 0), height - 1)
+        for x in range(x0, x1):
+            rx = min(max(x + ox, 0), width - 1)
+            m = 0.0
+            for c in range(nc):
+                d = abs(np.float32(cur[y, x, c]) - np.float32(ref[ry, rx, c]))
+                if d > m:
+                    m = d
+            if write:
+                out_pix[y, x] = m
+            acc += m
+    return acc
+
+
+@njit(cache=True, nogil=True)
 def shifted_diff(cur, ref, dy, dx, block: int, out_pix, out_mad) -> None:
     """Per pixel: max over channels of |cur − ref shifted by its block's (dy, dx)| (source clamped to the
     frame) into ``out_pix`` (H×W float32); per block: the mean of that into ``out_mad``. ``cur``/``ref`` are
     H×W×C views (channels-last tensors as numpy, or luma planes with a trailing axis). One pass, no index
     maps, nothing warped materialised."""
-    height, width, nc = cur.shape
+    height, width, _ = cur.shape
     hb, wb = dy.shape
     for i in range(hb):
         y0 = i * block
@@ -464,19 +486,6 @@ def shifted_diff(cur, ref, dy, dx, block: int, out_pix, out_mad) -> None:
         for j in range(wb):
             x0 = j * block
             x1 = min(x0 + block, width)
-            oy = dy[i, j]
-            ox = dx[i, j]
-            acc = 0.0
-            for y in range(y0, y1):
-                ry = min(max(y + oy, 0), height - 1)
-                for x in range(x0, x1):
-                    rx = min(max(x + ox, 0), width - 1)
-                    m = 0.0
-                    for c in range(nc):
-                        d = abs(np.float32(cur[y, x, c]) - np.float32(ref[ry, rx, c]))
-                        if d > m:
-                            m = d
-                    out_pix[y, x] = m
-                    acc += m
+            acc = block_diff_sum(cur, ref, y0, y1, x0, x1, dy[i, j], dx[i, j], out_pix)
             out_mad[i, j] = acc / ((y1 - y0) * (x1 - x0))
 

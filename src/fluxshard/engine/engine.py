@@ -34,6 +34,7 @@ from torch import fx, nn
 from fluxshard.engine import _kernels as _ek
 from fluxshard.engine.graph import GraphInfo, tensor_args, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
+from fluxshard.engine.sparse import PlanCache, choose_path, sparse_conv2d
 from fluxshard.errors import FluxShardError
 from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
@@ -234,26 +235,6 @@ def _warm_kernels() -> None:
     _ek.warm()
 
 
-def _plan_cache() -> Any:
-    from fluxshard.engine.sparse import PlanCache
-
-    return PlanCache()
-
-
-def choose_path(*args: Any, **kw: Any) -> str:
-    from fluxshard.engine.sparse import choose_path as cp
-
-    return cp(*args, **kw)
-
-
-def _sparse_executor() -> Any:
-    try:
-        from fluxshard.engine.sparse import sparse_conv2d
-    except ImportError:
-        return None
-    return sparse_conv2d
-
-
 class Engine:
     """Incremental inference of one video stream with one model body; create one per stream."""
 
@@ -266,8 +247,8 @@ class Engine:
         self.info: GraphInfo = trace(body, torch.zeros(1, in_channels, *self.input_hw))
         self.gm: fx.GraphModule = self.info.gm
         _warm_kernels()
-        self._sparse = _sparse_executor() if self.config.sparse else None
-        self._plans = _plan_cache() if self._sparse is not None else None
+        self._sparse = sparse_conv2d if self.config.sparse else None
+        self._plans = PlanCache() if self._sparse is not None else None
         self._calibrated: set[str] = set()
         self._post, self._fused_into = _find_fusions(self.gm, self.info) if self.config.fuse \
             else ({}, {})

@@ -20,6 +20,16 @@ from fluxshard.errors import FluxShardError
 MODES = ("conservative", "non-conservative")
 CAMERAS = ("auto", "gt", "mv")
 
+# options shared by `tile` and `tile-bench`
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Detector of the family.")]
+SizesOpt = Annotated[str, typer.Option(help="Family input sizes.")]
+ProfileOpt = Annotated[str | None, typer.Option(help="Profile JSON, or 'shipped' (default: this machine's "
+    "cached profile, measured on first use).")]
+CameraOpt = Annotated[str, typer.Option(help="auto (PTZ JSON if present, else motion vectors), gt, mv.")]
+HistoryOpt = Annotated[int, typer.Option(help="Historical global-view frames.", min=1)]
+ThreadsOpt = Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
+    "loaded machine 1 thread has far smaller p99 latency).", min=1)]
+
 
 class TileCliError(FluxShardError):
     """Bad ``tile`` / ``tile-bench`` arguments."""
@@ -110,16 +120,14 @@ def tile(
                                       "non-conservative (mean latencies).")] = "conservative",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write an annotated video (tiles + boxes).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
-    model: Annotated[str, typer.Option("--model", "-m", help="Detector of the family.")] = "nanodet",
-    sizes: Annotated[str, typer.Option(help="Family input sizes.")] = "320,416,512,640",
-    profile: Annotated[str | None, typer.Option(help="Profile JSON, or 'shipped' (default: this machine's "
-                                                "cached profile, measured on first use).")] = None,
-    camera: Annotated[str, typer.Option(help="auto (PTZ JSON if present, else motion vectors), gt, mv.")] = "auto",
-    history: Annotated[int, typer.Option(help="Historical global-view frames.", min=1)] = 20,
+    model: ModelOpt = "nanodet",
+    sizes: SizesOpt = "320,416,512,640",
+    profile: ProfileOpt = None,
+    camera: CameraOpt = "auto",
+    history: HistoryOpt = 20,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.", min=1)] = None,
     min_score: Annotated[float, typer.Option(help="Draw boxes scoring at least this.")] = 0.3,
-    threads: Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
-                                         "loaded machine 1 thread has far smaller p99 latency).", min=1)] = 2,
+    threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru on CLIP: camera-tracked historical objects -> DP-DP tile plan per frame within the SLO."""
     from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
@@ -185,16 +193,14 @@ def tile_bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (CSV, plots, report.md).")] = Path(
         "tile_bench_out"),
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
-    model: Annotated[str, typer.Option("--model", "-m", help="Detector of the family.")] = "nanodet",
-    sizes: Annotated[str, typer.Option(help="Family input sizes.")] = "320,416,512,640",
-    profile: Annotated[str | None, typer.Option(help="Profile JSON, or 'shipped' (default: this machine's "
-                                                "cached profile, measured on first use).")] = None,
-    camera: Annotated[str, typer.Option(help="auto (PTZ JSON if present, else motion vectors), gt, mv.")] = "auto",
-    history: Annotated[int, typer.Option(help="Historical global-view frames.", min=1)] = 20,
+    model: ModelOpt = "nanodet",
+    sizes: SizesOpt = "320,416,512,640",
+    profile: ProfileOpt = None,
+    camera: CameraOpt = "auto",
+    history: HistoryOpt = 20,
     max_frames: Annotated[int | None, typer.Option(help="Stop each clip after N frames.", min=1)] = None,
     stride: Annotated[int, typer.Option(help="Evaluate every N-th frame (camera tracked on all).", min=1)] = 1,
-    threads: Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
-                                         "loaded machine 1 thread has far smaller p99 latency).", min=1)] = 2,
+    threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru (both modes) vs down-sampling, uniform tiling and Remix-like planning over CLIP... x SLOs."""
     from fluxshard.tiling.evaluate import run_clip

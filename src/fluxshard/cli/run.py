@@ -31,6 +31,9 @@ def run(
     calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame "
                                                  "(~2 s once; picks better paths at this machine's thread count)."
                                             )] = True,
+    guard: Annotated[bool, typer.Option(help="Cost guard: run frames dense while incremental frames cost more "
+                                             "than dense ones, probing every 8th frame (output is unaffected).")
+                     ] = True,
 ) -> None:
     """Run MODEL over CLIP with the FluxShard engine (exact or fast mode)."""
     from fluxshard.engine import EngineConfig
@@ -42,7 +45,7 @@ def run(
         raise typer.BadParameter(f"--mode must be exact or fast, not {mode!r}")
     if mode == "exact" and (thresholds or tau_in is not None or tau is not None):
         raise typer.BadParameter("--thresholds/--tau-in/--tau only apply to --mode fast")
-    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate}
+    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate, "guard": guard}
     if mode == "fast":
         if tau_in is not None:
             over["tau_in"] = tau_in

@@ -30,10 +30,12 @@ class RunSummary:
     mv_source: str = ""
     engine_ms_median: float = 0.0
     dense_ms_median: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # median dense ms / median engine ms
+    speedup_total: float | None = None  # summed dense time / summed engine time (throughput, probes included)
     active_fraction_mean: float = 0.0  # over all frames (dense frames count as 1.0)
     incremental_active_fraction_mean: float | None = None  # over incrementally computed frames only
     dense_frames: int = 0
+    guard_frames: int = 0  # dense frames the cost guard chose (incremental did not pay)
     max_abs_diff: float | None = None
     retention_map50: float | None = None
     retention_map: float | None = None
@@ -92,6 +94,7 @@ def run_clip(
             dets = _to_frame(adapter.postprocess_input(out, mapper.input_hw), mapper)
             eng_ms.append((time.perf_counter() - t0) * 1e3)
             active.append(st.active_fraction)
+            s.guard_frames += st.reason == "cost guard"
             if not st.dense:
                 inc_active.append(st.active_fraction)
             record: dict[str, Any] = {"detections": dets, "stats": st, "recompute_scale": recompute_scale}
@@ -119,6 +122,7 @@ def run_clip(
 
         s.dense_ms_median = float(np.median(dense_ms))
         s.speedup = s.dense_ms_median / s.engine_ms_median if s.engine_ms_median else None
+        s.speedup_total = sum(dense_ms[1:]) / sum(eng_ms[1:]) if len(eng_ms) > 1 else None  # first: warm-up
         s.max_abs_diff = float(max(diffs))
         rep = accuracy_retention(cand, ref, iou_types=["bbox"])
         s.retention_reference = rep.reference

@@ -1,0 +1,128 @@
+"""The engine's cost guard and its dense-frame capture module (issue: core engine — "never much slower than
+dense"). The guard's decisions depend on measured times, so these tests plant the timing history and check
+the decisions it implies, then that every frame — guarded, probed or incremental — still equals dense."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fluxshard.engine.engine import Engine, EngineConfig, EngineError
+from test_engine_property import _frames
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 1, 1)
+        self.b = nn.Conv2d(8, 8, 3, 2, 1)
+        self.c = nn.Conv2d(8, 16, 1)
+        self.d = nn.Conv2d(8, 4, 3, 1, 1)  # two users of b: not fused
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.relu(self.a(x))
+        z = self.b(y)
+        return torch.sigmoid(self.c(torch.relu(z))), self.d(z) + z[:, :4]
+
+
+def _plant(eng: Engine, inc: float, dense: float) -> None:
+    """Timing history as if incremental frames took ``inc`` ms and dense ones ``dense`` ms (re-planted before
+    every frame so the tiny test net's real times do not dilute it)."""
+    eng._ms[False].extend([inc] * 5)
+    eng._ms[True].extend([dense] * 5)
+
+
+def _check(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> None:
+    for a, b in zip(out, ref, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_guard_runs_dense_and_probes_when_incremental_does_not_pay(mode: str) -> None:
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(1, 20, 48, 64, 16, (0, 4), 0.0)
+    cfg = EngineConfig(mode=mode, guard=True, guard_probe=4, layout="pgemm")
+    eng = Engine(body, (48, 64), cfg)
+    reasons = []
+    with torch.inference_mode():
+        for t, (x, f) in enumerate(frames):
+            if t >= 1:
+                _plant(eng, inc=1e9, dense=1e-9)  # incremental frames "cost" far more than dense ones
+            out, st = eng.step(x, f)
+            reasons.append(st.reason)
+            if mode == "exact":
+                _check(out, body(x))
+    guarded = [i for i, r in enumerate(reasons) if r == "cost guard"]
+    probes = [i for i, r in enumerate(reasons) if i > 0 and r == ""]
+    assert len(guarded) >= 12, reasons
+    # every guard_probe-th frame probes the incremental path; between probes, dense
+    assert probes and all(b - a == 4 for a, b in itertools.pairwise(probes)), reasons
+
+
+def test_guard_stays_out_of_the_way_when_incremental_pays() -> None:
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(2, 12, 48, 64, 16, (0, 4), 0.0)
+    eng = Engine(body, (48, 64), EngineConfig(guard=True, layout="pgemm"))
+    with torch.inference_mode():
+        for t, (x, f) in enumerate(frames):
+            if t >= 1:
+                _plant(eng, inc=1e-9, dense=1e9)
+            out, st = eng.step(x, f)
+            assert st.dense == (t == 0), st.reason
+            _check(out, body(x))
+
+
+def test_guard_off_never_guards() -> None:
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(3, 6, 48, 64, 16, (0, 4), 0.0)
+    eng = Engine(body, (48, 64), EngineConfig(layout="pgemm"))
+    with torch.inference_mode():
+        for t, (x, f) in enumerate(frames):
+            if t >= 1:
+                _plant(eng, inc=1e9, dense=1e-9)
+            _, st = eng.step(x, f)
+            assert st.dense == (t == 0)
+
+
+def test_capture_module_leaves_the_same_caches_as_the_interpreter() -> None:
+    """Dense frames run as generated code; the caches they leave must be the interpreter's (activation fused
+    into its convolution where the engine fuses it, the raw output elsewhere)."""
+    torch.manual_seed(0)
+    body = Net().eval()
+    x = torch.rand(1, 3, 48, 64)
+    a = Engine(body, (48, 64), EngineConfig(calibrate=True))  # first dense frame through the interpreter
+    b = Engine(body, (48, 64), EngineConfig())
+    with torch.inference_mode():
+        oa, _ = a.step(x, None)
+        ob, _ = b.step(x, None)
+    assert b._capture is not None and a._capture is None
+    _check(oa, ob)
+    assert set(a._caches) == set(b._caches) == {"a", "b", "c", "d"}
+    for k in a._caches:
+        assert torch.equal(a._caches[k], b._caches[k]), k
+    assert float(b._caches["a"].min()) >= 0.0  # relu fused into a: the cache holds activated values
+    assert float(b._caches["b"].min()) < 0.0  # b has two users: raw output
+
+
+def test_guard_probe_must_be_at_least_two() -> None:
+    with pytest.raises(EngineError, match="guard_probe"):
+        EngineConfig(guard=True, guard_probe=1)
+
+
+def test_capture_outputs_are_not_the_caches() -> None:
+    """Outputs handed to the caller are copies: the next frame updates caches in place."""
+    body = Net().eval()
+    eng = Engine(body, (48, 64), EngineConfig())
+    x = torch.rand(1, 3, 48, 64)
+    with torch.inference_mode():
+        out, _ = eng.step(x, None)
+    ptrs = {t.data_ptr() for t in eng._caches.values()}
+    assert all(o.data_ptr() not in ptrs for o in out)
+    assert np.isfinite(out[0].numpy()).all()

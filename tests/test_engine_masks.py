@@ -89,3 +89,43 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
     np.testing.assert_array_equal(bad, want)
     np.testing.assert_array_equal(valid, f.valid | rescued)
     assert not dy[rescued].any() and not dx[rescued].any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_changed_dense_matches_moved_cache_reference(seed: int) -> None:
+    """Fast mode's change test for a dense layer, read from the unmoved cache, equals |y − moved cache| > τ."""
+    rng = np.random.default_rng(seed)
+    c, h, w = int(rng.integers(1, 40)), int(rng.integers(3, 30)), int(rng.integers(3, 30))
+    y = torch.rand(1, c, h, w).contiguous(memory_format=torch.channels_last)
+    sy = np.where(np.arange(h)[:, None] < h // 2, 1, -2).repeat(w, 1).astype(np.int32)  # two shard regions
+    sx = np.where(np.arange(h)[:, None] < h // 2, -1, 2).repeat(w, 1).astype(np.int32)
+    iy, ix = np.arange(h)[:, None] + sy, np.arange(w)[None, :] + sx
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    cache = torch.rand(1, c, h, w)  # the old map: y's content at the shifted positions, plus small changes
+    k = int(inside.sum())
+    big = torch.from_numpy(rng.random(k) < 0.3).float() * 0.5  # a third of the positions really changed
+    cache[0][:, iy[inside], ix[inside]] = y[0][:, inside] + 0.05 * torch.rand(c, k) + big
+    cache = cache.contiguous(memory_format=torch.channels_last)
+    moved = cache[0][:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
+    tau = 0.08
+    ref = ((y[0] - moved).abs().amax(0) > tau).numpy() | ~inside
+    out = np.empty((h, w), np.bool_)
+    ek.changed_dense(y[0].permute(1, 2, 0).numpy(), cache[0].permute(1, 2, 0).numpy(), sy, sx, tau, out)
+    assert np.array_equal(out, ref)
+    assert 0 < out.sum() < out.size
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_write_rows_scatters_and_measures_change(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_rows, c = 50, int(rng.integers(1, 70))
+    orows = torch.rand(n_rows, c)
+    before = orows.clone()
+    dst = torch.from_numpy(np.sort(rng.choice(n_rows, 17, replace=False)).astype(np.int64))
+    yr = torch.rand(17, c)
+    delta = np.empty(17, np.float32)
+    ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), delta)
+    ref = before.clone()
+    ref.index_copy_(0, dst, yr)
+    assert torch.equal(orows, ref)
+    assert np.allclose(delta, (yr - before[dst]).abs().amax(1).numpy(), atol=0)

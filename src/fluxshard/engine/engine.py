@@ -574,7 +574,7 @@ class _Runner(fx.Interpreter):
             if layout == "dense":  # decided before moving the cache: a dense layer never reads it
                 y, path = _dense(conv, post, x), "dense"
                 if self.fast:
-                    self.changed[n.name] = self._truncate(n.name, y, _move(cache, sy, sx, moves), None)
+                    self.changed[n.name] = self._changed_dense(n.name, y, cache, sy, sx, moves)
             elif eng._sparse is not None:
                 base = _move(cache, sy, sx, moves)
                 if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
@@ -618,6 +618,19 @@ class _Runner(fx.Interpreter):
             changed[st.rows.numpy()[(st.delta > tau).numpy()]] = True
             return changed.reshape(ho, wo)
         return ((y - base).abs().amax(1)[0] > tau).numpy()
+
+    def _changed_dense(self, name: str, y: torch.Tensor, cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray,
+                       moves: Any) -> np.ndarray:
+        """:meth:`_truncate` for a layer that ran dense, reading the old cache at its shifted positions instead
+        of moving it (nothing else needs the moved cache: ``y`` becomes the new one)."""
+        per, default = self.engine._tau
+        tau = per.get(name, default)
+        views = [_hwc(t) for t in (y, cache)]
+        if views[0] is None or views[1] is None:
+            return self._truncate(name, y, _move(cache, sy, sx, moves), None)
+        out = np.empty(views[0].shape[:2], np.bool_)
+        _ek.changed_dense(views[0], views[1], sy, sx, float(tau), out)
+        return out
 
     def _tile(self, cn: _ConvNode, hw: tuple[int, int]) -> int:
         """Tiles the size of one motion block at this layer's resolution (at least 2 px): recompute sets follow
@@ -766,6 +779,13 @@ def _move(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray, lazy: _Moves) -> 
     ix = np.arange(w)[None, :] + sx
     flat = cache.reshape(n, c, h * w)
     return flat.index_select(2, torch.from_numpy((iy * w + ix).reshape(-1).astype(np.int64))).reshape(n, c, h, w)
+
+
+def _hwc(t: torch.Tensor) -> np.ndarray | None:
+    """(H, W, C) numpy view of a (1, C, H, W) float32 channels_last tensor, or None."""
+    if t.dtype != torch.float32 or not t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return t[0].permute(1, 2, 0).numpy()
 
 
 def _own(out: Any) -> Any:

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fluxshard.engine import _kernels as _ek
+
 __all__ = [
     "LayerCost",
     "PlanCache",
@@ -667,9 +669,16 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
             yr = post(yr)
     dst = torch.from_numpy(positions if path == "pgemm" else plan.dst[sel].reshape(-1))
     delta = None
-    if track:  # how much each written row moves: the engine's truncation test, read before the write
+    if track and yr.dtype == orows.dtype == torch.float32:
+        # how much each written row moves (the engine's truncation test), measured as it is written
+        d = np.empty(len(dst), np.float32)
+        _ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), d)
+        delta = torch.from_numpy(d)
+    elif track:
         delta = (yr - orows.index_select(0, dst)).abs().amax(1)
-    orows.index_copy_(0, dst, yr)
+        orows.index_copy_(0, dst, yr)
+    else:
+        orows.index_copy_(0, dst, yr)
     if path == "pgemm":  # report the work as its tile-equivalent fraction
         n = max(1, round(len(positions) / (plan.ho * plan.wo) * plan.ntiles))  # type: ignore[arg-type]
     return out, SparseStats(path, n, plan.ntiles, tile, (time.perf_counter() - t0) * 1e3, dst if track else None,

@@ -121,3 +121,21 @@ def test_retention_counts_detections_where_dense_has_none() -> None:
     assert profiler._retention([empty, empty], [empty, empty]) is None  # nothing to find, nothing found
     assert profiler._retention([one, empty], [empty, empty]) == 0.0  # false positives only: a failure
     assert profiler._retention([one], [one]) == pytest.approx(1.0)
+
+
+def test_baseline_methods_get_their_own_fields_but_codec_motion_bins() -> None:
+    """``--method delta`` profiles the engine fed zero motion (as the bench harness feeds it), while frames are
+    still binned by the codec field's motion — so each baseline's thresholds meet the same target."""
+    from fluxshard.data.fetch import clip_path
+    from fluxshard.errors import FluxShardError
+    from fluxshard.models import load_model
+
+    adapter = load_model("nanodet")
+    mine = profiler.load_clip(clip_path("cup"), adapter, 6, factor=2)
+    delta = profiler.load_clip(clip_path("cup"), adapter, 6, factor=2, method="delta")
+    assert delta.motion == mine.motion and max(m for m in mine.motion if math.isfinite(m)) > 0.5
+    for (_, f), (_, g) in zip(mine.frames[1:], delta.frames[1:], strict=True):
+        assert g.source == "zero" and not g.dy.any() and not g.dx.any()
+        assert f.dy.any() or f.dx.any()
+    with pytest.raises(FluxShardError, match="unknown profiling method"):
+        profiler.load_clip(clip_path("cup"), adapter, 2, method="optical-flow")

@@ -178,8 +178,12 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     mapper = InputMapper((fh, fw), cfg.factor or choose_factor((fh, fw)))
     # every engine method calibrates its executor on its first (dense) frame, at this run's thread count
     fast = dataclasses.replace(fast_config(cfg.model, cfg.fast_profile), calibrate=True)
+    # baselines get their own profiles (same target retention) when shipped: truncation tuned for
+    # MV-aligned caches would be far too loose for caches that are not aligned at all
+    own = {m: dataclasses.replace(EngineConfig.from_file(p), calibrate=True)
+           for m in ("delta", "global-warp") if (p := default_profile(cfg.model, m)) and cfg.fast_profile is None}
     configs = {
-        "delta": fast, "global-warp": fast, "fluxshard-fast": fast,
+        "delta": own.get("delta", fast), "global-warp": own.get("global-warp", fast), "fluxshard-fast": fast,
         "fluxshard-exact": EngineConfig(calibrate=True),
         # no RFAP at all: no strict mask at the first conv, and shard shifts rounded to each layer's stride
         # however misaligned (RFAP's "displacement divisible by the stride" condition dropped)

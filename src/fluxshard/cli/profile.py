@@ -24,14 +24,19 @@ def profile(
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the profile summary as one JSON object.")]
     = False,
+    method: Annotated[str, typer.Option(help="Field the engine gets: fluxshard-fast (codec field), delta (zero "
+                                             "motion) or global-warp (one global transform) — baselines get "
+                                             "their own thresholds at the same target.")] = "fluxshard-fast",
 ) -> None:
     """Search the largest per-layer truncation thresholds per motion bin that keep retention ≥ target."""
     import torch
 
-    from fluxshard.engine.profiler import ALPHAS, load_clip
+    from fluxshard.engine.profiler import ALPHAS, METHODS, load_clip
     from fluxshard.engine.profiler import profile as run_profile
     from fluxshard.models import load_model
 
+    if method not in METHODS:
+        raise typer.BadParameter(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     adapter = load_model(model)
     if not hasattr(adapter, "postprocess_input"):
@@ -42,7 +47,7 @@ def profile(
         t = bar.add_task("decoding + dense reference", total=len(clips))
         loaded = []
         for c in clips:
-            loaded.append(load_clip(clip_path(c), adapter, max_frames))
+            loaded.append(load_clip(clip_path(c), adapter, max_frames, method=method))
             bar.advance(t)
         t2 = bar.add_task("threshold search (alpha grid)", total=len(ALPHAS) + 1)
 
@@ -50,11 +55,13 @@ def profile(
             bar.advance(t2)
             console.log(msg)
 
-        prof = run_profile(adapter, model, loaded, target=target_retention, tau_in=tau_in, progress=step)
+        prof = run_profile(adapter, model, loaded, target=target_retention, tau_in=tau_in, progress=step,
+                           method=method)
         bar.update(t2, completed=len(ALPHAS) + 1)
-    path = out or Path(f"{model}_profile.json")
+    suffix = "" if method == "fluxshard-fast" else f".{method}"
+    path = out or Path(f"{model}{suffix}_profile.json")
     path.write_text(json.dumps(prof, indent=1))
-    summary = {"profile": str(path), "model": model, "target_retention": target_retention,
+    summary = {"profile": str(path), "model": model, "method": method, "target_retention": target_retention,
                "seconds": prof["seconds"], "retention_map50_all": prof["retention_map50_all"],
                "bins": [{k: b[k] for k in ("max_motion", "alpha", "measured", "frames", "retention_map50", "reuse")}
                         for b in prof["bins"]]}

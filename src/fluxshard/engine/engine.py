@@ -228,9 +228,10 @@ def _find_fusions(gm: fx.GraphModule, info: GraphInfo) -> tuple[dict[str, Any], 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
-def default_profile(model: str) -> Path | None:
-    """The fast-mode thresholds shipped for a bundled model, if any."""
-    p = PROFILES_DIR / f"{model}.json"
+def default_profile(model: str, method: str = "fluxshard-fast") -> Path | None:
+    """The fast-mode thresholds shipped for a bundled model, if any; ``method`` = ``delta`` / ``global-warp``
+    for the baselines' own profiles (``MODEL.METHOD.json``, same target retention)."""
+    p = PROFILES_DIR / (f"{model}.json" if method == "fluxshard-fast" else f"{model}.{method}.json")
     return p if p.is_file() else None
 
 

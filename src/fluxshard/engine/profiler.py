@@ -54,8 +54,20 @@ def model_hash(body: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = None) -> Clip:
+METHODS = ("fluxshard-fast", "delta", "global-warp")
+
+
+def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = None,
+              method: str = "fluxshard-fast") -> Clip:
+    """Frames, fields and dense detections of ``path``. ``method`` replaces the field as the bench harness does
+    for that baseline (``delta``: zero motion, ``global-warp``: one global transform), so a baseline can get
+    its own thresholds at the same retention target; the motion bins stay those of the codec field."""
+    from fluxshard.engine.baselines import FIELD_FOR
     from fluxshard.motion import MotionStream
+
+    if method not in METHODS:
+        raise FluxShardError(f"unknown profiling method {method!r}; choose from {', '.join(METHODS)}")
+    remap = FIELD_FOR.get(method)
 
     stream = MotionStream(path, block=16, max_frames=max_frames)
     mapper = InputMapper((stream.info.height, stream.info.width),
@@ -65,8 +77,8 @@ def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = Non
         for mf in stream:
             x = mapper.tensor(mf.frame.rgb)
             f = mapper.field(mf.field)
-            frames.append((x, f))
             motion.append(field_motion(f) if not f.scene_cut else math.inf)
+            frames.append((x, remap(f) if remap is not None else f))
             dets.append(adapter.postprocess_input(adapter.body(x.contiguous(memory_format=torch.channels_last)),
                                                   mapper.input_hw))
     if len(frames) < 2:
@@ -106,12 +118,13 @@ def _retention(cand: list[Any], ref: list[Any]) -> float | None:
 
 
 def run_config(adapter: Any, clip: Clip, cfg: EngineConfig) -> tuple[list[Any], list[float], list[bool]]:
-    """Detections, active fraction and dense flag per frame of ``clip`` under ``cfg``."""
+    """Detections, active fraction and dense flag per frame of ``clip`` under ``cfg`` (thresholds chosen by
+    the frame's codec-field motion, whatever field the method feeds the engine)."""
     eng = Engine(adapter.body, clip.mapper.input_hw, cfg)
     dets, active, dense = [], [], []
     with torch.inference_mode():
-        for x, f in clip.frames:
-            out, st = eng.step(x, f)
+        for (x, f), m in zip(clip.frames, clip.motion, strict=True):
+            out, st = eng.step(x, f, motion=m if math.isfinite(m) else None)
             dets.append(adapter.postprocess_input(out, clip.mapper.input_hw))
             active.append(st.active_fraction)
             dense.append(st.dense)
@@ -139,7 +152,7 @@ def per_bin(clips: Sequence[Clip], runs: Sequence[tuple[list[Any], list[float], 
 
 def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.99, tau_in: float = 0.02,
             bins: Sequence[float] = DEFAULT_BINS, alphas: Sequence[float] = ALPHAS,
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[str], None] | None = None, method: str = "fluxshard-fast") -> dict[str, Any]:
     """Search α per bin (see module docstring) and return the profile as a JSON-ready dict."""
     t0 = time.perf_counter()
     sigma = layer_scales(adapter, clips)
@@ -180,6 +193,7 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
     return {
         "model": model,
         "model_hash": model_hash(adapter.body),
+        "method": method,
         "target_retention": target,
         "tau_in": tau_in,
         "schedule": "tau_l = alpha * sigma_l; sigma_l = std of conv l's dense output over the profiling frames",

@@ -19,34 +19,45 @@ def window_any(m_in, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, dh: i
                th: int, tw: int, tiles) -> int:
     """``out[i, j]`` = any changed input in the window of output (i, j) (kernel, stride, top/left padding,
     dilation), or ``extra[i, j]`` when ``extra`` has the output's shape; ``tiles[i // th, j // tw]`` is set for
-    every true output when ``tiles`` is not empty. Returns the number of true outputs."""
+    every true output when ``tiles`` is not empty. Returns the number of true outputs.
+
+    Separable: a horizontal pass ORs each input row over the kernel's columns at the output columns, then a
+    vertical pass ORs those rows over the kernel's rows (kh + kw reads per output instead of kh · kw);
+    tile indices are precomputed per row / column."""
     h, w = m_in.shape
     ho, wo = out.shape
     use_extra = extra.shape[0] == ho and extra.shape[1] == wo
     use_tiles = tiles.shape[0] > 0
+    hrow = np.zeros((h, wo), np.bool_)
+    for y in range(h):
+        for j in range(wo):
+            x0 = j * sw - pl
+            for b in range(kw):
+                x = x0 + b * dw
+                if x >= 0 and x < w and m_in[y, x]:
+                    hrow[y, j] = True
+                    break
+    tj = np.zeros(wo, np.int64)
+    if use_tiles:
+        for j in range(wo):
+            tj[j] = j // tw
     count = 0
     for i in range(ho):
         y0 = i * sh - pt
+        ti = i // th if use_tiles else 0
         for j in range(wo):
             hit = use_extra and extra[i, j]
             if not hit:
-                x0 = j * sw - pl
                 for a in range(kh):
                     y = y0 + a * dh
-                    if y < 0 or y >= h:
-                        continue
-                    for b in range(kw):
-                        x = x0 + b * dw
-                        if x >= 0 and x < w and m_in[y, x]:
-                            hit = True
-                            break
-                    if hit:
+                    if y >= 0 and y < h and hrow[y, j]:
+                        hit = True
                         break
             out[i, j] = hit
             if hit:
                 count += 1
                 if use_tiles:
-                    tiles[i // th, j // tw] = True
+                    tiles[ti, tj[j]] = True
     return count
 
 

@@ -43,7 +43,8 @@ def _check_plan(children: list[tuple[int, ...]] | tuple[tuple[int, ...], ...], a
     anc = _ancestors(children)
     for v in chosen:  # C1 (C2 holds by construction: one model index per node)
         assert not anc[v] & chosen
-    assert sum(int(weights[assign[v]]) for v in chosen) <= max(capacity, 0)
+    w = np.broadcast_to(np.asarray(weights), values.shape)
+    assert sum(int(w[v, assign[v]]) for v in chosen) <= max(capacity, 0)
     assert sum(values[v, assign[v]] for v in chosen) == pytest.approx(value, abs=1e-9)
 
 

@@ -14,7 +14,8 @@ from numba import njit
 def dpdp_forward(
     order: np.ndarray, first: np.ndarray, vals: np.ndarray, w: np.ndarray, cap: int
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """tables[k, b]: best value over the first k post-order nodes within budget b; choice[k, b]: model or -1."""
+    """tables[k, b]: best value over the first k post-order nodes within budget b; choice[k, b]: model or -1.
+    ``w[v, m]``: integer weight of node v run with model m (a tile's cost depends on its geometry)."""
     n = order.shape[0]
     n_models = vals.shape[1]
     tables = np.zeros((n + 1, cap + 1))
@@ -26,7 +27,7 @@ def dpdp_forward(
             tables[k, b] = tables[k - 1, b]
         for m in range(n_models):
             g = vals[v, m]
-            wm = w[m]
+            wm = w[v, m]
             if g <= 0.0 or wm > cap:
                 continue
             for b in range(wm, cap + 1):

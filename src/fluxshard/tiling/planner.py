@@ -174,16 +174,27 @@ def _post_order(children: Sequence[Sequence[int]], root: int) -> tuple[list[int]
     return order, first
 
 
+def node_weights(weights: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-model (n_models,) or per-(node, model) weights as an (n_nodes, n_models) int64 array."""
+    w = np.asarray(weights, dtype=np.int64)
+    if w.ndim == 1:
+        w = np.broadcast_to(w, shape)
+    if w.shape != tuple(shape):
+        raise ValueError(f"weights of shape {w.shape} do not match values {tuple(shape)}")
+    return np.ascontiguousarray(w)
+
+
 def dpdp(
-    children: Sequence[Sequence[int]], values: np.ndarray, weights: Sequence[int], capacity: int, root: int = 0
+    children: Sequence[Sequence[int]], values: np.ndarray, weights: ArrayLike, capacity: int, root: int = 0
 ) -> tuple[float, np.ndarray]:
     """Optimal node->model map on any rooted tree under C1, C2 and ``sum weights <= capacity``.
 
-    ``values``: (n_nodes, n_models); ``weights``: positive integers per model. Returns the optimal value and
-    an int array (-1 = node not chosen). Ties prefer not choosing a node (fewer, finer-evaluated tiles).
+    ``values``: (n_nodes, n_models); ``weights``: positive integers per model, or per (node, model) when a
+    tile's cost depends on its geometry. Returns the optimal value and an int array (-1 = node not chosen).
+    Ties prefer not choosing a node (fewer, finer-evaluated tiles).
     """
     vals = np.asarray(values, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.int64)
+    w = node_weights(weights, vals.shape)
     if np.any(w < 1):
         raise ValueError("DP weights must be positive integers")
     order, first = _post_order(children, root)
@@ -203,7 +214,7 @@ def dpdp(
             continue
         v = order[k - 1]
         assign[v] = m
-        b -= int(w[m])
+        b -= int(w[v, m])
         k = first[v]
     return float(tables[len(order), cap]), assign
 
@@ -230,13 +241,14 @@ def enumerate_plans(children: Sequence[Sequence[int]], n_models: int, root: int 
 
 
 def brute_force(
-    children: Sequence[Sequence[int]], values: np.ndarray, weights: Sequence[int], capacity: int, root: int = 0
+    children: Sequence[Sequence[int]], values: np.ndarray, weights: ArrayLike, capacity: int, root: int = 0
 ) -> tuple[float, dict[int, int]]:
     """Reference optimum by enumerating all valid plans (small trees only)."""
     vals = np.asarray(values, dtype=np.float64)
+    w = node_weights(weights, vals.shape)
     best, best_plan = 0.0, {}
     for plan in enumerate_plans(children, vals.shape[1], root):
-        if sum(int(weights[m]) for m in plan.values()) > capacity:
+        if sum(int(w[n, m]) for n, m in plan.items()) > capacity:
             continue
         v = float(sum(vals[n, m] for n, m in plan.items()))
         if v > best:
@@ -283,7 +295,11 @@ class PlanResult:
 
 
 class TilePlanner:
-    """Plans a frame of fixed size from boxes in frame coordinates (xyxy) under an inference budget (ms)."""
+    """Plans a frame of fixed size from boxes in frame coordinates (xyxy) under an inference budget (ms).
+
+    A tile's latency is the profile's figure for its geometry (:meth:`FamilyProfile.tile_latencies`: a
+    1280x960 tile letterboxed into 320 costs more than a 320x240 one), times ``load_factor`` - the online
+    correction for machine load drifting since profiling (:class:`fluxshard.tiling.runtime.LoadTracker`)."""
 
     def __init__(
         self,
@@ -304,11 +320,31 @@ class TilePlanner:
         self.resolution = resolution
         self.tree = QuadTree.build(self.width, self.height, max_depth_for(width, height) if max_depth is None
                                    else max_depth)
-        self.latency = family.latencies(mode)
+        self.load_factor = 1.0
         self.accuracy = family.accuracy_matrix()
         self.names = family.names
         self._grids = [(math.ceil(self.width / s), math.ceil(self.height / s)) for s in family.input_sizes()]
         self._uniform_tiles = [self._grid_tiles(m, nx, ny) for m, (nx, ny) in enumerate(self._grids)]
+        per_depth = [family.tile_latencies(mode, self.width / 2**d, self.height / 2**d)
+                     for d in range(self.tree.max_depth + 1)]
+        self._node_latency = np.stack([per_depth[d] for d in self.tree.depth])  # (n_nodes, n_models)
+        self._uniform_latency = np.array([nx * ny * family.tile_latencies(mode, self.width / nx, self.height / ny)[m]
+                                          for m, (nx, ny) in enumerate(self._grids)])
+
+    @property
+    def latency(self) -> np.ndarray:
+        """(n_models,) latency of each member on the whole frame (one tile), load-corrected."""
+        return self._node_latency[0] * self.load_factor
+
+    @property
+    def node_latency(self) -> np.ndarray:
+        """(n_nodes, n_models) latency of each quad-tree node run with each member, load-corrected."""
+        return self._node_latency * self.load_factor
+
+    @property
+    def uniform_latency(self) -> np.ndarray:
+        """(n_models,) latency of each member's uniform plan, load-corrected."""
+        return self._uniform_latency * self.load_factor
 
     def _grid_tiles(self, m: int, nx: int, ny: int) -> tuple[Tile, ...]:
         tw, th = self.width / nx, self.height / ny
@@ -316,12 +352,13 @@ class TilePlanner:
                      for r in range(ny) for c in range(nx))
 
     def discretise(self, budget_ms: float) -> tuple[np.ndarray, int, float]:
-        """(integer weights, integer capacity, step ms): latencies rounded up, budget down."""
+        """(integer (n_nodes, n_models) weights, integer capacity, step ms): latencies rounded up, budget down."""
+        lat = self.node_latency
         if not budget_ms > 0:
-            return np.ones(len(self.latency), dtype=np.int64), -1, 1.0
+            return np.ones(lat.shape, dtype=np.int64), -1, 1.0
         step = budget_ms / self.resolution
         with np.errstate(over="ignore", divide="ignore"):
-            units = np.minimum(self.latency / budget_ms * self.resolution, self.resolution + 1)  # > cap: unusable
+            units = np.minimum(lat / budget_ms * self.resolution, self.resolution + 1)  # > cap: unusable
         weights = np.maximum(1, np.ceil(units - 1e-9)).astype(np.int64)
         capacity = self.resolution  # floor(budget / step)
         return weights, capacity, step
@@ -341,19 +378,21 @@ class TilePlanner:
         values = np.concatenate([self.grid_values(boxes, 2**d, 2**d) for d in range(self.tree.max_depth + 1)])
         weights, capacity, _ = self.discretise(budget_ms)
         value, assign = dpdp(self.tree.children, values, weights, capacity)
+        lat = self.node_latency
         tiles = tuple(
             Tile(*(float(x) for x in self.tree.rects[v]), int(m), self.names[m], int(v))
             for v, m in enumerate(assign) if m >= 0
         )
-        lat = float(sum(self.latency[t.model] for t in tiles))
-        return TilePlan("adaptive", tiles, value, lat, self._coverage([(t.x0, t.y0, t.x1, t.y1) for t in tiles]))
+        total = float(sum(lat[t.node, t.model] for t in tiles))
+        return TilePlan("adaptive", tiles, value, total, self._coverage([(t.x0, t.y0, t.x1, t.y1) for t in tiles]))
 
     def uniform_plans(self, boxes: ArrayLike) -> list[TilePlan]:
         """One uniform plan per model: a ceil(W/in) x ceil(H/in) grid, every tile with that model."""
         plans = []
+        ulat = self.uniform_latency
         for m, (nx, ny) in enumerate(self._grids):
             value = float(self.grid_values(boxes, nx, ny)[:, m].sum())
-            plans.append(TilePlan("uniform", self._uniform_tiles[m], value, float(nx * ny * self.latency[m]), 1.0))
+            plans.append(TilePlan("uniform", self._uniform_tiles[m], value, float(ulat[m]), 1.0))
         return plans
 
     def plan(self, boxes: ArrayLike, budget_ms: float) -> PlanResult:
@@ -370,10 +409,11 @@ class TilePlanner:
             elected = max(candidates, key=TilePlan.sort_key)
         else:
             fits = False
-            m = int(np.argmin(self.latency))
+            lat = self.latency
+            m = int(np.argmin(lat))
             value = float(self.grid_values(boxes, 1, 1)[0, m])
             elected = TilePlan("uniform", (Tile(0.0, 0.0, float(self.width), float(self.height), m, self.names[m],
-                                                0),), value, float(self.latency[m]), 1.0)
+                                                0),), value, float(lat[m]), 1.0)
         if elected.latency_ms > budget_ms + 1e-9:
             fits = False
         return PlanResult(elected, adaptive, uniform, float(budget_ms), fits,

@@ -67,9 +67,23 @@ class FamilyProfile:
     models: tuple[ModelProfile, ...]
     plan_runtime_ms: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Per tile geometry ``"WxH"`` (unpadded tile px, rounded): ``[[mean, p99] per model]`` in ms, measured on
+    #: that geometry (a deployment profile); geometries not listed use the models' own mean / p99.
+    tile_ms: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self.models, self.plan_runtime_ms, "<memory>")
+        _validate_tile_ms(self.tile_ms, len(self.models), "<memory>")
+
+    def tile_latencies(self, mode: str, tile_w: float, tile_h: float) -> np.ndarray:
+        """(n_models,) latency of a ``tile_w x tile_h`` tile: the measured entry for that geometry, else the
+        models' geometry-free figures."""
+        row = self.tile_ms.get(geometry_key(tile_w, tile_h))
+        if row is None:
+            return self.latencies(mode)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return np.array([r[1] if mode == "conservative" else r[0] for r in row], dtype=np.float64)
 
     @property
     def names(self) -> list[str]:
@@ -90,7 +104,10 @@ class FamilyProfile:
         return max(0.0, float(slo_ms) - self.plan_runtime_ms)
 
     def with_plan_runtime(self, planner_times_ms: Sequence[float]) -> FamilyProfile:
-        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta))
+        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta), self.tile_ms)
+
+    def with_runtime(self, plan_runtime_ms: float) -> FamilyProfile:
+        return FamilyProfile(self.models, float(plan_runtime_ms), dict(self.meta), self.tile_ms)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +116,7 @@ class FamilyProfile:
             "bin_edges": [float(e) for e in EDGES],
             "plan_runtime_ms": self.plan_runtime_ms,
             "meta": self.meta,
+            "tile_ms": self.tile_ms,
             "models": [
                 {"name": m.name, "input_size": m.input_size, "mean_ms": m.mean_ms, "p99_ms": m.p99_ms,
                  "accuracy": list(m.accuracy)}
@@ -116,6 +134,26 @@ class FamilyProfile:
             f.write("\n")
         os.replace(tmp, p)
         return p
+
+
+def geometry_key(tile_w: float, tile_h: float) -> str:
+    return f"{round(float(tile_w))}x{round(float(tile_h))}"
+
+
+def _validate_tile_ms(tile_ms: Any, n_models: int, src: str) -> None:
+    if not isinstance(tile_ms, dict):
+        raise _fail(src, "tile_ms", "must be an object")
+    for key, row in tile_ms.items():
+        where = f"tile_ms[{key!r}]"
+        if not isinstance(row, list) or len(row) != n_models:
+            raise _fail(src, where, f"needs one [mean, p99] per model ({n_models})")
+        for k, pair in enumerate(row):
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise _fail(src, f"{where}[{k}]", "must be [mean_ms, p99_ms]")
+            mean = _number(src, f"{where}[{k}][0]", pair[0], positive=True)
+            p99 = _number(src, f"{where}[{k}][1]", pair[1], positive=True)
+            if p99 < mean:
+                raise _fail(src, f"{where}[{k}]", f"p99 {p99} is below mean {mean}")
 
 
 def plan_runtime_estimate(planner_times_ms: Sequence[float]) -> float:
@@ -202,8 +240,11 @@ def load_profile(path: str | Path) -> FamilyProfile:
     if not isinstance(meta, dict):
         raise _fail(src, "meta", "must be an object")
     runtime = raw.get("plan_runtime_ms", 0.0)
+    tile_ms = raw.get("tile_ms", {})
     _validate(models, runtime, src)  # first with the file name, so errors point at it
-    return FamilyProfile(tuple(models), float(runtime), meta)
+    _validate_tile_ms(tile_ms, len(models), src)
+    return FamilyProfile(tuple(models), float(runtime), meta, {k: [list(map(float, p)) for p in v]
+                                                               for k, v in tile_ms.items()})
 
 
 def synthetic_family(

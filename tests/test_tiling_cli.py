@@ -37,7 +37,7 @@ def test_shipped_profile_loads() -> None:
 def test_tile_json(ptz_clip: Path, tmp_path: Path) -> None:
     ov = tmp_path / "ov.mp4"
     r = cli("tile", str(ptz_clip), "--slo", "150", "--json", "--profile", "shipped", "--history", "2",
-            "--max-frames", "5", "--out", str(ov))
+            "--max-frames", "5", "--out", str(ov), "--views", "0")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -56,7 +56,7 @@ def test_tile_motion_vectors_without_json(ptz_clip: Path, tmp_path: Path) -> Non
     bare = tmp_path / "bare.mp4"
     shutil.copy(ptz_clip, bare)  # no JSON beside it: camera from motion vectors, history from the clip
     r = cli("tile", str(bare), "--slo", "80", "--mode", "non-conservative", "--json", "--profile", "shipped",
-            "--history", "2", "--max-frames", "4")
+            "--history", "2", "--max-frames", "4", "--views", "1")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["camera"] == "motion vectors" and s["reprojection_error_px"] is None and s["frames"] == 4
@@ -65,7 +65,7 @@ def test_tile_motion_vectors_without_json(ptz_clip: Path, tmp_path: Path) -> Non
 def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
     out = tmp_path / "tb"
     r = cli("tile-bench", str(ptz_clip), "--slo", "60,200", "--json", "--profile", "shipped", "--history", "2",
-            "--max-frames", "4", "--out", str(out))
+            "--max-frames", "4", "--out", str(out), "--views", "1")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["slos"] == [60.0, 200.0]
@@ -76,7 +76,10 @@ def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
     for name in ("ds-nanodet320", "ut-nanodet640"):
         assert (name, None) in methods
     ref = next(row for row in data["summary"] if row["method"] == "ut-nanodet416")  # the reference member
-    assert ref["map"] == pytest.approx(1.0, abs=1e-6) or ref["map"] is None  # the reference scores itself 1
+    # the plain reference is UT with the reference member itself; the overlapping one adds shifted cells
+    assert ref["map_plain_ref"] == pytest.approx(1.0, abs=1e-6) or ref["map_plain_ref"] is None
+    assert "deployment profile" in data["clips"][0]["profile"]
+    assert "half-cell" in data["clips"][0]["reference"]
     for f in ("frames_csv", "summary_csv", "report"):
         assert Path(data[f]).exists()
     assert all(Path(p).exists() for p in data["plots"]) and len(data["plots"]) == 2

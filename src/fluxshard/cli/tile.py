@@ -27,6 +27,12 @@ ProfileOpt = Annotated[str | None, typer.Option(help="Profile JSON, or 'shipped'
     "cached profile, measured on first use).")]
 CameraOpt = Annotated[str, typer.Option(help="auto (PTZ JSON if present, else motion vectors), gt, mv.")]
 HistoryOpt = Annotated[int, typer.Option(help="Historical global-view frames.", min=1)]
+ViewsOpt = Annotated[int, typer.Option(help="Deployment profile: global-view images rendered at the camera's "
+    "size and zoom range to re-measure accuracy and per-tile-geometry latency (0 = the generic profile).", min=0)]
+ReferenceOpt = Annotated[str, typer.Option(help="Evaluation/profiling reference: 'overlap' (uniform tiling with the "
+    "reference member plus half-cell-shifted cells) or 'plain' (the grid alone).")]
+OnlineOpt = Annotated[bool, typer.Option("--online/--no-online", help="Correct the latency model online from "
+    "observed tile times (load drift).")]
 ThreadsOpt = Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
     "loaded machine 1 thread has far smaller p99 latency).", min=1)]
 
@@ -53,6 +59,12 @@ def _parse_sizes(text: str) -> list[int]:
     if not sizes or any(s <= 0 or s % 32 for s in sizes):
         raise TileCliError(f"--sizes {text!r}: sizes must be positive multiples of 32")
     return sizes
+
+
+def _reference(text: str) -> bool:
+    if text not in ("overlap", "plain"):
+        raise TileCliError(f"--reference {text!r}: expected overlap or plain")
+    return text == "overlap"
 
 
 def _progress(as_json: bool) -> Progress:
@@ -127,6 +139,9 @@ def tile(
     history: HistoryOpt = 20,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.", min=1)] = None,
     min_score: Annotated[float, typer.Option(help="Draw boxes scoring at least this.")] = 0.3,
+    views: ViewsOpt = 24,
+    reference: ReferenceOpt = "overlap",
+    online: OnlineOpt = True,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru on CLIP: camera-tracked historical objects -> DP-DP tile plan per frame within the SLO."""
@@ -157,8 +172,9 @@ def tile(
                 writer.write(_draw(rgb, dets[key], runs[key], family.names, min_score))
 
             res = run_clip(path, family, prof, [slo], modes=[mode], baselines=False, camera=camera,
-                           history=history, max_frames=max_frames, progress=_clip_ticker(progress, path.name),
-                           on_frame=on_frame)
+                           history=history, max_frames=max_frames, deploy_views=views,
+                           overlap_reference=_reference(reference), online=online,
+                           progress=_clip_ticker(progress, path.name), on_frame=on_frame)
     finally:
         if writer is not None:
             writer.close()
@@ -172,7 +188,7 @@ def tile(
         "plan_runtime_ms": round(res.plan_runtime_ms, 3),
         "map": None if np.isnan(ap.map) else round(ap.map, 4),
         "map50": None if np.isnan(ap.map50) else round(ap.map50, 4),
-        "reference": f"uniform tiling with {family.names[family.reference_model]} (score >= 0.5)",
+        "reference": f"{res.info.get('reference')} (score >= 0.5)", "profile_used": res.info.get("profile"),
         "latency_median_ms": round(float(np.median(lat)), 2), "latency_mean_ms": round(float(lat.mean()), 2),
         "latency_p99_ms": round(float(np.percentile(lat, 99)), 2),
         "miss_rate": round(float((lat > slo).mean()), 4),
@@ -200,6 +216,9 @@ def tile_bench(
     history: HistoryOpt = 20,
     max_frames: Annotated[int | None, typer.Option(help="Stop each clip after N frames.", min=1)] = None,
     stride: Annotated[int, typer.Option(help="Evaluate every N-th frame (camera tracked on all).", min=1)] = 1,
+    views: ViewsOpt = 24,
+    reference: ReferenceOpt = "overlap",
+    online: OnlineOpt = True,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru (both modes) vs down-sampling, uniform tiling and Remix-like planning over CLIP... x SLOs."""
@@ -219,7 +238,8 @@ def tile_bench(
         family, prof, pinfo = _setup(model, sizes, profile, progress, threads)
         for p in paths:
             results.append(run_clip(p, family, prof, slos, camera=camera, history=history, max_frames=max_frames,
-                                    stride=stride, progress=_clip_ticker(progress, p.name)))
+                                    stride=stride, deploy_views=views, overlap_reference=_reference(reference),
+                                    online=online, progress=_clip_ticker(progress, p.name)))
     rows = [r for res in results for r in res.summary]
     frames_csv = write_frames_csv(results, out / "frames.csv")
     summary_csv = write_summary_csv(rows, out / "summary.csv")

@@ -45,9 +45,26 @@ def tiles_per_frame(width: int, height: int, input_size: int) -> int:
 
 def fitting(profile: FamilyProfile, slo_ms: float, n_tiles: Sequence[int]) -> list[int]:
     """Members whose profiled mean latency x tiles fits the SLO; if none, the cheapest alone."""
-    lat = profile.latencies("non-conservative") * np.asarray(n_tiles)
+    return fitting_plans(profile.latencies("non-conservative") * np.asarray(n_tiles), slo_ms)
+
+
+def fitting_plans(plan_ms: ArrayLike, slo_ms: float) -> list[int]:
+    """Members whose plan latency (ms) fits the SLO; if none, the cheapest alone."""
+    lat = np.asarray(plan_ms, dtype=np.float64)
     fits = [m for m in range(len(lat)) if lat[m] <= slo_ms]
     return fits or [int(np.argmin(lat))]
+
+
+def plan_latencies(profile: FamilyProfile, width: int, height: int,
+                   mode: str = "non-conservative") -> tuple[np.ndarray, np.ndarray]:
+    """(down-sampling, uniform tiling) latency of every member, from the profile's per-geometry figures."""
+    sizes = profile.input_sizes()
+    ds = profile.tile_latencies(mode, width, height)
+    ut = []
+    for m, s in enumerate(sizes):
+        nx, ny = math.ceil(width / s), math.ceil(height / s)
+        ut.append(nx * ny * profile.tile_latencies(mode, width / nx, height / ny)[m])
+    return ds, np.array(ut)
 
 
 def pick_for_slo(profile: FamilyProfile, slo_ms: float, n_tiles: Sequence[int]) -> int:
@@ -67,7 +84,7 @@ class RemixPlanner(TilePlanner):
         edges, acc = remix_accuracy(family)
         # The base class wants 22-bin accuracy vectors; Remix's values never use them.
         flat = FamilyProfile(tuple(ModelProfile(m.name, m.input_size, m.mean_ms, m.p99_ms, (0.0,) * N_BINS)
-                                   for m in family.models), family.plan_runtime_ms, family.meta)
+                                   for m in family.models), family.plan_runtime_ms, family.meta, family.tile_ms)
         super().__init__(flat, width, height, mode=mode, max_depth=max_depth)
         self.remix_edges = edges
         self.remix_acc = acc

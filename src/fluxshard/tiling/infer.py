@@ -187,3 +187,21 @@ def uniform_grid(width: int, height: int, input_size: float) -> list[tuple[float
     nx, ny = math.ceil(width / input_size), math.ceil(height / input_size)
     tw, th = width / nx, height / ny
     return [(c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(ny) for c in range(nx)]
+
+
+def reference_grid(width: int, height: int, input_size: float, overlap: bool = True,
+                   ) -> list[tuple[float, float, float, float]]:
+    """The evaluation / profiling reference's tiles: the uniform grid of :func:`uniform_grid`, plus (``overlap``)
+    the same cells shifted by half a cell on every interior grid line, so every object cut by a grid line is
+    seen whole by some tile. No plan can contain the shifted cells, so no method reproduces the reference
+    by construction (with the plain grid, uniform tiling with the reference member *is* the reference)."""
+    rects = uniform_grid(width, height, input_size)
+    if not overlap:
+        return rects
+    nx, ny = math.ceil(width / input_size), math.ceil(height / input_size)
+    if nx == 1 and ny == 1:
+        return rects
+    tw, th = width / nx, height / ny
+    xs = [(c + 0.5) * tw for c in range(nx - 1)] if nx > 1 else [0.0]
+    ys = [(r + 0.5) * th for r in range(ny - 1)] if ny > 1 else [0.0]
+    return rects + [(x, y, x + tw, y + th) for y in ys for x in xs]

@@ -42,8 +42,8 @@ import numpy as np
 
 from fluxshard.models.base import Detections
 from fluxshard.tiling.bins import EDGES, N_BINS, REMIX_EDGES_PX
-from fluxshard.tiling.infer import DetectorFamily, merge, uniform_grid
-from fluxshard.tiling.profile import FamilyProfile, ModelProfile, ProfileError, load_profile
+from fluxshard.tiling.infer import DetectorFamily, TileRun, merge, reference_grid, uniform_grid
+from fluxshard.tiling.profile import FamilyProfile, ModelProfile, ProfileError, geometry_key, load_profile
 
 REFERENCE_MIN_SCORE = 0.5
 VISIBLE_OBJECT = 0.7
@@ -87,11 +87,13 @@ def shipped_profile_path(model: str = "nanodet") -> Path:
 # ----------------------------------------------------------------------------------------- reference objects
 
 
-def reference_detections(family: DetectorFamily, rgb: np.ndarray, model: int | None = None) -> Detections:
-    """Uniform tiling of the frame with one member (default: the reference member), merged with NMS."""
+def reference_detections(family: DetectorFamily, rgb: np.ndarray, model: int | None = None,
+                         overlap: bool = False) -> Detections:
+    """Uniform tiling of the frame with one member (default: the reference member), merged with NMS;
+    ``overlap`` adds the half-cell-shifted cells (:func:`fluxshard.tiling.infer.reference_grid`)."""
     m = family.reference_model if model is None else model
     h, w = rgb.shape[:2]
-    runs = [family.run_tile(rgb, rect, m) for rect in uniform_grid(w, h, family.sizes[m])]
+    runs = [family.run_tile(rgb, rect, m) for rect in reference_grid(w, h, family.sizes[m], overlap)]
     return merge([r.detections for r in runs])
 
 
@@ -337,7 +339,7 @@ def remeasure_latency(profile: FamilyProfile, family: DetectorFamily, frames: Se
             "loadavg_after": [round(v, 2) for v in os.getloadavg()], "latency_runs": runs,
             "latency_median_ms": [round(float(np.median(t)), 3) for t in times], "machine": machine_key(),
             "latency_measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return FamilyProfile(models, profile.plan_runtime_ms, meta)
+    return FamilyProfile(models, profile.plan_runtime_ms, meta, profile.tile_ms)
 
 
 def profiling_frames(clips: Sequence[tuple[str, int, int, int]]) -> list[np.ndarray]:
@@ -402,4 +404,220 @@ def dumps(prof: FamilyProfile) -> str:
     return json.dumps(prof.to_json(), indent=1)
 
 
-__all__ = ["N_BINS", "extract_history", "get_profile", "profile_family", "profiling_frames", "remix_accuracy"]
+# ---------------------------------------------------------------------------------------- deployment profile
+
+DEPLOY_ZOOM_SPAN = 2.0
+DEPLOY_TIMING_ROUNDS = 60
+
+
+def render_views(frames: Sequence[np.ndarray], meta: dict[str, Any], n_views: int,
+                 zoom_span: float = DEPLOY_ZOOM_SPAN, seed: int = 0) -> list[np.ndarray]:
+    """Global-view frames seen through seeded random virtual-PTZ windows at the camera's output size:
+    zoom log-uniform in ``[zoom_min, zoom_span * zoom_min]`` (the widest view up to ``zoom_span`` x
+    magnification), window centre uniform over the positions that keep the window inside the source."""
+    from fluxshard.data.ptz import resample
+
+    if not frames:
+        raise ValueError("rendering views needs at least one global-view frame")
+    rng = np.random.default_rng(seed)
+    w, h = int(meta["size"][0]), int(meta["size"][1])
+    base = float(meta["base_scale"])
+    z0 = float(meta["zoom_limits"][0])
+    out = []
+    for i in range(n_views):
+        src = frames[i % len(frames)]
+        sh, sw = src.shape[:2]
+        z = z0 * float(np.exp(rng.uniform(0.0, np.log(max(zoom_span, 1.0)))))
+        sc = base / z
+        hx, hy = sc * (w - 1) / 2, sc * (h - 1) / 2
+        cx = float(rng.uniform(hx, sw - 1 - hx)) if sw - 1 - hx > hx else (sw - 1) / 2
+        cy = float(rng.uniform(hy, sh - 1 - hy)) if sh - 1 - hy > hy else (sh - 1) / 2
+        out.append(resample(src, [[sc, 0.0, cx - hx], [0.0, sc, cy - hy]], (w, h)))
+    return out
+
+
+def planner_geometries(width: int, height: int, depth: int, sizes: Sequence[int]) -> list[tuple[float, float]]:
+    """Distinct tile sizes the planner and the baselines can run: quad-tree levels and every uniform grid."""
+    geo = [(width / 2**d, height / 2**d) for d in range(depth + 1)]
+    for s in sizes:
+        nx, ny = math.ceil(width / s), math.ceil(height / s)
+        geo.append((width / nx, height / ny))
+    seen, out = set(), []
+    for g in geo:
+        if geometry_key(*g) not in seen:
+            seen.add(geometry_key(*g))
+            out.append(g)
+    return out
+
+
+def _tile_truth(ref: Detections, rect: Sequence[float]) -> list[tuple[np.ndarray, int, bool]]:
+    """Reference objects of a planner tile: boxes whose centre is in the tile (whole: padding and the merge
+    keep boxes whole, and the planner assigns objects to tiles by centre); boxes overlapping the tile with
+    their centre outside are ``iscrowd`` (their detections in the padding band are neither TP nor FP)."""
+    x0, y0, x1, y1 = rect
+    out = []
+    for b, c in zip(ref.boxes.astype(np.float64), ref.class_ids, strict=True):
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        inside = x0 <= cx < x1 and y0 <= cy < y1
+        if inside:
+            out.append((b, int(c), False))
+        elif b[2] > x0 and b[0] < x1 and b[3] > y0 and b[1] < y1:
+            out.append((b, int(c), True))
+    return out
+
+
+def _in_tile(det: Detections, rect: Sequence[float]) -> Detections:
+    if not len(det):
+        return det
+    cx = (det.boxes[:, 0] + det.boxes[:, 2]) / 2
+    cy = (det.boxes[:, 1] + det.boxes[:, 3]) / 2
+    k = (cx >= rect[0]) & (cx < rect[2]) & (cy >= rect[1]) & (cy < rect[3])
+    return Detections(det.boxes[k], det.scores[k], det.class_ids[k], det.class_names)
+
+
+def tile_latency_table(samples: dict[tuple[str, int], list[float]], n_models: int,
+                       ) -> tuple[dict[str, list[list[float]]], float]:
+    """``{geometry: [[mean, p99] per model]}`` from timed runs, and the pooled median of ``t / mean``.
+
+    The mean is per (geometry, member). The p99 is ``mean * q`` with ``q`` the 99th percentile of every run's
+    ``t / mean`` pooled over all cells: a dozen runs per cell say little about its own tail, while the tail's
+    *shape* (load spikes hit every member alike) is shared. A cell's p99 is never below its own maximum."""
+    means = {k: float(np.mean(v)) for k, v in samples.items() if v}
+    ratios = np.concatenate([np.asarray(v) / means[k] for k, v in samples.items() if v])
+    q99 = float(np.percentile(ratios, 99))
+    table: dict[str, list[list[float]]] = {}
+    for g in sorted({k[0] for k in means}):
+        if all((g, m) in means for m in range(n_models)):
+            table[g] = [[round(means[(g, m)], 3), round(max(means[(g, m)] * q99, max(samples[(g, m)])), 3)]
+                        for m in range(n_models)]
+    return table, float(np.median(ratios))
+
+
+def deployment_profile(
+    family: DetectorFamily,
+    base: FamilyProfile,
+    views: Sequence[np.ndarray],
+    depth: int,
+    *,
+    timing_rounds: int = DEPLOY_TIMING_ROUNDS,
+    overlap_reference: bool = True,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+) -> FamilyProfile:
+    """The family profiled on the deployment's own images and tiles (§3.1.1 with a per-deployment data set).
+
+    ``views``: global-view frames at the camera's output size and pixel scale (:func:`render_views`). Each
+    member runs on every quad-tree node (depth 0..``depth``) and on its own uniform grid, exactly as the
+    runtime runs tiles (:meth:`DetectorFamily.run_tile`, padded); its accuracy over the 22 relative-size bins
+    (and Remix's 12 absolute ones) is COCO AP against the reference of the view (uniform tiling with the
+    reference member, ``overlap_reference`` as the evaluation), objects assigned to tiles by centre and sized
+    w.r.t. the tile, as the planner does. Latency: every run above plus ``timing_rounds`` rounds of one random
+    tile of one planner geometry run by all members, tabulated per geometry (:func:`tile_latency_table`)."""
+    if not views:
+        raise ValueError("a deployment profile needs at least one view")
+    family.warmup()
+    h, w = views[0].shape[:2]
+    n_models = len(family.sizes)
+    geos = planner_geometries(w, h, depth, family.sizes)
+    samples: dict[tuple[str, int], list[float]] = {}
+    per_model: list[tuple[list[dict[str, Any]], list[Any], list[Detections]]] = [([], [], []) for _ in family.sizes]
+    from fluxshard.tiling.planner import QuadTree
+
+    tree = QuadTree.build(w, h, depth)
+    quad = [(tuple(float(v) for v in rect), m) for rect in tree.rects for m in range(n_models)]
+    for m, s in enumerate(family.sizes):
+        quad += [(r, m) for r in uniform_grid(w, h, s)]
+    total = len(views) * len(quad) + timing_rounds
+    done = 0
+    load_before = os.getloadavg()
+
+    def timed(run: TileRun) -> TileRun:
+        samples.setdefault((geometry_key(run.rect[2] - run.rect[0], run.rect[3] - run.rect[1]), run.model),
+                           []).append(run.ms)
+        return run
+
+    for view in views:
+        ref = reference_detections(family, view, overlap=overlap_reference).filter(REFERENCE_MIN_SCORE)
+        seen: set[tuple[tuple[float, ...], int]] = set()
+        for rect, m in quad:
+            key = (tuple(round(v, 3) for v in rect), m)
+            done += 1
+            if key in seen:
+                continue
+            seen.add(key)
+            run = timed(family.run_tile(view, rect, m))
+            imgs, gts, dets = per_model[m]
+            imgs.append({"w": rect[2] - rect[0], "h": rect[3] - rect[1]})
+            gts.append(_tile_truth(ref, rect))
+            dets.append(_in_tile(run.detections, rect))
+            if progress:
+                progress("deployment accuracy", done, total)
+    rng = np.random.default_rng(1)
+    for r in range(timing_rounds):
+        view = views[int(rng.integers(len(views)))]
+        gw, gh = geos[r % len(geos)]
+        nx, ny = round(w / gw), round(h / gh)
+        c, q = int(rng.integers(nx)), int(rng.integers(ny))
+        rect = (c * gw, q * gh, (c + 1) * gw, (q + 1) * gh)
+        for m in range(n_models):
+            timed(family.run_tile(view, rect, m))
+        done += 1
+        if progress:
+            progress("deployment latency", done, total)
+    acc, remix_acc, counts_rel, counts_abs = [], {}, None, []
+    for m, s in enumerate(family.sizes):
+        imgs, gts, dets = per_model[m]
+        ap, counts_rel = _bin_ap(imgs, gts, dets, _rel_size, EDGES)
+        acc.append(fill_bins(ap, counts_rel))
+        rap, rc = _bin_ap(imgs, gts, dets, lambda b, img, s=s: _rel_size(b, img) * s / AREA_UNIT,
+                          REMIX_EDGES / AREA_UNIT)
+        remix_acc[family.names[m]] = [float(a) for a in fill_bins(rap, rc)]
+        counts_abs.append(rc.tolist())
+    table, ratio_median = tile_latency_table(samples, n_models)
+    models = tuple(ModelProfile(b.name, b.input_size, b.mean_ms, b.p99_ms, tuple(float(a) for a in acc[m]))
+                   for m, b in enumerate(base.models))
+    info = {
+        **base.meta,
+        "deployment": {"views": len(views), "size": [w, h], "depth": depth, "geometries": list(table),
+                       "tiles_per_view": len(quad), "timing_rounds": timing_rounds,
+                       "overlap_reference": overlap_reference, "bin_objects": [int(c) for c in counts_rel],
+                       "ratio_median": round(ratio_median, 4),
+                       "loadavg_before": [round(v, 2) for v in load_before],
+                       "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})},
+        "remix": {"edges_px": [float(e) for e in REMIX_EDGES], "accuracy": remix_acc, "bin_objects": counts_abs},
+    }
+    return FamilyProfile(models, 0.0, info, table)
+
+
+def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frames: Sequence[np.ndarray],
+                      meta: dict[str, Any] | None, n_views: int, depth: int, *, overlap_reference: bool = True,
+                      history_desc: str = "", progress: Progress | None = None) -> tuple[FamilyProfile, str]:
+    """:func:`deployment_profile` on views of the historical frames (rendered through the camera's zoom
+    range with a virtual-PTZ JSON, else the frames themselves), cached beside the family profiles under a key
+    of everything it depends on. Returns (profile, description)."""
+    import hashlib
+
+    if meta is not None:
+        views = render_views(history_frames, meta, n_views)
+        scene = {k: meta.get(k) for k in ("source", "size", "base_scale", "zoom_limits")}
+    else:
+        views = list(history_frames[:n_views])
+        scene = {"size": list(views[0].shape[1::-1]) if views else None}
+    key = json.dumps({"family": family.weights_hash(), "machine": machine_key(), "scene": scene,
+                      "history": history_desc, "views": n_views, "depth": depth, "span": DEPLOY_ZOOM_SPAN,
+                      "overlap": overlap_reference, "rounds": DEPLOY_TIMING_ROUNDS, "base": base.names},
+                     sort_keys=True)
+    path = cache_dir() / f"deploy-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        prof = load_profile(path)
+        if prof.names == base.names:
+            return prof, f"deployment profile {path} (cached)"
+    prof = deployment_profile(family, base, views, depth, overlap_reference=overlap_reference, progress=progress,
+                              meta={"key": json.loads(key)})
+    prof.save(path)
+    return prof, f"deployment profile {path} (measured now)"
+
+
+__all__ = ["N_BINS", "deployment_profile", "extract_history", "get_profile", "profile_family", "profiling_frames",
+           "remix_accuracy", "render_views"]

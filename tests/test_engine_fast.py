@@ -146,3 +146,25 @@ def test_baseline_fields_and_naive_mv() -> None:
     assert first[True] > 1.04 * first[False], first
     with pytest.raises(EngineError, match="always applies RFAP"):
         EngineConfig(rfap=False)
+
+
+def test_changes_below_thresholds_accumulate_instead_of_drifting() -> None:
+    """Seed 000 Stage 4 / DeltaCNN's truncation buffers: the input cache and every layer cache hold what was
+    last propagated, so a slow change (here +0.004 brightness per frame, a fifth of τ_in) is caught once it
+    adds up — an engine that compared each frame with the previous one would never recompute anything and
+    its output would stay frozen at frame 0."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    x0, _ = sequence(1, 64, 96, (0, 0), (0, 0))[0]
+    frames = [((x0 + 0.004 * t).clamp(0, 1), MotionField.zero(64, 96, 16)) for t in range(30)]
+    frames[0][1].scene_cut = True
+    eng = Engine(body, (64, 96), EngineConfig(mode="fast", tau_in=0.02, default_threshold=5e-4, layout="pgemm"))
+    errs, active = [], []
+    with torch.inference_mode():
+        for x, f in frames:
+            y, st = eng.step(x, f)
+            errs.append(float((y - body(x)).abs().max()))
+            active.append(0.0 if st.dense else st.active_fraction)
+        frozen = float((body(frames[0][0]) - body(frames[-1][0])).abs().max())
+    assert max(active[1:]) > 0.05  # the accumulated change was recomputed at some point
+    assert max(errs[10:]) < 0.4 * frozen, (max(errs[10:]), frozen)

@@ -109,23 +109,58 @@ def test_changed_dense_matches_moved_cache_reference(seed: int) -> None:
     moved = cache[0][:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
     tau = 0.08
     ref = ((y[0] - moved).abs().amax(0) > tau).numpy() | ~inside
+    y_before = y.clone()
     out = np.empty((h, w), np.bool_)
     ek.changed_dense(y[0].permute(1, 2, 0).numpy(), cache[0].permute(1, 2, 0).numpy(), sy, sx, tau, out)
     assert np.array_equal(out, ref)
     assert 0 < out.sum() < out.size
+    # reference semantics: unchanged positions take the shifted cached value back, changed ones keep y
+    keep = torch.from_numpy(out)
+    assert torch.equal(y[0][:, keep], y_before[0][:, keep])
+    assert torch.equal(y[0][:, ~keep], moved[:, ~keep])
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_write_rows_scatters_and_measures_change(seed: int) -> None:
+@pytest.mark.parametrize("tau", [-1.0, 0.0, 0.3])
+def test_write_rows_scatters_and_measures_change(seed: int, tau: float) -> None:
+    """Rows are written where they moved by more than τ (all rows when τ < 0); δ is measured for every row."""
     rng = np.random.default_rng(seed)
     n_rows, c = 50, int(rng.integers(1, 70))
     orows = torch.rand(n_rows, c)
     before = orows.clone()
     dst = torch.from_numpy(np.sort(rng.choice(n_rows, 17, replace=False)).astype(np.int64))
-    yr = torch.rand(17, c)
+    yr = before[dst] + torch.where(torch.rand(17, 1) < 0.5, 0.5, 0.01) * torch.rand(17, c)
+    yr[3] = before[dst[3]]  # unchanged row: δ = 0, never written when τ ≥ 0
     delta = np.empty(17, np.float32)
-    ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), delta)
+    ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), delta, tau)
+    d_ref = (yr - before[dst]).abs().amax(1)
+    assert np.allclose(delta, d_ref.numpy(), atol=0)
+    keep = d_ref > tau if tau >= 0 else torch.ones(17, dtype=torch.bool)
     ref = before.clone()
-    ref.index_copy_(0, dst, yr)
+    ref.index_copy_(0, dst[keep], yr[keep])
     assert torch.equal(orows, ref)
-    assert np.allclose(delta, (yr - before[dst]).abs().amax(1).numpy(), atol=0)
+    if tau == 0.3:
+        assert 0 < int(keep.sum()) < 17
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_updated_input_is_shifted_cache_with_residual_blocks_filled(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w, b = 40, 56, 8
+    hb, wb = h // b, w // b
+    cur = rng.random((h, w, 3)).astype(np.float32)
+    ref = rng.random((h, w, 3)).astype(np.float32)
+    dy = rng.integers(-1, 2, (hb, wb)).astype(np.int32) * 2
+    dx = rng.integers(-1, 2, (hb, wb)).astype(np.int32) * 3
+    iy, ix = np.arange(hb)[:, None] * b + dy, np.arange(wb)[None, :] * b + dx
+    bad = (rng.random((hb, wb)) < 0.3) | (iy < 0) | (iy + b > h) | (ix < 0) | (ix + b > w)
+    out = np.full_like(cur, -1.0)
+    ek.updated_input(cur, ref, dy, dx, bad, b, out)
+    for i in range(hb):
+        for j in range(wb):
+            blk = out[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            if bad[i, j]:
+                assert np.array_equal(blk, cur[i * b:(i + 1) * b, j * b:(j + 1) * b])
+            else:
+                y0, x0 = i * b + dy[i, j], j * b + dx[i, j]
+                assert np.array_equal(blk, ref[y0:y0 + b, x0:x0 + b])

@@ -139,3 +139,25 @@ def test_baseline_methods_get_their_own_fields_but_codec_motion_bins() -> None:
         assert f.dy.any() or f.dx.any()
     with pytest.raises(FluxShardError, match="unknown profiling method"):
         profiler.load_clip(clip_path("cup"), adapter, 2, method="optical-flow")
+
+
+def test_bin_failing_at_the_tightest_alpha_keeps_it_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bin below target even at alpha 0 must not borrow a looser neighbour's alpha."""
+    def fake_per_bin(clips: Any, runs: Any, bins: Any) -> list[dict[str, Any]]:
+        a = runs[0][0][0]
+        return [{"frames": 20, "retention_map50": 1.0 if a <= 0.2 else 0.9, "reuse": a},
+                {"frames": 20, "retention_map50": 0.8, "reuse": a},  # never meets the target
+                {"frames": 2, "retention_map50": 1.0, "reuse": a},  # too few frames
+                {"frames": 20, "retention_map50": 1.0 if a <= 0.1 else 0.9, "reuse": a}]
+
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
+    monkeypatch.setattr(profiler, "run_config",
+                        lambda adapter, clip, cfg: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds else -1.0],
+                                                    [0.0], [True]))
+    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
+    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, alphas=(0.0, 0.1, 0.2, 0.3))
+    assert [b["alpha"] for b in prof["bins"]] == [0.2, 0.0, 0.1, 0.1]
+    assert [b["target_met"] for b in prof["bins"]] == [True, False, True, True]
+    assert [b["measured"] for b in prof["bins"]] == [True, True, False, True]

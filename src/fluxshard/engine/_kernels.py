@@ -115,7 +115,10 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
 
 @njit(cache=True, nogil=True)
 def changed_dense(y, cache, sy, sx, tau: float, out) -> None:
-    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``.
+    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``, and
+    where it is not, ``y[i, j]`` takes the shifted cached value back (reference semantics: a position keeps
+    the value downstream layers last saw until its change exceeds τ, so small changes accumulate against
+    that reference instead of drifting away unseen).
 
     ``y`` and ``cache`` are (H, W, C) channels-last views. Reading the old cache at its shifted position
     replaces moving the whole cache (a full gather) and three full-tensor passes (subtract, abs, max)."""
@@ -131,22 +134,54 @@ def changed_dense(y, cache, sy, sx, tau: float, out) -> None:
             for k in range(c):
                 d = abs(y[i, j, k] - cache[si, sj, k])
                 m = max(m, d)
-            out[i, j] = m > tau
+            changed = m > tau
+            out[i, j] = changed
+            if not changed:
+                for k in range(c):
+                    y[i, j, k] = cache[si, sj, k]
 
 
 @njit(cache=True, nogil=True)
-def write_rows(yr, dst, orows, delta) -> None:
-    """``orows[dst[i]] = yr[i]`` and ``delta[i] = max_c |yr[i] − old orows[dst[i]]|`` in one pass: the sparse
-    executor's scatter and fast mode's truncation input (was gather + subtract + abs + max + scatter)."""
+def write_rows(yr, dst, orows, delta, tau: float) -> None:
+    """``delta[i] = max_c |yr[i] − orows[dst[i]]|`` and ``orows[dst[i]] = yr[i]`` where ``delta[i] > tau``
+    (every row when ``tau < 0``), in one pass: the sparse executor's scatter and fast mode's truncation (was
+    gather + subtract + abs + max + scatter). Rows within τ keep their cached (reference) value."""
     n, c = yr.shape
     for i in range(n):
         r = dst[i]
         m = np.float32(0.0)
         for k in range(c):
-            v = yr[i, k]
-            m = max(m, abs(v - orows[r, k]))
-            orows[r, k] = v
+            m = max(m, abs(yr[i, k] - orows[r, k]))
         delta[i] = m
+        if m > tau or tau < 0:
+            for k in range(c):
+                orows[r, k] = yr[i, k]
+
+
+@njit(cache=True, nogil=True)
+def updated_input(cur, ref, dy, dx, bad, block: int, out) -> None:
+    """Fast mode's updated input (seed 000 Stage 4): per block, the cached input shifted by the block's
+    vector, or the current frame where the block is residual. (H, W, C) arrays; ``bad`` per block."""
+    height, width, nc = cur.shape
+    hb, wb = bad.shape
+    for i in range(hb):
+        y0 = i * block
+        y1 = min(y0 + block, height)
+        for j in range(wb):
+            x0 = j * block
+            x1 = min(x0 + block, width)
+            if bad[i, j]:
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        for k in range(nc):
+                            out[y, x, k] = cur[y, x, k]
+            else:
+                oy = dy[i, j]
+                ox = dx[i, j]
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        for k in range(nc):
+                            out[y, x, k] = ref[y + oy, x + ox, k]
 
 
 def warm() -> None:
@@ -164,7 +199,8 @@ def warm() -> None:
     z2 = np.zeros((2, 2), np.int32)
     changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_))
     r = np.zeros((2, 4), np.float32)
-    write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32))
+    write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32), 0.0)
+    updated_input(img, img, z, z, np.zeros((1, 1), np.bool_), 16, np.empty_like(img))
 
 
 @njit(cache=True, nogil=True)

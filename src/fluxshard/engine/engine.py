@@ -301,7 +301,7 @@ class Engine:
             self._since_refresh = 0
         else:
             assert field is not None and self._x_cache is not None
-            maps = self._input_maps(x, field)
+            maps, x = self._input_maps(x, field)
             masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
             self._tau = self.config.thresholds_for(field_motion(field) if motion is None else motion)
             try:
@@ -364,13 +364,16 @@ class Engine:
             return "periodic refresh"
         return ""
 
-    def _input_maps(self, x: torch.Tensor, field: MotionField) -> PixelMaps:
-        """The field actually used and the residual set. Exact mode: every pixel where ``x`` differs at all
-        from the block-shifted cached input. Fast mode: whole blocks whose mean difference (max over channels)
-        exceeds τ_in (the seed's per-block residual set; per-pixel thresholds would scatter isolated noisy
-        pixels over every tile); blocks the field leaves without a vector become zero-motion blocks when the
-        unshifted cache matches them within τ_in (static background the codec happened to intra-code). Blocks
-        whose source leaves the frame are residual in both modes."""
+    def _input_maps(self, x: torch.Tensor, field: MotionField) -> tuple[PixelMaps, torch.Tensor]:
+        """The field actually used, the residual set, and the input the network runs on. Exact mode: every
+        pixel where ``x`` differs at all from the block-shifted cached input; the input is ``x``. Fast mode:
+        whole blocks whose mean difference (max over channels) exceeds τ_in (the seed's per-block residual
+        set; per-pixel thresholds would scatter isolated noisy pixels over every tile); blocks the field leaves
+        without a vector become zero-motion blocks when the unshifted cache matches them within τ_in (static
+        background the codec happened to intra-code). The input is the *updated input* of seed 000 Stage 4:
+        the shifted cache with the residual blocks filled in from ``x`` — the next frame compares against what
+        the caches actually hold, so changes below τ_in accumulate until they count instead of drifting
+        unseen. Blocks whose source leaves the frame are residual in both modes."""
         assert self._x_cache is not None
         h, w = self.input_hw
         b = field.block
@@ -380,14 +383,16 @@ class Engine:
             field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
             bad = np.zeros(field.shape, np.bool_)
             _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad)
-            return PixelMaps.blocks(field, bad)
+            upd = torch.empty((1, h, w, x.shape[1]), dtype=x.dtype).permute(0, 3, 1, 2)  # channels_last
+            _ek.updated_input(cur, ref, field.dy, field.dx, bad, b, upd[0].permute(1, 2, 0).numpy())
+            return PixelMaps.blocks(field, bad), upd
         pix = np.empty((h, w), np.float32)
         _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))
         bad = ~field.source_inside()
         residual = pix > 0
         if bad.any():
             residual |= np.repeat(np.repeat(bad, b, 0), b, 1)[:h, :w]
-        return PixelMaps.build(field, residual)
+        return PixelMaps.build(field, residual), x
 
     # -- execution -----------------------------------------------------------------------------------------
     def _runner(self, maps: PixelMaps | None) -> _Runner:
@@ -581,7 +586,8 @@ class _Runner(fx.Interpreter):
                 if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
                     layout = "batch"  # GEMM paths need groups == 1
                 y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
-                                    tiles=tiles, track=self.fast, positions=positions, layout=layout)
+                                    tiles=tiles, track=self.fast, positions=positions, layout=layout,
+                                    tau=self._tau_of(n.name) if self.fast else -1.0)
                 path = st.path
                 tile_fraction = st.fraction if path != "dense" else 1.0
                 if self.fast:
@@ -621,17 +627,24 @@ class _Runner(fx.Interpreter):
             return changed.reshape(ho, wo)
         return ((y - base).abs().amax(1)[0] > tau).numpy()
 
+    def _tau_of(self, name: str) -> float:
+        per, default = self.engine._tau
+        return float(per.get(name, default))
+
     def _changed_dense(self, name: str, y: torch.Tensor, cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray,
                        moves: Any) -> np.ndarray:
         """:meth:`_truncate` for a layer that ran dense, reading the old cache at its shifted positions instead
-        of moving it (nothing else needs the moved cache: ``y`` becomes the new one)."""
-        per, default = self.engine._tau
-        tau = per.get(name, default)
+        of moving it; positions within τ get their shifted cached value back in ``y`` (reference semantics,
+        as the sparse paths do by not writing them)."""
+        tau = self._tau_of(name)
         views = [_hwc(t) for t in (y, cache)]
         if views[0] is None or views[1] is None:
-            return self._truncate(name, y, _move(cache, sy, sx, moves), None)
+            base = _move(cache, sy, sx, moves)
+            changed = self._truncate(name, y, base, None)
+            y.copy_(torch.where(torch.from_numpy(changed), y, base))
+            return changed
         out = np.empty(views[0].shape[:2], np.bool_)
-        _ek.changed_dense(views[0], views[1], sy, sx, float(tau), out)
+        _ek.changed_dense(views[0], views[1], sy, sx, tau, out)
         return out
 
     def _tile(self, cn: _ConvNode, hw: tuple[int, int]) -> int:

@@ -12,6 +12,8 @@ Decisions (the seed gives the idea, not the numbers; see docs/design.md):
 * **Search** — α over a fixed ascending grid; every clip is run once per α with that α in every bin, and
   each bin keeps the largest α before its retention (mAP@0.5 on the frames of that bin, all clips pooled)
   first drops below the target. Bins with too few frames take the smallest α of their measured neighbours.
+  A bin whose retention is below the target even at the first (tightest) α cannot reach it with this τ_in: it
+  keeps that α and the JSON says ``target_met: false``.
   Frames of one bin are affected by the caches earlier frames left, so a final pass with the chosen per-bin
   thresholds measures what the profile actually achieves; that is what the JSON records.
 """
@@ -179,9 +181,16 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
                 for b, s in enumerate(stats)))
         if all(failed[b] or (best[b] is None and stats[b]["frames"] < MIN_BIN_FRAMES) for b in range(len(bins))):
             break
+    # a bin that failed at the very first (tightest) alpha cannot meet the target with this tau_in: it gets
+    # that tightest alpha (and says so), never a looser neighbour's; bins with too few frames borrow the
+    # smallest measured alpha
+    unreachable = [failed[b] and best[b] is None for b in range(len(bins))]
+    for b in range(len(bins)):
+        if unreachable[b]:
+            best[b] = alphas[0]
     measured = [x is not None for x in best]
-    known = [x for x in best if x is not None]
-    fallback = min(known) if known else 0.0
+    known = [x for b, x in enumerate(best) if x is not None and not unreachable[b]]
+    fallback = min(known) if known else alphas[0]
     alpha = [x if x is not None else fallback for x in best]
     final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins),
                              bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha))
@@ -200,9 +209,9 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         "motion_unit": "mean |MV| over valid blocks, engine-input px/frame",
         "sigma": sigma,
         "bins": [
-            {"max_motion": (edge if math.isfinite(edge) else 1e9), "alpha": a, "measured": m,
+            {"max_motion": (edge if math.isfinite(edge) else 1e9), "alpha": a, "measured": m, "target_met": not u,
              "thresholds": {k: a * v for k, v in sigma.items()}, "default_threshold": 0.0, **f}
-            for edge, a, m, f in zip(bins, alpha, measured, final, strict=True)
+            for edge, a, m, u, f in zip(bins, alpha, measured, unreachable, final, strict=True)
         ],
         "retention_map50_all": overall,
         "search": tried,

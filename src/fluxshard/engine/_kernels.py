@@ -184,6 +184,28 @@ def updated_input(cur, ref, dy, dx, bad, block: int, out) -> None:
                             out[y, x, k] = ref[y + oy, x + ox, k]
 
 
+@njit(cache=True, nogil=True)
+def im2col_rows(xrows, table, valid, positions, fill: float, out) -> None:
+    """The pgemm path's im2col in one pass: ``out[i, t·C:(t+1)·C] = xrows[table[positions[i], t]]`` for every
+    kernel tap ``t``, or ``fill`` where the tap falls in the padding (``valid`` is empty when no window reaches
+    it). Replaces an index build, ``index_select`` and ``index_fill_`` (three calls and two temporaries)."""
+    n = positions.shape[0]
+    k = table.shape[1]
+    c = xrows.shape[1]
+    check = valid.shape[0] > 0
+    for i in range(n):
+        p = positions[i]
+        for t in range(k):
+            o = t * c
+            if check and not valid[p, t]:
+                for ch in range(c):
+                    out[i, o + ch] = fill
+            else:
+                r = table[p, t]
+                for ch in range(c):
+                    out[i, o + ch] = xrows[r, ch]
+
+
 def warm() -> None:
     """Load the compiled kernels before the first timed frame."""
     b = np.zeros((4, 4), np.bool_)
@@ -201,6 +223,8 @@ def warm() -> None:
     r = np.zeros((2, 4), np.float32)
     write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32), 0.0)
     updated_input(img, img, z, z, np.zeros((1, 1), np.bool_), 16, np.empty_like(img))
+    im2col_rows(r, np.zeros((1, 2), np.int64), np.zeros((0, 0), np.bool_), np.zeros(1, np.int64), 0.0,
+                np.empty((1, 8), np.float32))
 
 
 @njit(cache=True, nogil=True)

@@ -541,6 +541,9 @@ def _as_cl(t: Tensor) -> Tensor:
     return t if t.is_contiguous(memory_format=_CL) else t.contiguous(memory_format=_CL)
 
 
+_NO_VALID = np.zeros((0, 0), np.bool_)
+
+
 def _rows(t: Tensor) -> Tensor | None:
     """(H·W, C) view of a (1, C, H, W) channels_last tensor, or None if it is not viewable."""
     try:
@@ -644,11 +647,16 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
     elif path == "pgemm":  # exactly the active positions: no tile rounding, no halo
         assert positions is not None
         table, valid = plan.pos_table()
-        gr = xrows.index_select(0, torch.from_numpy(table[positions].reshape(-1)))
-        if valid is not None:
-            off = np.flatnonzero(~valid[positions])
-            if off.size:
-                gr.index_fill_(0, torch.from_numpy(off), fill)
+        if xrows.dtype == torch.float32 and xrows.is_contiguous():
+            buf = np.empty((len(positions), table.shape[1] * c), np.float32)
+            _ek.im2col_rows(xrows.numpy(), table, _NO_VALID if valid is None else valid, positions, fill, buf)
+            gr = torch.from_numpy(buf)
+        else:
+            gr = xrows.index_select(0, torch.from_numpy(table[positions].reshape(-1)))
+            if valid is not None:
+                off = np.flatnonzero(~valid[positions])
+                if off.size:
+                    gr.index_fill_(0, torch.from_numpy(off), fill)
         yr = gemm(gr.view(len(positions), -1))
         if post is not None:
             yr = post(yr)

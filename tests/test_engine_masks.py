@@ -111,7 +111,7 @@ def test_changed_dense_matches_moved_cache_reference(seed: int) -> None:
     ref = ((y[0] - moved).abs().amax(0) > tau).numpy() | ~inside
     y_before = y.clone()
     out = np.empty((h, w), np.bool_)
-    ek.changed_dense(y[0].permute(1, 2, 0).numpy(), cache[0].permute(1, 2, 0).numpy(), sy, sx, tau, out)
+    ek.changed_dense(y[0].permute(1, 2, 0).numpy(), cache[0].permute(1, 2, 0).numpy(), sy, sx, tau, out, True)
     assert np.array_equal(out, ref)
     assert 0 < out.sum() < out.size
     # reference semantics: unchanged positions take the shifted cached value back, changed ones keep y

@@ -114,11 +114,10 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
 
 
 @njit(cache=True, nogil=True)
-def changed_dense(y, cache, sy, sx, tau: float, out) -> None:
-    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``, and
-    where it is not, ``y[i, j]`` takes the shifted cached value back (reference semantics: a position keeps
-    the value downstream layers last saw until its change exceeds τ, so small changes accumulate against
-    that reference instead of drifting away unseen).
+def changed_dense(y, cache, sy, sx, tau: float, out, keep_ref: bool) -> None:
+    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``; with
+    ``keep_ref``, where it is not, ``y[i, j]`` takes the shifted cached value back (reference semantics: a
+    position keeps the value downstream layers last saw until its change exceeds τ).
 
     ``y`` and ``cache`` are (H, W, C) channels-last views. Reading the old cache at its shifted position
     replaces moving the whole cache (a full gather) and three full-tensor passes (subtract, abs, max)."""
@@ -136,7 +135,7 @@ def changed_dense(y, cache, sy, sx, tau: float, out) -> None:
                 m = max(m, d)
             changed = m > tau
             out[i, j] = changed
-            if not changed:
+            if keep_ref and not changed:
                 for k in range(c):
                     y[i, j, k] = cache[si, sj, k]
 
@@ -219,7 +218,7 @@ def warm() -> None:
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
     f = np.zeros((2, 2, 4), np.float32)
     z2 = np.zeros((2, 2), np.int32)
-    changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_))
+    changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_), True)
     r = np.zeros((2, 4), np.float32)
     write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32), 0.0)
     updated_input(img, img, z, z, np.zeros((1, 1), np.bool_), 16, np.empty_like(img))

@@ -109,6 +109,28 @@ def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: 
             "max_abs_diff": max(diffs), "frames": len(frames)}
 
 
+def print_layer_costs(adapter: Any, mapper: InputMapper, frames: list) -> None:
+    """Per conv signature: dense ms and the best sparse path's ``a + b·f`` from the executor's calibration on
+    this machine; ``dense/b`` is the per-position efficiency of sparse work (1.0 = a recomputed position costs
+    what it costs in the dense op), ``crossover`` the active fraction above which dense wins."""
+    eng = Engine(adapter.body, mapper.input_hw, EngineConfig(calibrate=True))
+    with torch.inference_mode():
+        eng.step(*frames[0])
+    assert eng._plans is not None
+    print(f"  {'input':>18} {'k':>6} {'s':>3} {'cout':>5} {'dense ms':>9} {'best path':>10} {'a ms':>6} {'b ms':>7}"
+          f" {'dense/b':>8} {'crossover':>9}")
+    tot_dense = tot_a = 0.0
+    for sig, lc in eng._plans.costs.items():
+        if not lc.measured:
+            continue
+        path, (a, b) = min(lc.paths.items(), key=lambda kv: kv[1][0] + kv[1][1] * 0.2)
+        tot_dense += lc.dense
+        tot_a += a
+        print(f"  {'x'.join(map(str, sig[0][1:])):>18} {'x'.join(map(str, sig[2])):>6} {sig[3][0]:>3} {sig[1]:>5}"
+              f" {lc.dense:>9.3f} {path:>10} {a:>6.3f} {b:>7.3f} {lc.dense / b:>8.2f} {lc.crossover():>9.2f}")
+    print(f"  sum: dense {tot_dense:.2f} ms, fixed sparse cost {tot_a:.2f} ms (best path at f = 0.2)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("clips", nargs="*")
@@ -118,6 +140,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--model", default="nanodet")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per row")
+    ap.add_argument("--layers", action="store_true", help="also print each conv's calibrated costs: dense ms and, "
+                    "per sparse path, fixed ms + ms per unit active fraction (what bounds the engine's efficiency)")
     ap.add_argument("--no-calibrate", action="store_true", help="use the executor's default cost rule instead of "
                     "measuring each layer on the first frame")
     args = ap.parse_args()
@@ -152,6 +176,8 @@ def main() -> None:
                       f"{(ret if ret is not None else float('nan')):>8.3f}{r['max_abs_diff']:>9.2g}", flush=True)
                 if args.json:
                     print(json.dumps(r))
+            if args.layers:
+                print_layer_costs(adapter, mapper, frames)
     tmp.cleanup()
 
 

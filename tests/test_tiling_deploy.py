@@ -12,10 +12,18 @@ from hypothesis import strategies as st
 
 from fluxshard.models.base import Detections
 from fluxshard.tiling.baselines import fitting_plans, plan_latencies
+from fluxshard.tiling.bins import N_BINS
 from fluxshard.tiling.infer import reference_grid, uniform_grid
 from fluxshard.tiling.planner import QuadTree, TilePlanner, brute_force, dpdp
 from fluxshard.tiling.profile import FamilyProfile, ProfileError, geometry_key, load_profile, synthetic_family
-from fluxshard.tiling.profiler import _in_tile, _tile_truth, planner_geometries, render_views, tile_latency_table
+from fluxshard.tiling.profiler import (
+    _in_tile,
+    _tile_truth,
+    geometry_accuracy,
+    planner_geometries,
+    render_views,
+    tile_latency_table,
+)
 from fluxshard.tiling.runtime import LoadTracker, UirapuruPlanner
 
 
@@ -201,3 +209,43 @@ def test_render_views_follow_the_camera_geometry() -> None:
     assert all(int(v[..., 0].max()) <= 79 and int(v[..., 1].max()) <= 59 for v in many)
     assert all(np.array_equal(a, b) for a, b in zip(many, render_views([src], meta, 6, zoom_span=2.0, seed=3),
                                                      strict=True))
+
+
+def test_geometry_accuracy_tables(tmp_path: Path) -> None:
+    fam = synthetic_family()
+    pooled = fam.accuracy_matrix()
+    own = np.full((4, N_BINS), 0.9)
+    p = FamilyProfile(fam.models, 0.0, {}, {}, {"320x320": own.tolist()})
+    assert np.array_equal(p.tile_accuracy(320, 320), own)
+    assert np.array_equal(p.tile_accuracy(640, 480), pooled)
+    assert load_profile(p.save(tmp_path / "a.json")).tile_acc == p.tile_acc
+    with pytest.raises(ProfileError, match="tile_acc"):
+        FamilyProfile(fam.models, 0.0, {}, {}, {"320x320": [[1.5] * N_BINS] * 4})
+    ap = np.array([0.2, np.nan, 0.8] + [0.5] * (N_BINS - 3))
+    counts = np.array([5, 0, 2] + [3] * (N_BINS - 3))
+    out = geometry_accuracy(ap, counts, pooled[0])
+    assert out[0] == 0.2 and out[1] == pooled[0, 1] and out[2] == pooled[0, 2] and out[3] == 0.5
+
+
+def test_planner_values_use_the_tile_geometry_accuracy() -> None:
+    fam = synthetic_family()
+    ones = np.ones((4, N_BINS))
+    p = FamilyProfile(fam.models, 0.0, {}, {}, {"320x320": ones.tolist()})
+    pl = TilePlanner(p, 640, 640, max_depth=1)
+    boxes = np.array([[10.0, 10, 40, 60], [400, 400, 430, 470]])
+    assert np.allclose(pl.grid_values(boxes, 2, 2).sum(axis=0), 1.0)  # 320x320 cells: every object found
+    base = TilePlanner(fam, 640, 640, max_depth=1)
+    assert np.allclose(pl.grid_values(boxes, 1, 1), base.grid_values(boxes, 1, 1))  # 640x640: pooled
+
+
+def test_conservative_correction_never_lowers_the_profiled_p99() -> None:
+    fam = synthetic_family()
+
+    class Run:
+        rect, model, ms = (0.0, 0.0, 640.0, 480.0), 0, 0.3 * fam.models[0].mean_ms
+
+    uc = UirapuruPlanner(fam, np.zeros((0, 4)), 640, 480, mode="conservative")
+    unc = UirapuruPlanner(fam, np.zeros((0, 4)), 640, 480, mode="non-conservative")
+    uc.observe([Run()] * 10)
+    unc.observe([Run()] * 10)
+    assert uc.planner.load_factor == 1.0 and unc.planner.load_factor == pytest.approx(0.5)

@@ -82,7 +82,8 @@ class RemixPlanner(TilePlanner):
     def __init__(self, family: FamilyProfile, width: int, height: int, max_depth: int | None = None,
                  mode: str = "non-conservative") -> None:
         edges, acc = remix_accuracy(family)
-        # The base class wants 22-bin accuracy vectors; Remix's values never use them.
+        # The base class wants 22-bin accuracy vectors; Remix's values never use them (Remix keeps its pooled
+        # absolute bins: no per-geometry accuracy).
         flat = FamilyProfile(tuple(ModelProfile(m.name, m.input_size, m.mean_ms, m.p99_ms, (0.0,) * N_BINS)
                                    for m in family.models), family.plan_runtime_ms, family.meta, family.tile_ms)
         super().__init__(flat, width, height, mode=mode, max_depth=max_depth)

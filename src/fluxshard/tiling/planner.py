@@ -322,6 +322,7 @@ class TilePlanner:
                                    else max_depth)
         self.load_factor = 1.0
         self.accuracy = family.accuracy_matrix()
+        self._acc: dict[tuple[int, int], np.ndarray] = {}  # per grid: the geometry's accuracy vectors
         self.names = family.names
         self._grids = [(math.ceil(self.width / s), math.ceil(self.height / s)) for s in family.input_sizes()]
         self._uniform_tiles = [self._grid_tiles(m, nx, ny) for m, (nx, ny) in enumerate(self._grids)]
@@ -367,7 +368,10 @@ class TilePlanner:
         """(ny*nx, n_models) ``eAP_W * lambda_W`` of every cell of a uniform grid (the knapsack values);
         subclasses change the size model (e.g. Remix's absolute bins)."""
         hist = grid_histograms(boxes, self.width, self.height, nx, ny)
-        return eap_values(hist, self.accuracy, count_objects(boxes, self.width, self.height))
+        acc = self._acc.get((nx, ny))
+        if acc is None:
+            acc = self._acc[(nx, ny)] = self.family.tile_accuracy(self.width / nx, self.height / ny)
+        return eap_values(hist, acc, count_objects(boxes, self.width, self.height))
 
     def _coverage(self, rects: list[tuple[float, float, float, float]]) -> float:
         area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in rects)

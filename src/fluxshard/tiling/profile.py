@@ -70,10 +70,19 @@ class FamilyProfile:
     #: Per tile geometry ``"WxH"`` (unpadded tile px, rounded): ``[[mean, p99] per model]`` in ms, measured on
     #: that geometry (a deployment profile); geometries not listed use the models' own mean / p99.
     tile_ms: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: Per tile geometry ``"WxH"``: ``[22-bin accuracy vector per model]`` measured on that geometry (a
+    #: deployment profile); geometries not listed use the models' own (pooled) vectors.
+    tile_acc: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self.models, self.plan_runtime_ms, "<memory>")
         _validate_tile_ms(self.tile_ms, len(self.models), "<memory>")
+        _validate_tile_acc(self.tile_acc, len(self.models), "<memory>")
+
+    def tile_accuracy(self, tile_w: float, tile_h: float) -> np.ndarray:
+        """(n_models, 22) accuracy vectors for a ``tile_w x tile_h`` tile: the geometry's own, else pooled."""
+        rows = self.tile_acc.get(geometry_key(tile_w, tile_h))
+        return self.accuracy_matrix() if rows is None else np.array(rows, dtype=np.float64)
 
     def tile_latencies(self, mode: str, tile_w: float, tile_h: float) -> np.ndarray:
         """(n_models,) latency of a ``tile_w x tile_h`` tile: the measured entry for that geometry, else the
@@ -104,10 +113,11 @@ class FamilyProfile:
         return max(0.0, float(slo_ms) - self.plan_runtime_ms)
 
     def with_plan_runtime(self, planner_times_ms: Sequence[float]) -> FamilyProfile:
-        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta), self.tile_ms)
+        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta), self.tile_ms,
+                             self.tile_acc)
 
     def with_runtime(self, plan_runtime_ms: float) -> FamilyProfile:
-        return FamilyProfile(self.models, float(plan_runtime_ms), dict(self.meta), self.tile_ms)
+        return FamilyProfile(self.models, float(plan_runtime_ms), dict(self.meta), self.tile_ms, self.tile_acc)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +127,7 @@ class FamilyProfile:
             "plan_runtime_ms": self.plan_runtime_ms,
             "meta": self.meta,
             "tile_ms": self.tile_ms,
+            "tile_acc": self.tile_acc,
             "models": [
                 {"name": m.name, "input_size": m.input_size, "mean_ms": m.mean_ms, "p99_ms": m.p99_ms,
                  "accuracy": list(m.accuracy)}
@@ -154,6 +165,20 @@ def _validate_tile_ms(tile_ms: Any, n_models: int, src: str) -> None:
             p99 = _number(src, f"{where}[{k}][1]", pair[1], positive=True)
             if p99 < mean:
                 raise _fail(src, f"{where}[{k}]", f"p99 {p99} is below mean {mean}")
+
+
+def _validate_tile_acc(tile_acc: Any, n_models: int, src: str) -> None:
+    if not isinstance(tile_acc, dict):
+        raise _fail(src, "tile_acc", "must be an object")
+    for key, rows in tile_acc.items():
+        where = f"tile_acc[{key!r}]"
+        if not isinstance(rows, list) or len(rows) != n_models:
+            raise _fail(src, where, f"needs one accuracy vector per model ({n_models})")
+        for k, row in enumerate(rows):
+            if not isinstance(row, list | tuple) or len(row) != N_BINS:
+                raise _fail(src, f"{where}[{k}]", f"needs {N_BINS} values")
+            for j, a in enumerate(row):
+                _number(src, f"{where}[{k}][{j}]", a, lo=0.0, hi=1.0)
 
 
 def plan_runtime_estimate(planner_times_ms: Sequence[float]) -> float:
@@ -241,10 +266,13 @@ def load_profile(path: str | Path) -> FamilyProfile:
         raise _fail(src, "meta", "must be an object")
     runtime = raw.get("plan_runtime_ms", 0.0)
     tile_ms = raw.get("tile_ms", {})
+    tile_acc = raw.get("tile_acc", {})
     _validate(models, runtime, src)  # first with the file name, so errors point at it
     _validate_tile_ms(tile_ms, len(models), src)
-    return FamilyProfile(tuple(models), float(runtime), meta, {k: [list(map(float, p)) for p in v]
-                                                               for k, v in tile_ms.items()})
+    _validate_tile_acc(tile_acc, len(models), src)
+    return FamilyProfile(tuple(models), float(runtime), meta,
+                         {k: [list(map(float, p)) for p in v] for k, v in tile_ms.items()},
+                         {k: [list(map(float, r)) for r in v] for k, v in tile_acc.items()})
 
 
 def synthetic_family(

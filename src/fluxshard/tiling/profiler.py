@@ -475,6 +475,14 @@ def _in_tile(det: Detections, rect: Sequence[float]) -> Detections:
     return Detections(det.boxes[k], det.scores[k], det.class_ids[k], det.class_names)
 
 
+def geometry_accuracy(ap: np.ndarray, counts: np.ndarray, pooled: np.ndarray,
+                      min_objects: int = MIN_BIN_OBJECTS) -> np.ndarray:
+    """A member's accuracy on one tile geometry: the geometry's own AP in bins with at least ``min_objects``
+    reference objects, the member's pooled (all geometries) vector elsewhere."""
+    own = (counts >= min_objects) & np.isfinite(ap)
+    return np.clip(np.where(own, np.nan_to_num(ap), pooled), 0.0, 1.0)
+
+
 def tile_latency_table(samples: dict[tuple[str, int], list[float]], n_models: int,
                        ) -> tuple[dict[str, list[list[float]]], float]:
     """``{geometry: [[mean, p99] per model]}`` from timed runs, and the pooled median of ``t / mean``.
@@ -565,14 +573,23 @@ def deployment_profile(
         if progress:
             progress("deployment latency", done, total)
     acc, remix_acc, counts_rel, counts_abs = [], {}, None, []
+    per_geo: dict[str, list[list[float]]] = {}
     for m, s in enumerate(family.sizes):
         imgs, gts, dets = per_model[m]
         ap, counts_rel = _bin_ap(imgs, gts, dets, _rel_size, EDGES)
-        acc.append(fill_bins(ap, counts_rel))
+        pooled = fill_bins(ap, counts_rel)
+        acc.append(pooled)
         rap, rc = _bin_ap(imgs, gts, dets, lambda b, img, s=s: _rel_size(b, img) * s / AREA_UNIT,
                           REMIX_EDGES / AREA_UNIT)
         remix_acc[family.names[m]] = [float(a) for a in fill_bins(rap, rc)]
         counts_abs.append(rc.tolist())
+        for g in {geometry_key(im["w"], im["h"]) for im in imgs}:
+            k = [i for i, im in enumerate(imgs) if geometry_key(im["w"], im["h"]) == g]
+            gap, gc = _bin_ap([imgs[i] for i in k], [gts[i] for i in k], [dets[i] for i in k], _rel_size, EDGES)
+            per_geo.setdefault(g, [list(map(float, v)) for v in [[np.nan] * N_BINS] * n_models])
+            per_geo[g][m] = [float(v) for v in geometry_accuracy(gap, gc, pooled)]
+    tile_acc = {g: [[float(np.round(v, 4)) for v in (row if np.all(np.isfinite(row)) else acc[m])]
+                    for m, row in enumerate(rows)] for g, rows in per_geo.items()}
     table, ratio_median = tile_latency_table(samples, n_models)
     models = tuple(ModelProfile(b.name, b.input_size, b.mean_ms, b.p99_ms, tuple(float(a) for a in acc[m]))
                    for m, b in enumerate(base.models))
@@ -587,7 +604,7 @@ def deployment_profile(
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})},
         "remix": {"edges_px": [float(e) for e in REMIX_EDGES], "accuracy": remix_acc, "bin_objects": counts_abs},
     }
-    return FamilyProfile(models, 0.0, info, table)
+    return FamilyProfile(models, 0.0, info, table, tile_acc)
 
 
 def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frames: Sequence[np.ndarray],
@@ -604,7 +621,7 @@ def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frame
     else:
         views = list(history_frames[:n_views])
         scene = {"size": list(views[0].shape[1::-1]) if views else None}
-    key = json.dumps({"family": family.weights_hash(), "machine": machine_key(), "scene": scene,
+    key = json.dumps({"format": 2, "family": family.weights_hash(), "machine": machine_key(), "scene": scene,
                       "history": history_desc, "views": n_views, "depth": depth, "span": DEPLOY_ZOOM_SPAN,
                       "overlap": overlap_reference, "rounds": DEPLOY_TIMING_ROUNDS, "base": base.names},
                      sort_keys=True)

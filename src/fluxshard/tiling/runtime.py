@@ -89,7 +89,9 @@ class UirapuruPlanner:
         self.family = family
         self.online = online
         dep = family.meta.get("deployment")
-        self.load = LoadTracker(float(dep.get("ratio_median", 1.0)) if isinstance(dep, dict) else 1.0)
+        # conservative: the correction may only raise the profiled p99 (the guarantee's basis), never lower it
+        self.load = LoadTracker(float(dep.get("ratio_median", 1.0)) if isinstance(dep, dict) else 1.0,
+                                clamp=(1.0 if mode == "conservative" else LOAD_CLAMP[0], LOAD_CLAMP[1]))
         self.history = np.asarray(history_boxes, dtype=np.float64).reshape(-1, 4)
         self.width, self.height = int(width), int(height)
         self.tracker = CameraTracker(initial_view)

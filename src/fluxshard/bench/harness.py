@@ -195,7 +195,9 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     res = ClipResult(name, str(path), mapper.input_hw, mapper.factor, "", {
         "tau_in": fast.tau_in, "default_threshold": fast.default_threshold, "thresholds": dict(fast.thresholds),
         "motion_bins": list(fast.motion_bins),
-        "bin_alpha_tau_mean": [float(np.mean(list(th.values()))) if th else d for th, d in fast.bin_thresholds]})
+        "bin_alpha_tau_mean": [float(np.mean(list(th.values()))) if th else d for th, d in fast.bin_thresholds],
+        "own_profiles": {m: [float(np.mean(list(th.values()))) if th else d for th, d in c.bin_thresholds]
+                         for m, c in own.items()}})
     body = adapter.body.eval()
     hw = mapper.input_hw
 

@@ -173,11 +173,16 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
         "fluxshard methods with the per-block field; same τ_in everywhere.",
         "- **max abs diff** = largest |body output − dense body output| over the clip.", "",
         "## Methods", "",
-        f"- Fast-mode thresholds (delta, global-warp, fluxshard-fast, naive-mv): τ_in = {fast.get('tau_in')}, "
+        "- Fast-mode thresholds (fluxshard-fast, naive-mv"
+        + "".join(f", {m}" for m in ("delta", "global-warp") if m not in fast.get("own_profiles", {}))
+        + f"): τ_in = {fast.get('tau_in')}, "
         + (f"per-layer τ^l by motion bin (upper edges {fast.get('motion_bins')} engine-input px/frame, mean τ^l "
            f"{[round(v, 3) for v in fast.get('bin_alpha_tau_mean', [])]}), the bin chosen from the frame's real "
            f"motion for every method." if fast.get("motion_bins") else
            f"τ^l = {fast.get('default_threshold')} (per-layer overrides: {len(fast.get('thresholds', {}))})."),
+        *[f"- {m}: its own shipped profile (`fluxshard profile --method {m}`, same retention target and τ_in), "
+          f"mean τ^l per bin {[round(v, 3) for v in taus]}."
+          for m, taus in fast.get("own_profiles", {}).items()],
         f"- scene-reuse: reuse the previous result when mean |Δ| of the 8×-downsampled luma vs the last computed "
         f"frame < {scene_threshold} grey levels, else recompute densely.",
         "- Motion bins (mean |MV| over valid blocks, px/frame, frame pixels): " + ", ".join(motion_bin_labels())

@@ -331,8 +331,8 @@ class Engine:
         """"cost guard" when this frame should run dense because incremental frames do not pay here.
 
         The decision uses wall times this engine measured itself (medians of its last 5 incremental and 5
-        dense frames, so one noisy frame does not flip it). While incremental frames cost more than dense
-        ones, frames run dense (cache capture included, as cheap as plain inference) and every
+        dense frames, so one noisy frame does not flip it). While incremental frames cost more than 1.05×
+        dense ones, frames run dense (cache capture included, as cheap as plain inference) and every
         ``guard_probe``-th frame probes the incremental path again, so a scene that becomes static is picked
         up within a few frames. Worst case ≈ (probe − 1 + r) / probe of dense time for an incremental cost
         ratio r; exactness is unaffected (a dense frame is exact)."""
@@ -344,7 +344,9 @@ class Engine:
         if len(dense) < 2:
             return "cost guard"  # measure dense before comparing
         self._since_probe += 1
-        if statistics.median(inc) <= statistics.median(dense) or self._since_probe >= self.config.guard_probe:
+        # 5 % hysteresis: near parity, noise would flip frames to dense for nothing
+        if (statistics.median(inc) <= 1.05 * statistics.median(dense)
+                or self._since_probe >= self.config.guard_probe):
             self._since_probe = 0
             return ""
         return "cost guard"

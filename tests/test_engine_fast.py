@@ -16,10 +16,13 @@ from fluxshard.motion.field import MotionField
 from test_engine_exact import ConvStack, run_parity, sequence
 
 
-def test_fast_mode_is_exact_when_motion_is_aligned() -> None:
-    """Shifts that are multiples of every stride, no thresholds: nothing is approximated."""
+@pytest.mark.parametrize("options", [{}, {"fresh_input": False}, {"reference_layers": True},
+                                     {"layout": "dense"}, {"layout": "auto"}])
+def test_fast_mode_is_exact_when_motion_is_aligned(options: dict) -> None:
+    """Shifts that are multiples of every stride, no thresholds: nothing is approximated, whichever input the
+    recomputed positions read, whether rows within τ keep their reference, and on dense layers too."""
     torch.manual_seed(0)
-    stats = run_parity(ConvStack().eval(), sequence(5, 96, 128, (0, 8), (4, 4)), mode="fast")
+    stats = run_parity(ConvStack().eval(), sequence(5, 96, 128, (0, 8), (4, 4)), mode="fast", **options)
     assert np.mean([s.active_fraction for s in stats[1:]]) < 0.9
 
 

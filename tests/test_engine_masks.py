@@ -74,11 +74,14 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
     f = _field(rng, h, w, b)
     cur = rng.random((h, w, 3)).astype(np.float32)
     ref = cur.copy()
-    ref[rng.random((h, w)) < 0.3] += 0.5  # changed pixels
+    changed = rng.random((h, w)) < 0.3
+    changed[:, w // 2:] = False  # the right half unchanged: both branches of the updated input are exercised
+    ref[changed] += 0.5  # changed pixels
     tau = 0.1
     dy, dx, valid = f.dy.copy(), f.dx.copy(), f.valid.copy()
     bad = np.zeros(f.shape, np.bool_)
-    ek.block_residual(cur, ref, dy, dx, valid, b, tau, bad)
+    upd = np.full_like(cur, -1.0)
+    ek.block_residual(cur, ref, dy, dx, valid, b, tau, bad, upd)
     mad = np.empty(f.shape, np.float32)
     mk.shifted_diff(cur, ref, f.dy, f.dx, b, np.empty((h, w), np.float32), mad)
     zmad = np.empty(f.shape, np.float32)
@@ -89,6 +92,32 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
     np.testing.assert_array_equal(bad, want)
     np.testing.assert_array_equal(valid, f.valid | rescued)
     assert not dy[rescued].any() and not dx[rescued].any()
+    # the updated input, written in the same pass: shifted cache where reused, the frame where residual
+    for i in range(f.shape[0]):
+        for j in range(f.shape[1]):
+            blk = upd[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            if bad[i, j]:
+                np.testing.assert_array_equal(blk, cur[i * b:(i + 1) * b, j * b:(j + 1) * b])
+            else:
+                y0, x0 = i * b + dy[i, j], j * b + dx[i, j]
+                np.testing.assert_array_equal(blk, ref[y0:y0 + b, x0:x0 + b])
+
+
+def test_updated_input_keeps_reused_blocks_from_the_cache() -> None:
+    """Static field, the left half of the frame changed: reused blocks come from the cache (not the frame),
+    residual blocks from the frame."""
+    rng = np.random.default_rng(7)
+    h, w, b = 32, 64, 16
+    ref = rng.random((h, w, 3)).astype(np.float32)
+    cur = ref + 0.001  # below tau on the right half: those blocks stay the cached content
+    cur[:, : w // 2] += 0.5
+    z = np.zeros((h // b, w // b), np.int32)
+    bad = np.zeros(z.shape, np.bool_)
+    upd = np.empty_like(cur)
+    ek.block_residual(cur, ref, z, z.copy(), np.ones(z.shape, np.bool_), b, 0.02, bad, upd)
+    assert bad[:, :2].all() and not bad[:, 2:].any()
+    np.testing.assert_array_equal(upd[:, : w // 2], cur[:, : w // 2])
+    np.testing.assert_array_equal(upd[:, w // 2:], ref[:, w // 2:])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -141,26 +170,3 @@ def test_write_rows_scatters_and_measures_change(seed: int, tau: float) -> None:
     assert torch.equal(orows, ref)
     if tau == 0.3:
         assert 0 < int(keep.sum()) < 17
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_updated_input_is_shifted_cache_with_residual_blocks_filled(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    h, w, b = 40, 56, 8
-    hb, wb = h // b, w // b
-    cur = rng.random((h, w, 3)).astype(np.float32)
-    ref = rng.random((h, w, 3)).astype(np.float32)
-    dy = rng.integers(-1, 2, (hb, wb)).astype(np.int32) * 2
-    dx = rng.integers(-1, 2, (hb, wb)).astype(np.int32) * 3
-    iy, ix = np.arange(hb)[:, None] * b + dy, np.arange(wb)[None, :] * b + dx
-    bad = (rng.random((hb, wb)) < 0.3) | (iy < 0) | (iy + b > h) | (ix < 0) | (ix + b > w)
-    out = np.full_like(cur, -1.0)
-    ek.updated_input(cur, ref, dy, dx, bad, b, out)
-    for i in range(hb):
-        for j in range(wb):
-            blk = out[i * b:(i + 1) * b, j * b:(j + 1) * b]
-            if bad[i, j]:
-                assert np.array_equal(blk, cur[i * b:(i + 1) * b, j * b:(j + 1) * b])
-            else:
-                y0, x0 = i * b + dy[i, j], j * b + dx[i, j]
-                assert np.array_equal(blk, ref[y0:y0 + b, x0:x0 + b])

@@ -75,15 +75,18 @@ def mask_tiles(mask, th: int, tw: int, tiles) -> int:
 
 
 @njit(cache=True, nogil=True)
-def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> None:
+def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad, out_upd) -> None:
     """Fast-mode input residual per block: mean over the block of max-over-channels |cur − ref shifted by the
     block's vector| (source clamped to the frame). Invalid blocks are tried at zero motion (static background
     the codec intra-coded); ``out_bad`` = the block is residual (mean above ``tau``, source outside the frame,
     or invalid and not static). ``dy``/``dx``/``valid`` are updated in place: rescued blocks become valid
-    zero-motion blocks."""
+    zero-motion blocks. ``out_upd`` (H, W, C; empty = skip) receives fast mode's *updated input* (seed 000
+    Stage 4) in the same pass: per block, the cached input shifted by the block's vector, or the current frame
+    where the block is residual."""
     height, width, nc = cur.shape
     hb, wb = dy.shape
     nopix = np.empty((0, 0), np.float32)  # block_diff_sum: no per-pixel output
+    upd = out_upd.shape[0] > 0
     for i in range(hb):
         y0 = i * block
         y1 = min(y0 + block, height)
@@ -94,6 +97,8 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
             ox = dx[i, j] if valid[i, j] else 0
             if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
                 out_bad[i, j] = True
+                if upd:
+                    _copy_block(cur, y0, y1, x0, x1, 0, 0, out_upd)
                 continue
             if nc == 3:  # source inside the frame (checked above): no clamping, channels unrolled
                 acc = 0.0
@@ -111,6 +116,19 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad) -> 
                 dy[i, j] = 0
                 dx[i, j] = 0
             out_bad[i, j] = bad or not valid[i, j]
+            if upd:
+                if out_bad[i, j]:
+                    _copy_block(cur, y0, y1, x0, x1, 0, 0, out_upd)
+                else:
+                    _copy_block(ref, y0, y1, x0, x1, dy[i, j], dx[i, j], out_upd)
+
+
+@njit(cache=True, nogil=True)
+def _copy_block(src, y0: int, y1: int, x0: int, x1: int, oy: int, ox: int, out) -> None:
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            for k in range(src.shape[2]):
+                out[y, x, k] = src[y + oy, x + ox, k]
 
 
 @njit(cache=True, nogil=True)
@@ -158,32 +176,6 @@ def write_rows(yr, dst, orows, delta, tau: float) -> None:
 
 
 @njit(cache=True, nogil=True)
-def updated_input(cur, ref, dy, dx, bad, block: int, out) -> None:
-    """Fast mode's updated input (seed 000 Stage 4): per block, the cached input shifted by the block's
-    vector, or the current frame where the block is residual. (H, W, C) arrays; ``bad`` per block."""
-    height, width, nc = cur.shape
-    hb, wb = bad.shape
-    for i in range(hb):
-        y0 = i * block
-        y1 = min(y0 + block, height)
-        for j in range(wb):
-            x0 = j * block
-            x1 = min(x0 + block, width)
-            if bad[i, j]:
-                for y in range(y0, y1):
-                    for x in range(x0, x1):
-                        for k in range(nc):
-                            out[y, x, k] = cur[y, x, k]
-            else:
-                oy = dy[i, j]
-                ox = dx[i, j]
-                for y in range(y0, y1):
-                    for x in range(x0, x1):
-                        for k in range(nc):
-                            out[y, x, k] = ref[y + oy, x + ox, k]
-
-
-@njit(cache=True, nogil=True)
 def im2col_rows(xrows, table, valid, positions, fill: float, out) -> None:
     """The pgemm path's im2col in one pass: ``out[i, t·C:(t+1)·C] = xrows[table[positions[i], t]]`` for every
     kernel tap ``t``, or ``fill`` where the tap falls in the padding (``valid`` is empty when no window reaches
@@ -213,7 +205,8 @@ def warm() -> None:
     mask_tiles(b, 2, 2, t)
     img = np.zeros((16, 16, 3), np.float32)
     z = np.zeros((1, 1), np.int32)
-    block_residual(img, img, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_))
+    block_residual(img, img, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_),
+                   np.empty_like(img))
     o = np.empty((8, 8), np.int32)
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
     f = np.zeros((2, 2, 4), np.float32)
@@ -221,7 +214,6 @@ def warm() -> None:
     changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_), True)
     r = np.zeros((2, 4), np.float32)
     write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32), 0.0)
-    updated_input(img, img, z, z, np.zeros((1, 1), np.bool_), 16, np.empty_like(img))
     im2col_rows(r, np.zeros((1, 2), np.int64), np.zeros((0, 0), np.bool_), np.zeros(1, np.int64), 0.0,
                 np.empty((1, 8), np.float32))
 

@@ -391,9 +391,9 @@ class Engine:
         if self.config.mode == "fast":
             field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
             bad = np.zeros(field.shape, np.bool_)
-            _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad)
             upd = torch.empty((1, h, w, x.shape[1]), dtype=x.dtype).permute(0, 3, 1, 2)  # channels_last
-            _ek.updated_input(cur, ref, field.dy, field.dx, bad, b, upd[0].permute(1, 2, 0).numpy())
+            _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad,
+                               upd[0].permute(1, 2, 0).numpy())
             return PixelMaps.blocks(field, bad), upd
         pix = np.empty((h, w), np.float32)
         _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))
@@ -625,8 +625,7 @@ class _Runner(fx.Interpreter):
     def _truncate(self, name: str, y: torch.Tensor, base: torch.Tensor, st: Any) -> np.ndarray:
         """Fast mode: positions whose recomputed value moved by more than τ^l (max over channels) from the
         shifted cache — only these propagate (seed 000 Eq. 2–4)."""
-        per, default = self.engine._tau
-        tau = per.get(name, default)
+        tau = self._tau_of(name)
         ho, wo = y.shape[-2:]
         if st is not None and st.path == "skip":
             return np.zeros((ho, wo), np.bool_)

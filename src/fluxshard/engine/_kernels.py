@@ -132,10 +132,8 @@ def _copy_block(src, y0: int, y1: int, x0: int, x1: int, oy: int, ox: int, out) 
 
 
 @njit(cache=True, nogil=True)
-def changed_dense(y, cache, sy, sx, tau: float, out, keep_ref: bool) -> None:
-    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``; with
-    ``keep_ref``, where it is not, ``y[i, j]`` takes the shifted cached value back (reference semantics: a
-    position keeps the value downstream layers last saw until its change exceeds τ).
+def changed_dense(y, cache, sy, sx, tau: float, out) -> None:
+    """Fast mode, a layer that ran dense: ``out[i, j] = max_c |y[i, j] − cache[i + sy, j + sx]| > tau``.
 
     ``y`` and ``cache`` are (H, W, C) channels-last views. Reading the old cache at its shifted position
     replaces moving the whole cache (a full gather) and three full-tensor passes (subtract, abs, max)."""
@@ -149,30 +147,23 @@ def changed_dense(y, cache, sy, sx, tau: float, out, keep_ref: bool) -> None:
                 continue
             m = np.float32(0.0)
             for k in range(c):
-                d = abs(y[i, j, k] - cache[si, sj, k])
-                m = max(m, d)
-            changed = m > tau
-            out[i, j] = changed
-            if keep_ref and not changed:
-                for k in range(c):
-                    y[i, j, k] = cache[si, sj, k]
+                m = max(m, abs(y[i, j, k] - cache[si, sj, k]))
+            out[i, j] = m > tau
 
 
 @njit(cache=True, nogil=True)
-def write_rows(yr, dst, orows, delta, tau: float) -> None:
-    """``delta[i] = max_c |yr[i] − orows[dst[i]]|`` and ``orows[dst[i]] = yr[i]`` where ``delta[i] > tau``
-    (every row when ``tau < 0``), in one pass: the sparse executor's scatter and fast mode's truncation (was
-    gather + subtract + abs + max + scatter). Rows within τ keep their cached (reference) value."""
+def write_rows(yr, dst, orows, delta) -> None:
+    """``orows[dst[i]] = yr[i]`` and ``delta[i] = max_c |yr[i] − old orows[dst[i]]|`` in one pass: the sparse
+    executor's scatter and fast mode's truncation input (was gather + subtract + abs + max + scatter)."""
     n, c = yr.shape
     for i in range(n):
         r = dst[i]
         m = np.float32(0.0)
         for k in range(c):
-            m = max(m, abs(yr[i, k] - orows[r, k]))
+            v = yr[i, k]
+            m = max(m, abs(v - orows[r, k]))
+            orows[r, k] = v
         delta[i] = m
-        if m > tau or tau < 0:
-            for k in range(c):
-                orows[r, k] = yr[i, k]
 
 
 @njit(cache=True, nogil=True)
@@ -211,9 +202,9 @@ def warm() -> None:
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
     f = np.zeros((2, 2, 4), np.float32)
     z2 = np.zeros((2, 2), np.int32)
-    changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_), True)
+    changed_dense(f, f, z2, z2, 0.0, np.empty((2, 2), np.bool_))
     r = np.zeros((2, 4), np.float32)
-    write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32), 0.0)
+    write_rows(r, np.zeros(2, np.int64), r.copy(), np.empty(2, np.float32))
     im2col_rows(r, np.zeros((1, 2), np.int64), np.zeros((0, 0), np.bool_), np.zeros(1, np.int64), 0.0,
                 np.empty((1, 8), np.float32))
 

@@ -75,12 +75,6 @@ class EngineConfig:
     # default so library results do not depend on timing; ``fluxshard run`` and the benchmark turn it on.
     guard: bool = False
     guard_probe: int = 8
-    # fast mode: recomputed positions read the frame itself (True) or the updated input (False; seed 000
-    # Stage 4 literally). The input cache is the updated input either way (see Engine._input_maps).
-    fresh_input: bool = True
-    # fast mode: a recomputed position whose change stays within τ^l keeps its cached (reference) value (True,
-    # DeltaCNN's truncation buffers: bounded drift) or takes the fresh value without propagating it (False)
-    reference_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
@@ -311,7 +305,7 @@ class Engine:
             masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
             self._tau = self.config.thresholds_for(field_motion(field) if motion is None else motion)
             try:
-                out, layers, first = self._run_incremental(x if self.config.fresh_input else ref, maps, masks)
+                out, layers, first = self._run_incremental(x, maps, masks)  # recomputed positions read the frame
             except BaseException:
                 self.reset()  # caches are updated in place: after a failure only a dense frame is safe
                 raise
@@ -595,9 +589,7 @@ class _Runner(fx.Interpreter):
                 if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
                     layout = "batch"  # GEMM paths need groups == 1
                 y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
-                                    tiles=tiles, track=self.fast, positions=positions, layout=layout,
-                                    tau=self._tau_of(n.name) if self.fast and eng.config.reference_layers
-                                    else -1.0)
+                                    tiles=tiles, track=self.fast, positions=positions, layout=layout)
                 path = st.path
                 tile_fraction = st.fraction if path != "dense" else 1.0
                 if self.fast:
@@ -643,19 +635,12 @@ class _Runner(fx.Interpreter):
     def _changed_dense(self, name: str, y: torch.Tensor, cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray,
                        moves: Any) -> np.ndarray:
         """:meth:`_truncate` for a layer that ran dense, reading the old cache at its shifted positions instead
-        of moving it; positions within τ get their shifted cached value back in ``y`` (reference semantics,
-        as the sparse paths do by not writing them)."""
-        tau = self._tau_of(name)
-        keep_ref = self.engine.config.reference_layers
+        of moving it (``y`` becomes the new cache; nothing else needs the moved one)."""
         views = [_hwc(t) for t in (y, cache)]
         if views[0] is None or views[1] is None:
-            base = _move(cache, sy, sx, moves)
-            changed = self._truncate(name, y, base, None)
-            if keep_ref:
-                y.copy_(torch.where(torch.from_numpy(changed), y, base))
-            return changed
+            return self._truncate(name, y, _move(cache, sy, sx, moves), None)
         out = np.empty(views[0].shape[:2], np.bool_)
-        _ek.changed_dense(views[0], views[1], sy, sx, tau, out, keep_ref)
+        _ek.changed_dense(views[0], views[1], sy, sx, self._tau_of(name), out)
         return out
 
     def _tile(self, cn: _ConvNode, hw: tuple[int, int]) -> int:

@@ -578,8 +578,7 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
          dense_op: Callable[[Tensor], Tensor], post: Callable[[Tensor], Tensor] | None,
          gemm: Callable[[Tensor], Tensor] | None, cost: Callable[[_Plan], LayerCost], inplace: bool,
          crossover: float | None, tiles: np.ndarray | None = None, track: bool = False,
-         positions: np.ndarray | None = None, plan: _Plan | None = None, tau: float = -1.0,
-         ) -> tuple[Tensor, SparseStats]:
+         positions: np.ndarray | None = None, plan: _Plan | None = None) -> tuple[Tensor, SparseStats]:
     t0 = time.perf_counter()
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"expected a (1, C, H, W) input, got {tuple(x.shape)}")
@@ -679,15 +678,13 @@ def _run(x: Tensor, base: Tensor, active: Tensor | np.ndarray, g: WindowGeom, co
     dst = torch.from_numpy(positions if path == "pgemm" else plan.dst[sel].reshape(-1))
     delta = None
     if track and yr.dtype == orows.dtype == torch.float32:
-        # how much each row moves (the engine's truncation test), measured as it is written; with tau ≥ 0 only
-        # rows that moved by more than tau are written (the others keep their reference value)
+        # how much each row moves (the engine's truncation test), measured as it is written
         d = np.empty(len(dst), np.float32)
-        _ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), d, float(tau))
+        _ek.write_rows(yr.numpy(), dst.numpy(), orows.numpy(), d)
         delta = torch.from_numpy(d)
     elif track:
         delta = (yr - orows.index_select(0, dst)).abs().amax(1)
-        keep = delta > tau if tau >= 0 else torch.ones_like(delta, dtype=torch.bool)
-        orows.index_copy_(0, dst[keep], yr[keep])
+        orows.index_copy_(0, dst, yr)
     else:
         orows.index_copy_(0, dst, yr)
     if path == "pgemm":  # report the work as its tile-equivalent fraction
@@ -700,8 +697,7 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
                   post: Callable[[Tensor], Tensor] | None = None, layout: str = "auto",
                   plan_cache: PlanCache | None = None, inplace: bool = True,
                   crossover: float | None = None, tiles: np.ndarray | None = None,
-                  track: bool = False, positions: np.ndarray | None = None, tau: float = -1.0,
-                  ) -> tuple[Tensor, SparseStats]:
+                  track: bool = False, positions: np.ndarray | None = None) -> tuple[Tensor, SparseStats]:
     """``post(conv(x))`` recomputed on the tiles of ``active`` (bool (Ho, Wo)); elsewhere ``base``.
 
     Returns ``(out, stats)``. Sparse paths write into ``base`` in place and return it (``inplace=False``
@@ -711,9 +707,7 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
     must hold post-activation values. ``layout``: auto | batch | hw | gemm | dense; forced sparse layouts
     are obeyed at any fraction; with ``auto``, ``crossover`` (tile fraction) overrides the cost model's dense
     decision. ``tiles`` (bool tile grid, as :func:`tile_mask` gives) replaces ``active`` when the caller already
-    reduced its mask to tiles (``active`` is then ignored). With ``track`` and ``tau ≥ 0``, recomputed rows that
-    moved by at most ``tau`` are not written (they keep ``base``'s reference value: fast mode's truncation).
-    ``track`` returns, for sparse paths, the recomputed rows
+    reduced its mask to tiles (``active`` is then ignored). ``track`` returns, for sparse paths, the recomputed rows
     and their change against ``base`` in the stats (fast mode's truncation test). ``positions`` (int64 flat
     output indices, sorted, a subset of the selected tiles) enables the ``"pgemm"`` path: im2col + GEMM on
     exactly those positions, written back there (``groups == 1`` only).
@@ -733,7 +727,7 @@ def sparse_conv2d(x: Tensor, conv: nn.Conv2d, base: Tensor, active: Tensor | np.
             return F.linear(t, cache.gemm_weight(conv), b)
 
     return _run(x, base, active, g, conv.out_channels, tile, layout, plan_cache, 0.0, window_op, conv,
-                post, gemm, lambda _: lc, inplace, crossover, tiles, track, positions, plan, tau)
+                post, gemm, lambda _: lc, inplace, crossover, tiles, track, positions, plan)
 
 
 def choose_path(x: Tensor, conv: nn.Conv2d, tiles: np.ndarray, positions: np.ndarray | None, *,

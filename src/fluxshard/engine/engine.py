@@ -368,13 +368,14 @@ class Engine:
         return ""
 
     def _input_maps(self, x: torch.Tensor, field: MotionField) -> tuple[PixelMaps, torch.Tensor]:
-        """The field actually used, the residual set, and the input the network runs on. Exact mode: every
-        pixel where ``x`` differs at all from the block-shifted cached input; the input is ``x``. Fast mode:
+        """The field actually used, the residual set, and the next input cache. Exact mode: every pixel where
+        ``x`` differs at all from the block-shifted cached input; the next cache is ``x``. Fast mode:
         whole blocks whose mean difference (max over channels) exceeds τ_in (the seed's per-block residual
         set; per-pixel thresholds would scatter isolated noisy pixels over every tile); blocks the field leaves
         without a vector become zero-motion blocks when the unshifted cache matches them within τ_in (static
-        background the codec happened to intra-code). The input is the *updated input* of seed 000 Stage 4:
-        the shifted cache with the residual blocks filled in from ``x`` — the next frame compares against what
+        background the codec happened to intra-code). The next cache is the *updated input* of seed 000 Stage 4:
+        the shifted cache with the residual blocks filled in from ``x`` (the network itself reads ``x``, fresh
+        pixels for recomputed positions) — the next frame compares against what
         the caches actually hold, so changes below τ_in accumulate until they count instead of drifting
         unseen. Blocks whose source leaves the frame are residual in both modes."""
         assert self._x_cache is not None

@@ -41,7 +41,7 @@ from fluxshard.video import open_video
 def plain(path: str, rgb: bool = False, export: bool = False) -> tuple[int, float, float]:
     t, c = time.perf_counter(), time.process_time()
     n = 0
-    for f in open_video(path, export_mvs=export, read_mvs=False, on_error="collect"):
+    for f in open_video(path, export_mvs=export, on_error="collect"):
         _ = f.rgb if rgb else f.luma
         n += 1
     return n, time.perf_counter() - t, time.process_time() - c

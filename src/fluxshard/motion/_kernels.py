@@ -12,6 +12,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from fluxshard.video.sidedata import mv_rows
+
 CELL = 4
 
 
@@ -61,29 +63,46 @@ EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
-def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
+def codec_field_at(frame_obj, get_fn, params, cur, prev, out, flags, keys) -> int:
+    """:func:`codec_field` on the vectors of the PyAV frame object ``frame_obj`` (its ``id``), read in place
+    from the decoder's side data (``fluxshard.video.sidedata``); returns −1 when the frame has none."""
+    rows = mv_rows(frame_obj, get_fn)
+    if rows.shape[0] == 0:
+        return -1
+    return codec_field(rows, params, cur, prev, out, flags, keys)
+
+
+@njit(cache=True, nogil=True)
+def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
     """Rasterise, pool, resolve the reference span, verify and (optionally) fill one frame's vectors.
 
-    ``mvs`` is the side data's AVMotionVector record array, read in place. ``params`` packs height, width,
+    ``rows`` is the side data's AVMotionVector records as an ``int32`` (n, 10) array (40-byte records: int32
+    source; uint8 w, h; int16 src_x, src_y, dst_x, dst_y; uint64 flags; int32 motion_x, motion_y; uint16
+    motion_scale), read in place. ``params`` packs height, width,
     block, (unused), verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
     dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
-    FILLED bits) and the bool maps ``valid`` / ``filled``. ``keys`` (uint64, flat, at least Hc × Wc for 4-px
-    cells) is scratch for the cell grid, row-major with the row length of the cell size in use (contiguous,
-    so an 8-px grid touches a quarter of the memory), and ``kf`` its float32 view: each cell holds the float32
-    pair (vx, vy) of the last past vector drawn on it, so one 64-bit compare tests two vectors for equality
-    (float32 bit equality is value equality here: no NaN, no −0) and an all-ones key marks an empty cell.
-    Returning arrays from numba costs ~7 µs each, more than most of the work. Cells are 8 px when no
+    FILLED bits) and the bool maps ``flags[0]`` (valid) / ``flags[1]`` (filled). ``keys`` (uint64, flat, at
+    least Hc × Wc for 4-px cells) is scratch for the cell grid, row-major with the row length of the cell size
+    in use (contiguous, so an 8-px grid touches a quarter of the memory); its float32 view holds, per cell, the
+    float32 pair (vx, vy) of the last past vector drawn on it, so one 64-bit compare tests two vectors for
+    equality (float32 bit equality is value equality here: no NaN, no −0) and an all-ones key marks an empty
+    cell. Returning arrays from numba costs ~7 µs each, more than most of the work. Cells are 8 px when no
     partition is smaller (H.264 exports 8×8 at least), 4 px otherwise. Returns the number of covered blocks.
     See ``codec.py`` for the rules.
     """
+    valid = flags[0]
+    filled = flags[1]
+    kf = keys.view(np.float32)
+    b8 = rows.view(np.uint8)  # per-byte view for the uint8 w, h fields (any byte order)
+    b16 = rows.view(np.int16)
     height = int(params[0])
     width = int(params[1])
     block = int(params[2])
     shift = 3 if block % 8 == 0 else 2
-    nmv = mvs.shape[0]
+    nmv = rows.shape[0]
     if shift == 3:
         for r in range(nmv):
-            if mvs[r].w < 8 or mvs[r].h < 8:
+            if b8[r, 4] < 8 or b8[r, 5] < 8:
                 shift = 2
                 break
     cell = 1 << shift
@@ -101,17 +120,16 @@ def codec_field(mvs, params, cur, prev, out, valid, filled, keys, kf) -> int:
         for cx in range(wc):
             keys[cy * wc + cx] = EMPTY
     for r in range(nmv):
-        row = mvs[r]
-        if row.source >= 0:  # future reference
+        if rows[r, 0] >= 0:  # source: future reference
             continue
-        sc = row.motion_scale
+        sc = np.uint16(b16[r, 16])  # motion_scale
         s = float(sc) if sc != 0 else 1.0
-        vx = np.float32(float(row.motion_x) / s)
-        vy = np.float32(float(row.motion_y) / s)
-        w = np.int32(row.w)
-        h = np.int32(row.h)
-        cx0 = (np.int32(row.dst_x) - (w >> 1)) >> shift  # arithmetic shift: floor division by the cell size
-        cy0 = (np.int32(row.dst_y) - (h >> 1)) >> shift
+        vx = np.float32(float(rows[r, 6]) / s)
+        vy = np.float32(float(rows[r, 7]) / s)
+        w = np.int32(b8[r, 4])
+        h = np.int32(b8[r, 5])
+        cx0 = (np.int32(b16[r, 5]) - (w >> 1)) >> shift  # dst_x; arithmetic shift: floor division by the cell
+        cy0 = (np.int32(b16[r, 6]) - (h >> 1)) >> shift  # dst_y
         cy1 = min(cy0 + max(h >> shift, 1), hc)
         cx1 = min(cx0 + max(w >> shift, 1), wc)
         for cy in range(max(cy0, 0), cy1):

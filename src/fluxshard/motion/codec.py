@@ -75,7 +75,8 @@ def field_from_mvs(
 
 class CodecFieldBuilder:
     """:func:`field_from_mvs` for a stream of frames of one size: the kernel's parameters and its scratch grid
-    are prepared once, so a frame costs one kernel call and two allocations (the field's own arrays)."""
+    are prepared once, so a frame costs one kernel call and two allocations (the field's own arrays).
+    :meth:`build_at` reads the vectors inside the kernel, straight from the decoder's frame."""
 
     def __init__(self, config: CodecMVConfig, height: int, width: int) -> None:
         b = config.block
@@ -88,25 +89,47 @@ class CodecFieldBuilder:
                                  config.verify_margin, config.verify_good, config.fill, config.fill_tau, 1],
                                 np.float64)
         self._keys = np.empty((-(-height // CELL)) * (-(-width // CELL)), np.uint64)
-        self._keys_f32 = self._keys.view(np.float32)
 
     def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,
               prev_luma: np.ndarray | None, prior_span: int = 1) -> MotionField:
-        cfg = self.config
-        b, height, width = cfg.block, self.height, self.width
-        intra = pict_type == "I" or key_frame
-        if intra or mvs is None or len(mvs) == 0 or prev_luma is None or cur_luma is None:
-            return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=intra)
+        """The field from an AVMotionVector record array (``fluxshard.video.decode.MV_DTYPE``)."""
+        if (pict_type == "I" or key_frame or mvs is None or len(mvs) == 0 or prev_luma is None
+                or cur_luma is None):
+            return self._invalid(pict_type, pict_type == "I" or key_frame)
+        rows = np.ascontiguousarray(mvs).view(np.int32).reshape(len(mvs), -1)
+        out, flags = self._arrays()
+        self._params[11] = prior_span
+        n_covered = _kernels.codec_field(rows, self._params, cur_luma, prev_luma, out, flags, self._keys)
+        return self._field(out, flags, n_covered, pict_type)
+
+    def build_at(self, frame_obj: int, get_fn: int, pict_type: str, key_frame: bool, cur_luma: np.ndarray,
+                 prev_luma: np.ndarray, prior_span: int = 1) -> MotionField | None:
+        """The field from the vectors of the PyAV frame with ``id`` ``frame_obj`` (see
+        ``fluxshard.video.sidedata``; the frame must stay alive during the call); None if it carries none."""
+        if pict_type == "I" or key_frame:
+            return self._invalid(pict_type, True)
+        out, flags = self._arrays()
+        self._params[11] = prior_span
+        # decoder planes are strided views: passed as they are, no copies
+        n_covered = _kernels.codec_field_at(frame_obj, get_fn, self._params, cur_luma, prev_luma, out, flags,
+                                            self._keys)
+        if n_covered < 0:
+            return None
+        return self._field(out, flags, n_covered, pict_type)
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         hb, wb = self.grid
-        params = self._params
-        params[11] = prior_span
-        out = np.empty((3, hb, wb), np.int32)
-        flags = np.empty((2, hb, wb), np.bool_)
-        n_covered = _kernels.codec_field(  # decoder planes are strided views: passed as they are, no copies
-            mvs, params, cur_luma, prev_luma, out, flags[0], flags[1], self._keys, self._keys_f32)
+        return np.empty((3, hb, wb), np.int32), np.empty((2, hb, wb), np.bool_)
+
+    def _invalid(self, pict_type: str, scene_cut: bool) -> MotionField:
+        return MotionField.invalid(self.height, self.width, self.config.block, frame_type=pict_type, source="codec",
+                                   scene_cut=scene_cut)
+
+    def _field(self, out: np.ndarray, flags: np.ndarray, n_covered: int, pict_type: str) -> MotionField:
+        hb, wb = self.grid
         # Only P-frames: their uncovered blocks are intra-coded. A B-frame's uncovered blocks are mostly
         # predicted from the future (common in still scenes), which says nothing about a cut.
-        if pict_type != "B" and 1.0 - n_covered / (hb * wb) > cfg.scene_cut_intra:
-            return MotionField.invalid(height, width, b, frame_type=pict_type, source="codec", scene_cut=True)
-        return MotionField(out[0], out[1], flags[0], b, height, width, frame_type=pict_type, source="codec",
-                           filled=flags[1])
+        if pict_type != "B" and 1.0 - n_covered / (hb * wb) > self.config.scene_cut_intra:
+            return self._invalid(pict_type, True)
+        return MotionField(out[0], out[1], flags[0], self.config.block, self.height, self.width,
+                           frame_type=pict_type, source="codec", filled=flags[1])

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from numba import typeof, types
 
 from fluxshard.errors import FluxShardError
 from fluxshard.motion import _kernels
 from fluxshard.motion.blockmatch import BlockMatchConfig, block_match
 from fluxshard.motion.codec import CodecFieldBuilder, CodecMVConfig
 from fluxshard.motion.field import MotionField
+from fluxshard.video import sidedata
 from fluxshard.video.decode import MV_DTYPE, DecodedFrame, VideoSource, open_video
 
 MVSource = Literal["auto", "codec", "blockmatch"]
@@ -91,24 +93,21 @@ class MotionStream:
         self._forced = mv_source
         self.timings = Timings()
         self._builder: CodecFieldBuilder | None = None
+        self._get_fn: int | None = None  # direct side-data read (video.sidedata): address, 0 = off, None = undecided
+        self._inter_without_mvs = 0
         _warm_up(block)
 
     def __iter__(self) -> Iterator[MotionFrame]:
         prev: DecodedFrame | None = None
-        inter_without_mvs = 0
         self._last_anchor = -1
         self._last_field: MotionField | None = None
         timings = self.timings
         per_frame = timings.per_frame_motion
         video = self.video
         clock = time.thread_time
+        self._inter_without_mvs = 0
         for frame in video:
             t1 = clock()
-            if (frame.mvs is None and self.mv_source == "codec" and self._forced == "auto"
-                    and frame.pict_type in ("P", "B") and not frame.key_frame):
-                inter_without_mvs += 1
-                if inter_without_mvs >= 2:  # the decoder does not export vectors for this stream
-                    self.mv_source = "blockmatch"
             fld = self._field(frame, prev)
             if not fld.scene_cut:
                 self._last_field = fld
@@ -136,10 +135,25 @@ class MotionStream:
             builder = self._builder
             if builder is None or (builder.height, builder.width) != (h, w):
                 builder = self._builder = CodecFieldBuilder(self.codec_config, h, w)
-            fld = builder.build(frame.mvs, frame.pict_type, frame.key_frame, frame.luma, prev.luma, prior)
-            if not (self.match_intra and fld.scene_cut and frame.pict_type == "I"):
+            get_fn = self._get_fn
+            if get_fn:  # the kernel reads the vectors from the decoder's frame itself
+                fld = builder.build_at(id(frame.av_frame), get_fn, frame.pict_type, frame.key_frame, frame.luma,
+                                       prev.luma, prior)
+            else:
+                mvs = frame.mvs  # through PyAV; decides once per process whether the direct read can be used
+                if get_fn is None:
+                    self._get_fn = sidedata.fast_path_for(frame.av_frame, mvs)
+                fld = None if mvs is None else builder.build(mvs, frame.pict_type, frame.key_frame, frame.luma,
+                                                             prev.luma, prior)
+            if fld is None:  # no vectors in this frame
+                if self._forced == "auto" and frame.pict_type in ("P", "B") and not frame.key_frame:
+                    self._inter_without_mvs += 1
+                if self._inter_without_mvs < 2:
+                    return builder.build(None, frame.pict_type, frame.key_frame, None, None)
+                self.mv_source = "blockmatch"  # the decoder does not export vectors for this stream
+            elif not (self.match_intra and fld.scene_cut and frame.pict_type == "I"):
                 return fld
-            if histogram_distance(frame.luma, prev.luma) > HIST_CUT:
+            elif histogram_distance(frame.luma, prev.luma) > HIST_CUT:
                 return fld  # an obvious cut: no need to try matching
             # An I-frame carries no vectors, but periodic key frames are rarely scene cuts: estimate the
             # field by block matching, and call it a cut only if that fails too.
@@ -179,8 +193,13 @@ def _warm_up(block: int) -> None:
     z = np.zeros((block * 2, block * 2), np.uint8)
     mv = np.zeros(1, MV_DTYPE)
     mv[0] = (-1, 16, 16, 0, 0, 8, 8, 0, 4, 0, 4)
+    out = np.empty((3, 2, 2), np.int32)
+    flags = np.empty((2, 2, 2), np.bool_)
     for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
         field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
+        # The direct side-data variant needs a live decoder frame to run: load its machine code by signature.
+        _kernels.codec_field_at.compile((types.int64, types.int64, typeof(np.zeros(12)), typeof(img), typeof(img),
+                                         typeof(out), typeof(flags), typeof(np.zeros(4, np.uint64))))
         _kernels.shifted_diff(img[:, :, None], img[:, :, None], np.zeros((2, 2), np.int32),
                               np.zeros((2, 2), np.int32), block, np.empty(img.shape, np.float32),
                               np.empty((2, 2), np.float32))

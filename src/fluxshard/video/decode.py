@@ -39,7 +39,7 @@ _URL_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://"
 
 @dataclass
 class DecodedFrame:
-    """One displayed frame: pixels on demand plus the codec's raw motion vectors (or ``None``)."""
+    """One displayed frame: pixels and the codec's raw motion vectors, both read on demand."""
 
     index: int
     pts: int | None
@@ -48,8 +48,19 @@ class DecodedFrame:
     key_frame: bool
     width: int
     height: int
-    mvs: np.ndarray | None  # structured AVMotionVector rows, None when the stream exported none
     _av: Any = field(repr=False, default=None)
+    _export: bool = field(repr=False, default=False)  # decoded with +export_mvs
+
+    @property
+    def av_frame(self) -> Any:
+        """The PyAV frame (its buffers live as long as it does)."""
+        return self._av
+
+    @cached_property
+    def mvs(self) -> np.ndarray | None:
+        """Structured AVMotionVector rows (:data:`MV_DTYPE`), None when the frame carries none (read through
+        PyAV on first use; the motion front-end reads them in its kernel instead, see ``video.sidedata``)."""
+        return _read_mvs(self._av) if self._export else None
 
     @cached_property
     def rgb(self) -> np.ndarray:
@@ -110,12 +121,8 @@ class VideoSource:
         on_error: Literal["raise", "collect"] = "raise",
         max_frames: int | None = None,
         prefetch: int = 4,
-        read_mvs: bool = True,
     ) -> None:
         self.path = str(path)
-        # False: decode with +export_mvs but leave the side data unread (``mvs`` is None). Only for measuring
-        # what the decoder's own vector export costs.
-        self._read = read_mvs
         self.prefetch = prefetch
         self.on_error = on_error
         self.max_frames = max_frames
@@ -249,9 +256,8 @@ class VideoSource:
                     return
 
     def _wrap(self, frame: Any) -> DecodedFrame:
-        # The side data is read here, on the consuming thread: with decode-ahead, the decoding thread (the
-        # throughput bottleneck) only decodes.
-        mvs = _read_mvs(frame) if self._read and self.export_mvs else None
+        # The side data is read by whoever needs it, on the consuming thread: with decode-ahead, the decoding
+        # thread (the throughput bottleneck) only decodes.
         pict_name = _PICT_NAMES.get(int(frame.pict_type), "?")
         tb = frame.time_base
         out = DecodedFrame(
@@ -262,8 +268,8 @@ class VideoSource:
             key_frame=bool(frame.key_frame),
             width=frame.width,
             height=frame.height,
-            mvs=mvs,
             _av=frame,
+            _export=self.export_mvs,
         )
         self.frames_decoded += 1
         return out

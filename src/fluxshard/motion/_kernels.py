@@ -79,7 +79,7 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
     ``rows`` is the side data's AVMotionVector records as an ``int32`` (n, 10) array (40-byte records: int32
     source; uint8 w, h; int16 src_x, src_y, dst_x, dst_y; uint64 flags; int32 motion_x, motion_y; uint16
     motion_scale), read in place. ``params`` packs height, width,
-    block, (unused), verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
+    block, check_all, verify, max_span, tau, margin, good, fill, fill_tau, prior (few arguments keep numba's
     dispatch cheap). Results go to ``out`` (int32, 3 × Hb × Wb: dy, dx, flags with VALID | COVERED |
     FILLED bits) and the bool maps ``flags[0]`` (valid) / ``flags[1]`` (filled). ``keys`` (uint64, flat, at
     least Hc × Wc for 4-px cells) is scratch for the cell grid, row-major with the row length of the cell size
@@ -108,6 +108,7 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
     cell = 1 << shift
     hc = (height + cell - 1) >> shift
     wc = (width + cell - 1) >> shift
+    check_all = params[3] != 0  # verify unambiguous vectors too
     verify = params[4] != 0
     max_span = int(params[5])
     tau = params[6]
@@ -235,7 +236,16 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
             else:  # without verification the expected span is taken as exact
                 by = _round_half_away(fy / prior)
                 bx = _round_half_away(fx / prior)
-            if verify:
+            ambiguous = verify
+            if verify and not check_all:
+                # A vector every span rounds to the same displacement (|v| small) needs no span resolution:
+                # trusted as it is, like the single-reference codecs' vectors (no sampled check).
+                ambiguous = False
+                for span in range(1, max_span + 1):
+                    if _round_half_away(fy / span) != by or _round_half_away(fx / span) != bx:
+                        ambiguous = True
+                        break
+            if ambiguous:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must
                 # beat it by ``margin``; stop as soon as the best explains the block (``good``).
@@ -273,6 +283,8 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                 best_cost = _sampled_mad(cur, prev, y0, x0, block, height, width, 0, 0)
                 by = 0
                 bx = 0
+                n_tried = 0  # neighbours' vectors tried so far (a repeated candidate cannot win: skipped)
+                t0y = t0x = t1y = t1x = t2y = t2x = 0
                 for nb in range(4):  # up, down, left, right
                     if best_cost <= good:
                         break
@@ -282,6 +294,19 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                         continue
                     ny = out[0, ni, nj]
                     nx = out[1, ni, nj]
+                    if ((ny == 0 and nx == 0) or (n_tried > 0 and ny == t0y and nx == t0x)
+                            or (n_tried > 1 and ny == t1y and nx == t1x) or (n_tried > 2 and ny == t2y and nx == t2x)):
+                        continue
+                    if n_tried == 0:
+                        t0y = ny
+                        t0x = nx
+                    elif n_tried == 1:
+                        t1y = ny
+                        t1x = nx
+                    else:
+                        t2y = ny
+                        t2x = nx
+                    n_tried += 1
                     c = _sampled_mad(cur, prev, y0, x0, block, height, width, ny, nx)
                     if c < best_cost:
                         best_cost = c
@@ -415,12 +440,13 @@ def _grid_sad(cur, ref, y0, x0, dy, dx, limit, n, step):
 
 @njit(cache=True, nogil=True)
 def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, step: int, out_dy, out_dx,
-                out_cost) -> None:
+                out_cost, good: float = 0.0) -> None:
     """One level of hierarchical block matching: for every block, search ``pred ± radius`` (and the zero
     vector when asked) for the least mean absolute difference; candidates whose displaced block leaves the
     frame are skipped. The prediction is evaluated first and a candidate must be strictly better to win, so
     ties keep the prediction (then zero). Blocks with no admissible candidate get cost +inf. ``step`` > 1
-    evaluates the cost on every step-th pixel in each direction."""
+    evaluates the cost on every step-th pixel in each direction. With ``good`` > 0 the search of a block stops
+    as soon as a candidate's mean cost is ≤ ``good`` (early exit: that candidate explains the block)."""
     height, width = cur.shape
     hb, wb = out_dy.shape
     side = 2 * radius + 1
@@ -437,6 +463,7 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
             # candidate stop as soon as its partial sum reaches the best (partial distortion elimination):
             # same winner, same cost as evaluating every candidate in full.
             n_samples = ((bh + step - 1) // step) * ((bw + step - 1) // step)
+            good_sum = good * n_samples
             best_sad = _sad_none(cur)
             by = 0
             bx = 0
@@ -463,6 +490,8 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                     best_sad = sad
                     by = cy
                     bx = cx
+                    if best_sad <= good_sum:
+                        break
             out_dy[i, j] = by
             out_dx[i, j] = bx
             out_cost[i, j] = np.inf if best_sad == _sad_none(cur) else best_sad / n_samples

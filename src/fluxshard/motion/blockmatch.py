@@ -25,6 +25,7 @@ class BlockMatchConfig:
     search: int = 6  # exhaustive radius at the coarsest level, in coarse pixels (±24 px at full res)
     tau: float = 12.0  # mean |Δluma| above which the best match is rejected
     predictor_min_valid: float = 0.6
+    predictor_good: float = 1.0  # predictor search: stop at the first candidate with mean |Δ| ≤ this (0 = off)
 
 
 def _down2(img: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ def block_match(
         pdx = np.where(predictor.valid, predictor.dx, 0).astype(np.int32)
         dy, dx = np.empty_like(pdy), np.empty_like(pdx)
         cost = np.empty((hb, wb), np.float32)
-        _kernels.match_level(cur, ref, b, pdy, pdx, 1, True, 2, dy, dx, cost)
+        _kernels.match_level(cur, ref, b, pdy, pdx, 1, True, 2, dy, dx, cost, cfg.predictor_good)
         f = MotionField(dy, dx, cost <= cfg.tau, b, height, width, frame_type, source="blockmatch")
         f.valid &= f.source_inside()
         if f.valid_fraction >= cfg.predictor_min_valid:

@@ -48,6 +48,7 @@ class CodecMVConfig:
     verify_tau: float = 24.0
     verify_margin: float = 1.0
     verify_good: float = 3.0  # a candidate this close needs no alternatives (early exit)
+    verify_unambiguous: bool = False  # also check vectors that every span rounds to the same displacement
     fill: bool = True
     fill_tau: float = 3.0
     scene_cut_intra: float = 0.6
@@ -85,9 +86,9 @@ class CodecFieldBuilder:
         self.config = config
         self.height, self.width = height, width
         self.grid = grid_shape(height, width, b)
-        self._params = np.array([height, width, b, 0, config.verify, max(config.max_ref_span, 1), config.verify_tau,
-                                 config.verify_margin, config.verify_good, config.fill, config.fill_tau, 1],
-                                np.float64)
+        self._params = np.array([height, width, b, config.verify_unambiguous, config.verify,
+                                 max(config.max_ref_span, 1), config.verify_tau, config.verify_margin,
+                                 config.verify_good, config.fill, config.fill_tau, 1], np.float64)
         self._keys = np.empty((-(-height // CELL)) * (-(-width // CELL)), np.uint64)
 
     def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,

@@ -1,28 +1,35 @@
 """Cost of the motion front-end relative to plain decoding, measured in one run (medians over repeats).
 
-For each clip, four passes run ``--repeats`` times, their order rotated every repeat so machine noise and
+For each clip, five passes run ``--repeats`` times, their order rotated every repeat so machine noise and
 drift hit them alike:
 
-* ``plain``  — decode every frame (threading SLICE, no side data) and take its luma plane;
+* ``plain``  — decode every frame (threading SLICE, no side data) and take its luma plane: the denominator;
 * ``plain+rgb`` — the same plus RGB conversion, what any analytics consumer does anyway;
-* ``export`` — decode with ``+export_mvs`` and take the luma plane, side data left unread: what libavcodec
-  itself spends producing the vectors (attribution only: it is part of the front-end's cost);
-* ``motion`` — decode with ``+export_mvs`` and build the sanitised per-block field (verification, fill and
-  block matching of I-frames included) for every frame: the whole motion front-end.
+* ``export`` — decode with ``+export_mvs`` and take the luma plane, vectors left unread: what libavcodec
+  itself spends producing the vectors (part of the front-end's cost);
+* ``motion`` — decode with ``+export_mvs`` and build the sanitised per-block field (vector read, span
+  resolution, fill, block matching of I-frames) for every frame: the whole motion front-end;
+* ``interleaved`` — a plain decoder and the motion front-end advance one frame each, alternately, on one
+  thread (no decode-ahead); their process CPU times are summed separately.
 
-All passes use the same decoder settings (SLICE threading, frames decoded ahead on a worker thread, which
-FFmpeg allows because it releases the GIL). Overheads are medians of the per-repeat ratios (each ratio
-pairs passes run back to back). Printed: wall-clock overhead = motion / plain − 1 (throughput a user sees;
-on two cores the front-end partly overlaps decoding), CPU overhead from process CPU time, all threads summed
-(what the front-end costs an otherwise busy machine), the part of that CPU overhead spent inside the
-decoder's vector export, and the front-end's CPU time per frame.
+All decoding passes use the same settings (SLICE threading, frames decoded ahead on a worker thread, which
+FFmpeg allows because it releases the GIL). Every overhead is the median over repeats of a ratio of passes
+of the same repeat, relative to ``plain``. Columns:
 
-On a shared machine, whole passes drift with the other jobs' load. A fifth, *interleaved* measurement is
-robust to that: a plain decoder and the motion front-end advance one frame each, alternately, on one
-thread (no decode-ahead), and their process CPU times are summed separately: ``cpu ovh (interleaved)``.
-It is a pessimistic CPU figure (every frame's front-end work starts with caches the decoder just
-flushed) and it cannot show wall-clock overlap. Usage:
-``python benchmarks/motion_frontend.py [CLIP ...] [--repeats 5]`` (default: the bundled clips + a PTZ clip).
+* ``wall`` = motion / plain wall-clock time − 1: the throughput a user sees (on two cores the front-end
+  partly overlaps decoding), but on a shared machine whole passes drift with the other jobs' load;
+* ``cpu`` = the same on process CPU time (all threads): what the front-end costs an otherwise busy machine;
+  still exposed to drift between passes (cache and core sharing vary with the other jobs);
+* ``export`` = export / plain CPU − 1: the decoder's own part of ``cpu``;
+* ``own`` = the front-end's own CPU time (thread CPU time of the consuming thread inside the front-end,
+  summed over frames: ``MotionStream.timings``) / plain CPU time. Both are CPU times of the same code in
+  passes run back to back, so load drift largely cancels; ``own + export`` estimates ``cpu`` robustly;
+* ``interleaved`` = front-end CPU / plain-decoder CPU when both advance frame by frame on one thread: cancels
+  drift too, but pessimistic (every frame's front-end work starts with caches the decoder just flushed, and
+  nothing overlaps).
+
+The last lines name the worst H.264 clip for each measure. Usage:
+``python benchmarks/motion_frontend.py [CLIP ...] [--repeats 7]`` (default: the bundled clips + a PTZ clip).
 """
 
 from __future__ import annotations
@@ -38,27 +45,29 @@ from fluxshard.motion import MotionStream
 from fluxshard.video import open_video
 
 
-def plain(path: str, rgb: bool = False, export: bool = False) -> tuple[int, float, float]:
+def plain(path: str, rgb: bool = False, export: bool = False) -> tuple[int, float, float, float]:
     t, c = time.perf_counter(), time.process_time()
     n = 0
     for f in open_video(path, export_mvs=export, on_error="collect"):
         _ = f.rgb if rgb else f.luma
         n += 1
-    return n, time.perf_counter() - t, time.process_time() - c
+    return n, time.perf_counter() - t, time.process_time() - c, 0.0
 
 
-def motion(path: str) -> tuple[int, float, float, str]:
+def motion(path: str) -> tuple[int, float, float, float]:
+    """Frames, wall seconds, process CPU seconds, the front-end's own thread CPU seconds."""
     t, c = time.perf_counter(), time.process_time()
     ms = MotionStream(path, on_error="collect")
     n = 0
     for mf in ms:
         _ = mf.field
         n += 1
-    return n, time.perf_counter() - t, time.process_time() - c, ms.mv_source
+    return n, time.perf_counter() - t, time.process_time() - c, ms.timings.motion
 
 
-def interleaved(path: str) -> tuple[float, float]:
-    """Process CPU seconds of plain decoding and of the motion front-end, advanced frame by frame in turn."""
+def interleaved(path: str) -> tuple[int, float, float, float]:
+    """Process CPU seconds of plain decoding and of the motion front-end, advanced frame by frame in turn
+    (returned in the wall and CPU slots)."""
     plain_it = iter(open_video(path, export_mvs=False, on_error="collect", prefetch=0))
     ms = MotionStream(path, on_error="collect")
     ms.video.prefetch = 0
@@ -78,18 +87,18 @@ def interleaved(path: str) -> tuple[float, float]:
         tp += c1 - c0
     for _ in motion_it:
         pass
-    return tp, tm
+    return 0, tp, tm, 0.0
 
 
-def ratio(a: dict[str, list[float]], k: str, base: str = "plain") -> float:
-    """Median over repeats of a[k] / a[base] − 1 (passes of one repeat ran back to back)."""
-    return statistics.median(x / y for x, y in zip(a[k], a[base], strict=True)) - 1
+def ovh(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a / b − 1 (the passes of one repeat ran back to back)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True)) - 1
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("clips", nargs="*")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     clips = [clip_path(c) for c in (args.clips or ["bikes", "cup", "vtest"])]
     tmp = tempfile.TemporaryDirectory()
@@ -100,36 +109,53 @@ def main() -> None:
         make_ptz_clip(clip_path("vtest"), ptz, "pan:4:40,zoom:1.01:30,tilt:-3:30,pause:10", size=(640, 480))
         clips.append(str(ptz))
     motion(clips[0])  # load the compiled kernels outside the timings
-    print(f"{'clip':<16}{'codec':<10}{'src':<11}{'frames':>7}{'plain fps':>11}{'+rgb fps':>10}{'motion fps':>12}"
-          f"{'wall ovh':>10}{'cpu ovh':>9}{'(export)':>10}{'cpu ovh vs +rgb':>17}{'µs/frame':>10}"
-          f"{'cpu ovh (interleaved)':>23}")
+    cols = ["plain fps", "+rgb fps", "motion fps", "wall", "cpu", "export", "own", "own+exp", "interleaved",
+            "µs/frame"]
+    print(f"{'clip':<16}{'codec':<10}{'src':<11}{'frames':>7}" + "".join(f"{c:>{max(len(c) + 2, 9)}}" for c in cols))
+    worst: dict[str, tuple[float, str]] = {}
     for c in clips:
         passes = {
             "plain": lambda c=c: plain(c),
             "rgb": lambda c=c: plain(c, rgb=True),
             "export": lambda c=c: plain(c, export=True),
-            "motion": lambda c=c: motion(c)[:3],
-            "interleaved": lambda c=c: (0, *interleaved(c)),
+            "motion": lambda c=c: motion(c),
+            "interleaved": lambda c=c: interleaved(c),
         }
         names = list(passes)
         wall: dict[str, list[float]] = {k: [] for k in names}
         cpu: dict[str, list[float]] = {k: [] for k in names}
+        own: list[float] = []
         n = 0
         for r in range(args.repeats):
             for k in names[r % len(names):] + names[: r % len(names)]:
-                m, t, u = passes[k]()
+                m, t, u, o = passes[k]()
                 n = m or n
                 wall[k].append(t)  # for "interleaved": plain CPU seconds
                 cpu[k].append(u)  # for "interleaved": motion CPU seconds
-        src = motion(c)[3]
+                if k == "motion":
+                    own.append(o)
+        src = MotionStream(c).mv_source
         med = statistics.median
-        extra_vs_rgb = med((m - p) / r for m, p, r in zip(cpu["motion"], cpu["plain"], cpu["rgb"], strict=True))
-        per_frame = med((m - p) / n * 1e6 for m, p in zip(cpu["motion"], cpu["plain"], strict=True))
+        export = ovh(cpu["export"], cpu["plain"])
+        row = {
+            "wall": ovh(wall["motion"], wall["plain"]),
+            "cpu": ovh(cpu["motion"], cpu["plain"]),
+            "export": export,
+            "own": med(o / p for o, p in zip(own, cpu["plain"], strict=True)),
+            "own+exp": med(o / p for o, p in zip(own, cpu["plain"], strict=True)) + export,
+            "interleaved": ovh(cpu["interleaved"], wall["interleaved"]),
+        }
         codec = open_video(c).info.codec
         print(f"{Path(c).name:<16}{codec:<10}{src:<11}{n:>7}{n / med(wall['plain']):>11.0f}"
-              f"{n / med(wall['rgb']):>10.0f}{n / med(wall['motion']):>12.0f}{ratio(wall, 'motion'):>10.1%}"
-              f"{ratio(cpu, 'motion'):>9.1%}{ratio(cpu, 'export'):>10.1%}{extra_vs_rgb:>17.1%}{per_frame:>10.0f}"
-              f"{med(m / p for p, m in zip(wall['interleaved'], cpu['interleaved'], strict=True)) - 1:>23.1%}")
+              f"{n / med(wall['rgb']):>10.0f}{n / med(wall['motion']):>12.0f}"
+              + "".join(f"{row[k]:>{max(len(k) + 2, 9)}.1%}" for k in row)
+              + f"{med(own) / n * 1e6:>10.0f}", flush=True)
+        if codec == "h264":
+            for k, v in row.items():
+                if k != "export" and v > worst.get(k, (-1.0, ""))[0]:
+                    worst[k] = (v, Path(c).name)
+    if worst:
+        print("worst H.264 clip: " + ", ".join(f"{k} {v:.1%} ({name})" for k, (v, name) in worst.items()))
     tmp.cleanup()
 
 

@@ -25,13 +25,18 @@ def _round_half_away(v: float) -> int:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
+def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx, beat=np.inf, margin=0.0, cap=np.inf) -> float:
     """Mean |Δluma| over a 4×4 grid of samples of one block, every sample clamped to the frame.
 
     Branch-free and inlined into its callers: the clamps cost less than a separate edge path (measured: a
     fast interior path plus a clamped fallback loop was ~2× slower per block, and a fallback *call* taking
     the planes makes numba keep reference counts alive across the caller). Samples sit at
     ``o + k·step`` (step = block / 4, o = step / 2) in both directions.
+
+    Partial distortion elimination: after each sample row, the evaluation stops (returning the partial mean,
+    already a lower bound that decides the comparison) once the candidate can no longer be chosen — its mean
+    plus ``margin`` reaches ``beat`` (the cost it must beat), or its mean exceeds ``cap`` (a limit above
+    which no caller accepts it). Exact: the tests are the callers' own comparisons on a lower bound.
     """
     step = block >> 2
     o = step >> 1
@@ -52,6 +57,9 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx) -> float:
         acc += (abs(np.int32(cur[y, xa]) - np.int32(prev[ry, ra])) + abs(np.int32(cur[y, xb]) - np.int32(prev[ry, rb]))
                 + abs(np.int32(cur[y, xc]) - np.int32(prev[ry, rc]))
                 + abs(np.int32(cur[y, xd]) - np.int32(prev[ry, rd])))
+        m = acc / 16.0
+        if m + margin >= beat or m > cap:
+            return m
     return acc / 16.0
 
 
@@ -258,7 +266,7 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                         cx = _round_half_away(fx / span)
                         if cy == by and cx == bx:
                             continue
-                        c = _sampled_mad(cur, prev, y0, x0, block, height, width, cy, cx)
+                        c = _sampled_mad(cur, prev, y0, x0, block, height, width, cy, cx, best_cost, margin)
                         if c + margin < best_cost:
                             best_cost = c
                             by = cy
@@ -273,6 +281,9 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
             valid[i, j] = True
 
     if fill:
+        # A fill candidate is only accepted at mean ≤ fill_tau, and only the early exit looks at costs up to
+        # ``good``: above both, a candidate's exact cost changes nothing (the minimum is then rejected anyway).
+        cap = max(fill_tau, good)
         for i in range(hb):
             y0 = i * block
             for j in range(wb):
@@ -280,7 +291,7 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                     continue
                 x0 = j * block
                 # MV-guided candidates: zero motion and the (originally) valid 4-neighbours' vectors.
-                best_cost = _sampled_mad(cur, prev, y0, x0, block, height, width, 0, 0)
+                best_cost = _sampled_mad(cur, prev, y0, x0, block, height, width, 0, 0, np.inf, 0.0, cap)
                 by = 0
                 bx = 0
                 n_tried = 0  # neighbours' vectors tried so far (a repeated candidate cannot win: skipped)
@@ -307,7 +318,7 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                         t2y = ny
                         t2x = nx
                     n_tried += 1
-                    c = _sampled_mad(cur, prev, y0, x0, block, height, width, ny, nx)
+                    c = _sampled_mad(cur, prev, y0, x0, block, height, width, ny, nx, best_cost, 0.0, cap)
                     if c < best_cost:
                         best_cost = c
                         by = ny

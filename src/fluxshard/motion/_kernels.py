@@ -128,13 +128,23 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
     for cy in range(hc):
         for cx in range(wc):
             keys[cy * wc + cx] = EMPTY
+    last_sc = -1
+    s = 1.0
+    inv = 1.0  # 1 / s when s is a power of two (then x * inv == x / s exactly), else 0
     for r in range(nmv):
         if rows[r, 0] >= 0:  # source: future reference
             continue
-        sc = np.uint16(b16[r, 16])  # motion_scale
-        s = float(sc) if sc != 0 else 1.0
-        vx = np.float32(float(rows[r, 6]) / s)
-        vy = np.float32(float(rows[r, 7]) / s)
+        sc = np.int32(np.uint16(b16[r, 16]))  # motion_scale (4 for H.264 throughout: divisions only once)
+        if sc != last_sc:
+            last_sc = sc
+            s = float(sc) if sc != 0 else 1.0
+            inv = 1.0 / s if (sc & (sc - 1)) == 0 else 0.0
+        if inv != 0.0:
+            vx = np.float32(float(rows[r, 6]) * inv)
+            vy = np.float32(float(rows[r, 7]) * inv)
+        else:
+            vx = np.float32(float(rows[r, 6]) / s)
+            vy = np.float32(float(rows[r, 7]) / s)
         w = np.int32(b8[r, 4])
         h = np.int32(b8[r, 5])
         cx0 = (np.int32(b16[r, 5]) - (w >> 1)) >> shift  # dst_x; arithmetic shift: floor division by the cell
@@ -248,11 +258,9 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
             if verify and not check_all:
                 # A vector every span rounds to the same displacement (|v| small) needs no span resolution:
                 # trusted as it is, like the single-reference codecs' vectors (no sampled check).
-                ambiguous = False
-                for span in range(1, max_span + 1):
-                    if _round_half_away(fy / span) != by or _round_half_away(fx / span) != bx:
-                        ambiguous = True
-                        break
+                # round(v / k) is monotone in k: all spans 1..max_span agree iff the two ends do.
+                ambiguous = (_round_half_away(np.float64(fy)) != by or _round_half_away(np.float64(fx)) != bx
+                             or _round_half_away(fy / max_span) != by or _round_half_away(fx / max_span) != bx)
             if ambiguous:
                 # Candidates in order: the frame's expected span (distance to the previous anchor in display
                 # order), then one frame, then the other spans. The first is the baseline; a later one must

@@ -106,17 +106,23 @@ class CodecFieldBuilder:
     def build_at(self, frame_obj: int, get_fn: int, pict_type: str, key_frame: bool, cur_luma: np.ndarray,
                  prev_luma: np.ndarray, prior_span: int = 1) -> MotionField | None:
         """The field from the vectors of the PyAV frame with ``id`` ``frame_obj`` (see
-        ``fluxshard.video.sidedata``; the frame must stay alive during the call); None if it carries none."""
+        ``fluxshard.video.sidedata``; the frame must stay alive during the call); None if it carries none.
+        The per-frame path of a stream: kept to the fewest Python steps (they run with cold caches)."""
         if pict_type == "I" or key_frame:
             return self._invalid(pict_type, True)
-        out, flags = self._arrays()
-        self._params[11] = prior_span
+        hb, wb = self.grid
+        out = np.empty((3, hb, wb), np.int32)
+        flags = np.empty((2, hb, wb), np.bool_)
+        params = self._params
+        params[11] = prior_span
         # decoder planes are strided views: passed as they are, no copies
-        n_covered = _kernels.codec_field_at(frame_obj, get_fn, self._params, cur_luma, prev_luma, out, flags,
-                                            self._keys)
+        n_covered = _kernels.codec_field_at(frame_obj, get_fn, params, cur_luma, prev_luma, out, flags, self._keys)
         if n_covered < 0:
             return None
-        return self._field(out, flags, n_covered, pict_type)
+        if pict_type != "B" and 1.0 - n_covered / (hb * wb) > self.config.scene_cut_intra:
+            return self._invalid(pict_type, True)
+        return MotionField(out[0], out[1], flags[0], self.config.block, self.height, self.width, pict_type, "codec",
+                           False, flags[1])
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         hb, wb = self.grid

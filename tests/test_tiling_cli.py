@@ -71,8 +71,14 @@ def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
     assert data["slos"] == [60.0, 200.0]
     methods = {(row["method"], row["slo_ms"]) for row in data["summary"]}
     for slo in (60.0, 200.0):
-        for m in ("uirapuru-c", "uirapuru-nc", "remix", "ds", "ut"):
+        for m in ("uirapuru-c", "uirapuru-nc", "remix", "remix-c", "ds", "ut", "ds-c", "ut-c"):
             assert (m, slo) in methods
+    for row in data["summary"]:
+        if row["slo_ms"] is not None:
+            assert row["meets_bar"] == (row["miss_rate"] <= 0.01)
+            assert row["map_on_time"] is None or row["map"] is None or row["map_on_time"] <= row["map"] + 1e-9
+    comp = {(c["mode"], c["slo_ms"]) for c in data["comparison"]}
+    assert comp == {(m, s) for m in ("uirapuru-c", "uirapuru-nc") for s in (60.0, 200.0)}
     for name in ("ds-nanodet320", "ut-nanodet640"):
         assert (name, None) in methods
     ref = next(row for row in data["summary"] if row["method"] == "ut-nanodet416")  # the reference member
@@ -86,7 +92,8 @@ def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
     with open(data["frames_csv"]) as f:
         rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} >= {"uirapuru-c", "remix", "ds-nanodet416"}
-    assert "| SLO (ms) |" in Path(data["report"]).read_text()
+    report = Path(data["report"]).read_text()
+    assert "| SLO (ms) |" in report and "best baseline" in report
 
 
 @pytest.mark.parametrize("args, needle", [

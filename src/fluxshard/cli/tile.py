@@ -33,6 +33,8 @@ ReferenceOpt = Annotated[str, typer.Option(help="Evaluation/profiling reference:
     "reference member plus half-cell-shifted cells) or 'plain' (the grid alone).")]
 OnlineOpt = Annotated[bool, typer.Option("--online/--no-online", help="Correct the latency model online from "
     "observed tile times (load drift).")]
+CalibrateOpt = Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Scale the deployment profile's "
+    "accuracy vectors by the plan-level calibration measured on the deployment views.")]
 ThreadsOpt = Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
     "loaded machine 1 thread has far smaller p99 latency).", min=1)]
 
@@ -142,6 +144,7 @@ def tile(
     views: ViewsOpt = 24,
     reference: ReferenceOpt = "overlap",
     online: OnlineOpt = True,
+    calibrate: CalibrateOpt = True,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru on CLIP: camera-tracked historical objects -> DP-DP tile plan per frame within the SLO."""
@@ -173,7 +176,7 @@ def tile(
 
             res = run_clip(path, family, prof, [slo], modes=[mode], baselines=False, camera=camera,
                            history=history, max_frames=max_frames, deploy_views=views,
-                           overlap_reference=_reference(reference), online=online,
+                           overlap_reference=_reference(reference), online=online, calibrate=calibrate,
                            progress=_clip_ticker(progress, path.name), on_frame=on_frame)
     finally:
         if writer is not None:
@@ -219,10 +222,11 @@ def tile_bench(
     views: ViewsOpt = 24,
     reference: ReferenceOpt = "overlap",
     online: OnlineOpt = True,
+    calibrate: CalibrateOpt = True,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru (both modes) vs down-sampling, uniform tiling and Remix-like planning over CLIP... x SLOs."""
-    from fluxshard.tiling.evaluate import run_clip
+    from fluxshard.tiling.evaluate import comparison, run_clip
     from fluxshard.tiling.report import make_plots, markdown_tables, write_frames_csv, write_report, write_summary_csv
 
     slos = parse_slos(slo)
@@ -239,7 +243,8 @@ def tile_bench(
         for p in paths:
             results.append(run_clip(p, family, prof, slos, camera=camera, history=history, max_frames=max_frames,
                                     stride=stride, deploy_views=views, overlap_reference=_reference(reference),
-                                    online=online, progress=_clip_ticker(progress, p.name)))
+                                    online=online, calibrate=calibrate,
+                                    progress=_clip_ticker(progress, p.name)))
     rows = [r for res in results for r in res.summary]
     frames_csv = write_frames_csv(results, out / "frames.csv")
     summary_csv = write_summary_csv(rows, out / "summary.csv")
@@ -253,6 +258,7 @@ def tile_bench(
                    "reprojection_error_px": round(float(np.mean(r.reprojection_px)), 3) if r.reprojection_px
                    else None} for r in results],
         "summary": rows,
+        "comparison": comparison(rows),
     }
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")

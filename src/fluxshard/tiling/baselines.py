@@ -57,14 +57,20 @@ def fitting_plans(plan_ms: ArrayLike, slo_ms: float) -> list[int]:
 
 def plan_latencies(profile: FamilyProfile, width: int, height: int,
                    mode: str = "non-conservative") -> tuple[np.ndarray, np.ndarray]:
-    """(down-sampling, uniform tiling) latency of every member, from the profile's per-geometry figures."""
+    """(down-sampling, uniform tiling) latency of every member, from the profile's per-geometry figures; in
+    conservative mode with a plan tail model, the p99 of the plan's summed means (as the planner does)."""
     sizes = profile.input_sizes()
-    ds = profile.tile_latencies(mode, width, height)
+    tail = mode == "conservative" and bool(profile.plan_tail)
+    lat_mode = "non-conservative" if tail else mode
+    ds = profile.tile_latencies(lat_mode, width, height)
     ut = []
     for m, s in enumerate(sizes):
         nx, ny = math.ceil(width / s), math.ceil(height / s)
-        ut.append(nx * ny * profile.tile_latencies(mode, width / nx, height / ny)[m])
-    return ds, np.array(ut)
+        ut.append(nx * ny * profile.tile_latencies(lat_mode, width / nx, height / ny)[m])
+    ut_arr = np.array(ut)
+    if tail:
+        return profile.plan_p99(ds), profile.plan_p99(ut_arr)
+    return ds, ut_arr
 
 
 def pick_for_slo(profile: FamilyProfile, slo_ms: float, n_tiles: Sequence[int]) -> int:
@@ -85,7 +91,8 @@ class RemixPlanner(TilePlanner):
         # The base class wants 22-bin accuracy vectors; Remix's values never use them (Remix keeps its pooled
         # absolute bins: no per-geometry accuracy).
         flat = FamilyProfile(tuple(ModelProfile(m.name, m.input_size, m.mean_ms, m.p99_ms, (0.0,) * N_BINS)
-                                   for m in family.models), family.plan_runtime_ms, family.meta, family.tile_ms)
+                                   for m in family.models), family.plan_runtime_ms, family.meta, family.tile_ms,
+                             plan_tail=family.plan_tail)
         super().__init__(flat, width, height, mode=mode, max_depth=max_depth)
         self.remix_edges = edges
         self.remix_acc = acc

@@ -35,6 +35,11 @@ Decisions where the paper is vague (all tested in ``tests/test_tiling_planner.py
 * **Nothing fits.** If no plan fits the budget, the fastest model on the whole frame (down-sampling) is
   returned with ``fits=False``: a frame is never left unprocessed.
 * **Modes.** ``conservative`` plans with p99 latencies (per-frame SLO), ``non-conservative`` with means.
+  A plan's p99 is not the sum of its tiles' p99s when the profile has a plan tail model
+  (:attr:`FamilyProfile.plan_tail`, a deployment profile): it is ``P(sum of tile means)``, the p99 measured at
+  profiling for plans of that mean duration. ``P`` is non-decreasing, so "``P(sum of means) <= budget``" is
+  "``sum of means <= P^-1(budget)``": DP-DP runs on mean weights with capacity
+  :meth:`FamilyProfile.mean_budget` and stays an exact additive knapsack.
 """
 
 from __future__ import annotations
@@ -326,26 +331,42 @@ class TilePlanner:
         self.names = family.names
         self._grids = [(math.ceil(self.width / s), math.ceil(self.height / s)) for s in family.input_sizes()]
         self._uniform_tiles = [self._grid_tiles(m, nx, ny) for m, (nx, ny) in enumerate(self._grids)]
-        per_depth = [family.tile_latencies(mode, self.width / 2**d, self.height / 2**d)
+        # conservative with a plan tail model: knapsack over mean latencies, budget mapped through P^-1
+        self.tail_model = mode == "conservative" and bool(family.plan_tail)
+        lat_mode = "non-conservative" if self.tail_model else mode
+        per_depth = [family.tile_latencies(lat_mode, self.width / 2**d, self.height / 2**d)
                      for d in range(self.tree.max_depth + 1)]
         self._node_latency = np.stack([per_depth[d] for d in self.tree.depth])  # (n_nodes, n_models)
-        self._uniform_latency = np.array([nx * ny * family.tile_latencies(mode, self.width / nx, self.height / ny)[m]
+        self._uniform_latency = np.array([nx * ny * family.tile_latencies(lat_mode, self.width / nx,
+                                                                          self.height / ny)[m]
                                           for m, (nx, ny) in enumerate(self._grids)])
+
+    def plan_latency(self, weight_ms: float | np.ndarray) -> np.ndarray:
+        """A plan's latency in the planning mode from the sum of its knapsack weights (:attr:`node_latency`):
+        the sum itself, or ``P(sum)`` with the plan tail model."""
+        w = np.asarray(weight_ms, dtype=np.float64)
+        return self.family.plan_p99(w) if self.tail_model else w
+
+    def capacity_ms(self, budget_ms: float) -> float:
+        """The knapsack capacity (in :attr:`node_latency` units) of a latency budget."""
+        return self.family.mean_budget(budget_ms) if self.tail_model else float(budget_ms)
 
     @property
     def latency(self) -> np.ndarray:
-        """(n_models,) latency of each member on the whole frame (one tile), load-corrected."""
-        return self._node_latency[0] * self.load_factor
+        """(n_models,) latency of each member on the whole frame (one tile) in the planning mode,
+        load-corrected."""
+        return self.plan_latency(self._node_latency[0] * self.load_factor)
 
     @property
     def node_latency(self) -> np.ndarray:
-        """(n_nodes, n_models) latency of each quad-tree node run with each member, load-corrected."""
+        """(n_nodes, n_models) knapsack weight of each quad-tree node run with each member, load-corrected
+        (the mode's per-tile latency, or the mean with the plan tail model)."""
         return self._node_latency * self.load_factor
 
     @property
     def uniform_latency(self) -> np.ndarray:
-        """(n_models,) latency of each member's uniform plan, load-corrected."""
-        return self._uniform_latency * self.load_factor
+        """(n_models,) latency of each member's uniform plan in the planning mode, load-corrected."""
+        return self.plan_latency(self._uniform_latency * self.load_factor)
 
     def _grid_tiles(self, m: int, nx: int, ny: int) -> tuple[Tile, ...]:
         tw, th = self.width / nx, self.height / ny
@@ -353,8 +374,10 @@ class TilePlanner:
                      for r in range(ny) for c in range(nx))
 
     def discretise(self, budget_ms: float) -> tuple[np.ndarray, int, float]:
-        """(integer (n_nodes, n_models) weights, integer capacity, step ms): latencies rounded up, budget down."""
+        """(integer (n_nodes, n_models) weights, integer capacity, step ms): knapsack weights rounded up, the
+        capacity (:meth:`capacity_ms` of the budget) down."""
         lat = self.node_latency
+        budget_ms = self.capacity_ms(budget_ms)
         if not budget_ms > 0:
             return np.ones(lat.shape, dtype=np.int64), -1, 1.0
         step = budget_ms / self.resolution
@@ -387,7 +410,7 @@ class TilePlanner:
             Tile(*(float(x) for x in self.tree.rects[v]), int(m), self.names[m], int(v))
             for v, m in enumerate(assign) if m >= 0
         )
-        total = float(sum(lat[t.node, t.model] for t in tiles))
+        total = float(self.plan_latency(sum(lat[t.node, t.model] for t in tiles)))
         return TilePlan("adaptive", tiles, value, total, self._coverage([(t.x0, t.y0, t.x1, t.y1) for t in tiles]))
 
     def uniform_plans(self, boxes: ArrayLike) -> list[TilePlan]:

@@ -17,6 +17,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -73,16 +74,43 @@ class FamilyProfile:
     #: Per tile geometry ``"WxH"``: ``[22-bin accuracy vector per model]`` measured on that geometry (a
     #: deployment profile); geometries not listed use the models' own (pooled) vectors.
     tile_acc: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: Conservative plan latency model (a deployment profile): ``[[plan mean ms, p99 / mean], ...]``, durations
+    #: increasing, ratios >= 1 and non-increasing - the 99th percentile of ``observed / profiled mean`` over
+    #: runs of consecutive tiles totalling that mean duration (:func:`plan_p99_ratio`). Empty: a plan's p99
+    #: is the sum of its tiles' p99s.
+    plan_tail: tuple[tuple[float, float], ...] = ()
+    #: Plan-level calibration per tile geometry ``"WxH"``: one factor per model, ``measured AP / estimated PeAP``
+    #: of the plan "every tile of that geometry run with that model" on the deployment views
+    #: (:func:`fluxshard.tiling.profiler.plan_calibration`); the geometry's accuracy vectors are multiplied by it.
+    #: Geometries not listed: factor 1.
+    tile_calib: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self.models, self.plan_runtime_ms, "<memory>")
         _validate_tile_ms(self.tile_ms, len(self.models), "<memory>")
         _validate_tile_acc(self.tile_acc, len(self.models), "<memory>")
+        _validate_plan_tail(self.plan_tail, "<memory>")
+        _validate_tile_calib(self.tile_calib, len(self.models), "<memory>")
 
-    def tile_accuracy(self, tile_w: float, tile_h: float) -> np.ndarray:
-        """(n_models, 22) accuracy vectors for a ``tile_w x tile_h`` tile: the geometry's own, else pooled."""
-        rows = self.tile_acc.get(geometry_key(tile_w, tile_h))
-        return self.accuracy_matrix() if rows is None else np.array(rows, dtype=np.float64)
+    def plan_p99(self, mean_ms: float | np.ndarray) -> np.ndarray:
+        """p99 latency of a plan whose tiles' means sum to ``mean_ms``: ``max over T <= mean_ms of T * q(T)``
+        (:attr:`plan_tail`, log-linear in T between entries, end values outside), so it never decreases with
+        the plan's mean. Requires a non-empty :attr:`plan_tail`."""
+        return plan_p99(self.plan_tail, mean_ms)
+
+    def mean_budget(self, p99_budget_ms: float) -> float:
+        """The largest plan mean ``T`` whose :meth:`plan_p99` fits ``p99_budget_ms`` (the conservative
+        budget as a knapsack capacity over mean tile latencies)."""
+        return mean_budget(self.plan_tail, p99_budget_ms)
+
+    def tile_accuracy(self, tile_w: float, tile_h: float, calibrated: bool = True) -> np.ndarray:
+        """(n_models, 22) accuracy vectors for a ``tile_w x tile_h`` tile: the geometry's own, else pooled;
+        times the geometry's plan-level calibration (:attr:`tile_calib`) unless ``calibrated`` is false."""
+        key = geometry_key(tile_w, tile_h)
+        rows = self.tile_acc.get(key)
+        acc = self.accuracy_matrix() if rows is None else np.array(rows, dtype=np.float64)
+        cal = self.tile_calib.get(key) if calibrated else None
+        return acc if cal is None else acc * np.asarray(cal, dtype=np.float64)[:, None]
 
     def tile_latencies(self, mode: str, tile_w: float, tile_h: float) -> np.ndarray:
         """(n_models,) latency of a ``tile_w x tile_h`` tile: the measured entry for that geometry, else the
@@ -113,11 +141,11 @@ class FamilyProfile:
         return max(0.0, float(slo_ms) - self.plan_runtime_ms)
 
     def with_plan_runtime(self, planner_times_ms: Sequence[float]) -> FamilyProfile:
-        return FamilyProfile(self.models, plan_runtime_estimate(planner_times_ms), dict(self.meta), self.tile_ms,
-                             self.tile_acc)
+        return dataclasses.replace(self, plan_runtime_ms=plan_runtime_estimate(planner_times_ms),
+                                   meta=dict(self.meta))
 
     def with_runtime(self, plan_runtime_ms: float) -> FamilyProfile:
-        return FamilyProfile(self.models, float(plan_runtime_ms), dict(self.meta), self.tile_ms, self.tile_acc)
+        return dataclasses.replace(self, plan_runtime_ms=float(plan_runtime_ms), meta=dict(self.meta))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +156,8 @@ class FamilyProfile:
             "meta": self.meta,
             "tile_ms": self.tile_ms,
             "tile_acc": self.tile_acc,
+            "plan_tail": [list(p) for p in self.plan_tail],
+            "tile_calib": self.tile_calib,
             "models": [
                 {"name": m.name, "input_size": m.input_size, "mean_ms": m.mean_ms, "p99_ms": m.p99_ms,
                  "accuracy": list(m.accuracy)}
@@ -179,6 +209,74 @@ def _validate_tile_acc(tile_acc: Any, n_models: int, src: str) -> None:
                 raise _fail(src, f"{where}[{k}]", f"needs {N_BINS} values")
             for j, a in enumerate(row):
                 _number(src, f"{where}[{k}][{j}]", a, lo=0.0, hi=1.0)
+
+
+def _validate_tile_calib(calib: Any, n_models: int, src: str) -> None:
+    if not isinstance(calib, dict):
+        raise _fail(src, "tile_calib", "must be an object")
+    for key, row in calib.items():
+        where = f"tile_calib[{key!r}]"
+        if not isinstance(row, list | tuple) or len(row) != n_models:
+            raise _fail(src, where, f"needs one factor per model ({n_models})")
+        for k, v in enumerate(row):
+            _number(src, f"{where}[{k}]", v, positive=True)
+
+
+def _validate_plan_tail(tail: Any, src: str) -> None:
+    if not isinstance(tail, list | tuple):
+        raise _fail(src, "plan_tail", "must be a list of [mean_ms, ratio]")
+    prev_t, prev_q = 0.0, math.inf
+    for k, pair in enumerate(tail):
+        where = f"plan_tail[{k}]"
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise _fail(src, where, "must be [mean_ms, ratio]")
+        t = _number(src, f"{where}[0]", pair[0], positive=True)
+        q = _number(src, f"{where}[1]", pair[1], lo=1.0)
+        if t <= prev_t:
+            raise _fail(src, where, "durations must increase")
+        if q > prev_q + 1e-12:
+            raise _fail(src, where, "ratios must not increase with the duration")
+        prev_t, prev_q = t, q
+
+
+def _tail_curve(tail: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(durations, running-max p99) on a dense log grid spanning the table, for :func:`plan_p99`."""
+    if not tail:
+        raise ValueError("the profile has no plan_tail (conservative plan latency model)")
+    t = np.array([p[0] for p in tail], dtype=np.float64)
+    q = np.array([p[1] for p in tail], dtype=np.float64)
+    if len(t) == 1:
+        return t, t * q
+    grid = np.exp(np.linspace(np.log(t[0]), np.log(t[-1]), 512))
+    p99 = grid * np.interp(np.log(grid), np.log(t), q)
+    return grid, np.maximum.accumulate(p99)
+
+
+def plan_p99(tail: Sequence[Sequence[float]], mean_ms: float | np.ndarray) -> np.ndarray:
+    """See :meth:`FamilyProfile.plan_p99`."""
+    grid, curve = _tail_curve(tail)
+    m = np.asarray(mean_ms, dtype=np.float64)
+    q0, q1 = float(tail[0][1]), float(tail[-1][1])
+    inside = np.interp(m, grid, curve)
+    # below the table: the shortest plans' ratio; above: the longest plans' ratio, never below the table's end
+    return np.where(m <= grid[0], m * q0, np.where(m >= grid[-1], np.maximum(m * q1, curve[-1]), inside))
+
+
+def mean_budget(tail: Sequence[Sequence[float]], p99_budget_ms: float) -> float:
+    """See :meth:`FamilyProfile.mean_budget`."""
+    b = float(p99_budget_ms)
+    if not b > 0:
+        return 0.0
+    grid, curve = _tail_curve(tail)
+    q0, q1 = float(tail[0][1]), float(tail[-1][1])
+    if b <= grid[0] * q0:
+        return b / q0
+    if b >= curve[-1]:
+        return b / q1
+    k = int(np.searchsorted(curve, b, side="right"))  # curve[k-1] <= b < curve[k]
+    lo, hi = grid[k - 1], grid[k]
+    c0, c1 = curve[k - 1], curve[k]
+    return float(lo if c1 <= c0 else lo + (hi - lo) * (b - c0) / (c1 - c0))
 
 
 def plan_runtime_estimate(planner_times_ms: Sequence[float]) -> float:
@@ -267,12 +365,18 @@ def load_profile(path: str | Path) -> FamilyProfile:
     runtime = raw.get("plan_runtime_ms", 0.0)
     tile_ms = raw.get("tile_ms", {})
     tile_acc = raw.get("tile_acc", {})
+    tail = raw.get("plan_tail", [])
+    calib = raw.get("tile_calib", {})
     _validate(models, runtime, src)  # first with the file name, so errors point at it
     _validate_tile_ms(tile_ms, len(models), src)
     _validate_tile_acc(tile_acc, len(models), src)
+    _validate_plan_tail(tail, src)
+    _validate_tile_calib(calib, len(models), src)
     return FamilyProfile(tuple(models), float(runtime), meta,
                          {k: [list(map(float, p)) for p in v] for k, v in tile_ms.items()},
-                         {k: [list(map(float, r)) for r in v] for k, v in tile_acc.items()})
+                         {k: [list(map(float, r)) for r in v] for k, v in tile_acc.items()},
+                         tuple((float(t), float(q)) for t, q in tail),
+                         {k: [float(x) for x in v] for k, v in calib.items()})
 
 
 def synthetic_family(

@@ -28,6 +28,7 @@ tiles), stored in ``meta["remix"]``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -339,7 +340,7 @@ def remeasure_latency(profile: FamilyProfile, family: DetectorFamily, frames: Se
             "loadavg_after": [round(v, 2) for v in os.getloadavg()], "latency_runs": runs,
             "latency_median_ms": [round(float(np.median(t)), 3) for t in times], "machine": machine_key(),
             "latency_measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return FamilyProfile(models, profile.plan_runtime_ms, meta, profile.tile_ms)
+    return dataclasses.replace(profile, models=models, meta=meta)
 
 
 def profiling_frames(clips: Sequence[tuple[str, int, int, int]]) -> list[np.ndarray]:
@@ -501,6 +502,95 @@ def tile_latency_table(samples: dict[tuple[str, int], list[float]], n_models: in
     return table, float(np.median(ratios))
 
 
+PLAN_TAIL_QUANTILE = 99.0
+PLAN_TAIL_DURATIONS = (25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0)
+
+
+def plan_tail_table(ms: Sequence[float], mean: Sequence[float], durations: Sequence[float] = PLAN_TAIL_DURATIONS,
+                    quantile: float = PLAN_TAIL_QUANTILE) -> list[list[float]]:
+    """The conservative plan latency model: for each duration ``T``, the ``quantile`` of
+    ``sum(observed) / sum(profiled mean)`` over every run of consecutive timed tiles (in the order they ran)
+    whose means first reach ``T`` - what a plan of ``T`` ms of tiles would have measured at profiling.
+
+    Why not the sum of the tiles' p99s: a load spike shorter than the plan slows some of its tiles, not all,
+    so the tail of a plan's total shrinks as the plan gets longer (measured on this machine under load 2-4:
+    one tile's p99 is ~1.4-1.8x its mean, a 12-tile plan's frame maximum ~1.3-1.5x its median). Ratios are made
+    non-increasing in ``T`` by a running maximum from the long end (a longer plan is never credited a thinner
+    tail than a shorter one measured with fewer windows), never below 1; durations with no window (the
+    profiling run was shorter) are dropped."""
+    t = np.asarray(ms, dtype=np.float64)
+    m = np.asarray(mean, dtype=np.float64)
+    if t.shape != m.shape or t.ndim != 1 or not np.all(m > 0):
+        raise ValueError("plan_tail_table needs matching 1-D observed and positive mean times")
+    ct = np.concatenate([[0.0], np.cumsum(t)])
+    cm = np.concatenate([[0.0], np.cumsum(m)])
+    rows = []
+    for d in durations:
+        end = np.searchsorted(cm, cm[:-1] + d, side="left")  # first end with sum(mean) >= d
+        ok = end < len(cm)
+        if not ok.any():
+            continue
+        start = np.flatnonzero(ok)
+        ratio = (ct[end[ok]] - ct[start]) / (cm[end[ok]] - cm[start])
+        rows.append([float(d), float(np.percentile(ratio, quantile))])
+    q = 1.0
+    for r in reversed(rows):
+        q = max(q, r[1])
+        r[1] = round(q, 4)
+    return rows
+
+
+CALIB_CLAMP = (0.5, 2.0)
+CALIB_MIN_ESTIMATE = 0.02
+
+
+def plan_calibration(refs: Sequence[Detections], runs: Sequence[dict[tuple[tuple[float, ...], int], Detections]],
+                     width: int, height: int, grids: Sequence[tuple[int, int]], tile_acc: dict[str, list[list[float]]],
+                     pooled: np.ndarray, clamp: tuple[float, float] = CALIB_CLAMP) -> dict[str, list[float]]:
+    """Plan-level calibration of the accuracy model, per tile geometry and member (session 4).
+
+    For each ``(nx, ny)`` grid in ``grids`` and member ``m``, the plan "every cell of the grid run with ``m``" is
+    evaluated on the deployment views: its measured COCO AP@[.5:.95] (the cells' detections merged with NMS,
+    against each view's reference, as the benchmark scores a plan) over its estimated PeAP (the planner's
+    value, object-weighted over the views, with the view's own reference objects as the distribution - so
+    only the accuracy model is tested, not the history). The factor is ``measured / estimated`` clamped to
+    ``clamp``; 1 when the estimate is below :data:`CALIB_MIN_ESTIMATE` or nothing was measured. What it
+    corrects: per-tile AP is scored tile by tile (objects by centre, cut ones ignored), so it misses what
+    the merge does across tiles (duplicates of cut objects, score ranking across tiles and members) and how
+    closely a member's boxes match the reference's - measured on wide_a session 3, UT-416 scored 0.95 where its
+    estimate said 0.84, DS-416 0.22 for 0.34 (ratios 0.6-1.13 across the eight fixed configurations).
+    ``runs[v][(rect rounded to 3 decimals, m)]``: the tile's detections in view px."""
+    from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
+    from fluxshard.tiling.planner import count_objects, grid_histograms
+
+    n_models = len(pooled)
+    out: dict[str, list[float]] = {}
+    for nx, ny in grids:
+        tw, th = width / nx, height / ny
+        g = geometry_key(tw, th)
+        if g in out:
+            continue
+        acc = np.array(tile_acc[g], dtype=np.float64) if g in tile_acc else np.asarray(pooled, dtype=np.float64)
+        cells = [tuple(round(v, 3) for v in (c * tw, r * th, (c + 1) * tw, (r + 1) * th))
+                 for r in range(ny) for c in range(nx)]
+        n_obj = sum(count_objects(ref.boxes, width, height) for ref in refs)
+        hist = sum(grid_histograms(ref.boxes, width, height, nx, ny).sum(axis=0) for ref in refs)
+        row = []
+        for m in range(n_models):
+            est = float(np.asarray(hist) @ acc[m]) / n_obj if n_obj else 0.0
+            preds = []
+            for vr in runs:
+                if not all((c, m) in vr for c in cells):
+                    preds = []
+                    break
+                preds.append(merge([vr[(c, m)] for c in cells]))
+            real = average_precision(preds, list(refs), "bbox", DENSE_REFERENCE).map if preds else float("nan")
+            ok = est >= CALIB_MIN_ESTIMATE and np.isfinite(real)
+            row.append(round(float(np.clip(real / est, *clamp)), 4) if ok else 1.0)
+        out[g] = row
+    return out
+
+
 def deployment_profile(
     family: DetectorFamily,
     base: FamilyProfile,
@@ -528,6 +618,7 @@ def deployment_profile(
     n_models = len(family.sizes)
     geos = planner_geometries(w, h, depth, family.sizes)
     samples: dict[tuple[str, int], list[float]] = {}
+    sequence: list[tuple[tuple[str, int], float]] = []  # every timed run in order (the plan tail model)
     per_model: list[tuple[list[dict[str, Any]], list[Any], list[Detections]]] = [([], [], []) for _ in family.sizes]
     from fluxshard.tiling.planner import QuadTree
 
@@ -540,12 +631,17 @@ def deployment_profile(
     load_before = os.getloadavg()
 
     def timed(run: TileRun) -> TileRun:
-        samples.setdefault((geometry_key(run.rect[2] - run.rect[0], run.rect[3] - run.rect[1]), run.model),
-                           []).append(run.ms)
+        key = (geometry_key(run.rect[2] - run.rect[0], run.rect[3] - run.rect[1]), run.model)
+        samples.setdefault(key, []).append(run.ms)
+        sequence.append((key, run.ms))
         return run
 
+    refs: list[Detections] = []
+    view_runs: list[dict[tuple[tuple[float, ...], int], Detections]] = []
     for view in views:
         ref = reference_detections(family, view, overlap=overlap_reference).filter(REFERENCE_MIN_SCORE)
+        refs.append(ref)
+        view_runs.append({})
         seen: set[tuple[tuple[float, ...], int]] = set()
         for rect, m in quad:
             key = (tuple(round(v, 3) for v in rect), m)
@@ -554,6 +650,7 @@ def deployment_profile(
                 continue
             seen.add(key)
             run = timed(family.run_tile(view, rect, m))
+            view_runs[-1][key] = run.detections
             imgs, gts, dets = per_model[m]
             imgs.append({"w": rect[2] - rect[0], "h": rect[3] - rect[1]})
             gts.append(_tile_truth(ref, rect))
@@ -590,7 +687,11 @@ def deployment_profile(
             per_geo[g][m] = [float(v) for v in geometry_accuracy(gap, gc, pooled)]
     tile_acc = {g: [[float(np.round(v, 4)) for v in (row if np.all(np.isfinite(row)) else acc[m])]
                     for m, row in enumerate(rows)] for g, rows in per_geo.items()}
+    grids = [(2**d, 2**d) for d in range(depth + 1)] + [(math.ceil(w / s), math.ceil(h / s)) for s in family.sizes]
+    calib = plan_calibration(refs, view_runs, w, h, grids, tile_acc, np.array(acc))
     table, ratio_median = tile_latency_table(samples, n_models)
+    means = {k: float(np.mean(v)) for k, v in samples.items()}
+    tail = plan_tail_table([ms for _, ms in sequence], [means[k] for k, _ in sequence])
     models = tuple(ModelProfile(b.name, b.input_size, b.mean_ms, b.p99_ms, tuple(float(a) for a in acc[m]))
                    for m, b in enumerate(base.models))
     info = {
@@ -598,13 +699,13 @@ def deployment_profile(
         "deployment": {"views": len(views), "size": [w, h], "depth": depth, "geometries": list(table),
                        "tiles_per_view": len(quad), "timing_rounds": timing_rounds,
                        "overlap_reference": overlap_reference, "bin_objects": [int(c) for c in counts_rel],
-                       "ratio_median": round(ratio_median, 4),
+                       "ratio_median": round(ratio_median, 4), "timed_runs": len(sequence),
                        "loadavg_before": [round(v, 2) for v in load_before],
                        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})},
         "remix": {"edges_px": [float(e) for e in REMIX_EDGES], "accuracy": remix_acc, "bin_objects": counts_abs},
     }
-    return FamilyProfile(models, 0.0, info, table, tile_acc)
+    return FamilyProfile(models, 0.0, info, table, tile_acc, tuple((float(d), float(q)) for d, q in tail), calib)
 
 
 def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frames: Sequence[np.ndarray],
@@ -621,7 +722,7 @@ def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frame
     else:
         views = list(history_frames[:n_views])
         scene = {"size": list(views[0].shape[1::-1]) if views else None}
-    key = json.dumps({"format": 2, "family": family.weights_hash(), "machine": machine_key(), "scene": scene,
+    key = json.dumps({"format": 3, "family": family.weights_hash(), "machine": machine_key(), "scene": scene,
                       "history": history_desc, "views": n_views, "depth": depth, "span": DEPLOY_ZOOM_SPAN,
                       "overlap": overlap_reference, "rounds": DEPLOY_TIMING_ROUNDS, "base": base.names},
                      sort_keys=True)

@@ -20,10 +20,13 @@ of the same repeat, relative to ``plain``. Columns:
   partly overlaps decoding), but on a shared machine whole passes drift with the other jobs' load;
 * ``cpu`` = the same on process CPU time (all threads): what the front-end costs an otherwise busy machine;
   still exposed to drift between passes (cache and core sharing vary with the other jobs);
-* ``export`` = export / plain CPU − 1: the decoder's own part of ``cpu``;
+* ``export`` = the decoding thread's extra CPU time with ``+export_mvs`` (export pass − plain pass, thread
+  CPU time inside demux + decode: ``VideoSource.decode_seconds``) / plain CPU time: libavcodec's part;
 * ``own`` = the front-end's own CPU time (thread CPU time of the consuming thread inside the front-end,
-  summed over frames: ``MotionStream.timings``) / plain CPU time. Both are CPU times of the same code in
-  passes run back to back, so load drift largely cancels; ``own + export`` estimates ``cpu`` robustly;
+  summed over frames: ``MotionStream.timings``) / plain CPU time;
+* ``own+dec`` = ``own`` plus the decoding thread's extra CPU time in the motion pass (vector export and any
+  slowdown the front-end causes it) over plain: the whole front-end from per-thread CPU times, which do not
+  count time spent waiting for a core, so load drift largely cancels — the robust estimate of ``cpu``;
 * ``interleaved`` = front-end CPU / plain-decoder CPU when both advance frame by frame on one thread: cancels
   drift too, but pessimistic (every frame's front-end work starts with caches the decoder just flushed, and
   nothing overlaps).
@@ -44,28 +47,30 @@ from fluxshard.data.fetch import clip_path
 from fluxshard.motion import MotionStream
 from fluxshard.video import open_video
 
+Result = tuple[int, float, float, float, float]  # frames, wall s, process CPU s, front-end CPU s, decoder CPU s
 
-def plain(path: str, rgb: bool = False, export: bool = False) -> tuple[int, float, float, float]:
+
+def plain(path: str, rgb: bool = False, export: bool = False) -> Result:
     t, c = time.perf_counter(), time.process_time()
     n = 0
-    for f in open_video(path, export_mvs=export, on_error="collect"):
+    video = open_video(path, export_mvs=export, on_error="collect")
+    for f in video:
         _ = f.rgb if rgb else f.luma
         n += 1
-    return n, time.perf_counter() - t, time.process_time() - c, 0.0
+    return n, time.perf_counter() - t, time.process_time() - c, 0.0, video.decode_seconds
 
 
-def motion(path: str) -> tuple[int, float, float, float]:
-    """Frames, wall seconds, process CPU seconds, the front-end's own thread CPU seconds."""
+def motion(path: str) -> Result:
     t, c = time.perf_counter(), time.process_time()
     ms = MotionStream(path, on_error="collect")
     n = 0
     for mf in ms:
         _ = mf.field
         n += 1
-    return n, time.perf_counter() - t, time.process_time() - c, ms.timings.motion
+    return n, time.perf_counter() - t, time.process_time() - c, ms.timings.motion, ms.video.decode_seconds
 
 
-def interleaved(path: str) -> tuple[int, float, float, float]:
+def interleaved(path: str) -> Result:
     """Process CPU seconds of plain decoding and of the motion front-end, advanced frame by frame in turn
     (returned in the wall and CPU slots)."""
     plain_it = iter(open_video(path, export_mvs=False, on_error="collect", prefetch=0))
@@ -87,7 +92,7 @@ def interleaved(path: str) -> tuple[int, float, float, float]:
         tp += c1 - c0
     for _ in motion_it:
         pass
-    return 0, tp, tm, 0.0
+    return 0, tp, tm, 0.0, 0.0
 
 
 def ovh(a: list[float], b: list[float]) -> float:
@@ -109,7 +114,7 @@ def main() -> None:
         make_ptz_clip(clip_path("vtest"), ptz, "pan:4:40,zoom:1.01:30,tilt:-3:30,pause:10", size=(640, 480))
         clips.append(str(ptz))
     motion(clips[0])  # load the compiled kernels outside the timings
-    cols = ["plain fps", "+rgb fps", "motion fps", "wall", "cpu", "export", "own", "own+exp", "interleaved",
+    cols = ["plain fps", "+rgb fps", "motion fps", "wall", "cpu", "export", "own", "own+dec", "interleaved",
             "µs/frame"]
     print(f"{'clip':<16}{'codec':<10}{'src':<11}{'frames':>7}" + "".join(f"{c:>{max(len(c) + 2, 9)}}" for c in cols))
     worst: dict[str, tuple[float, str]] = {}
@@ -124,25 +129,27 @@ def main() -> None:
         names = list(passes)
         wall: dict[str, list[float]] = {k: [] for k in names}
         cpu: dict[str, list[float]] = {k: [] for k in names}
+        dec: dict[str, list[float]] = {k: [] for k in names}
         own: list[float] = []
         n = 0
         for r in range(args.repeats):
             for k in names[r % len(names):] + names[: r % len(names)]:
-                m, t, u, o = passes[k]()
+                m, t, u, o, d = passes[k]()
                 n = m or n
                 wall[k].append(t)  # for "interleaved": plain CPU seconds
                 cpu[k].append(u)  # for "interleaved": motion CPU seconds
+                dec[k].append(d)
                 if k == "motion":
                     own.append(o)
         src = MotionStream(c).mv_source
         med = statistics.median
-        export = ovh(cpu["export"], cpu["plain"])
+        pc = cpu["plain"]
         row = {
             "wall": ovh(wall["motion"], wall["plain"]),
-            "cpu": ovh(cpu["motion"], cpu["plain"]),
-            "export": export,
-            "own": med(o / p for o, p in zip(own, cpu["plain"], strict=True)),
-            "own+exp": med(o / p for o, p in zip(own, cpu["plain"], strict=True)) + export,
+            "cpu": ovh(cpu["motion"], pc),
+            "export": med((e - d) / p for e, d, p in zip(dec["export"], dec["plain"], pc, strict=True)),
+            "own": med(o / p for o, p in zip(own, pc, strict=True)),
+            "own+dec": med((o + m - d) / p for o, m, d, p in zip(own, dec["motion"], dec["plain"], pc, strict=True)),
             "interleaved": ovh(cpu["interleaved"], wall["interleaved"]),
         }
         codec = open_video(c).info.codec

@@ -332,14 +332,12 @@ def codec_field(rows, params, cur, prev, out, flags, keys) -> int:
                         by = ny
                         bx = nx
                 if best_cost <= fill_tau:
+                    # VALID | FILLED at once: neighbours test for VALID without FILLED, so a filled block never
+                    # serves as a candidate (only originally valid vectors do)
                     out[0, i, j] = by
                     out[1, i, j] = bx
-                    out[2, i, j] |= FILLED
+                    out[2, i, j] |= FILLED | VALID
                     filled[i, j] = True
-        for i in range(hb):
-            for j in range(wb):
-                if out[2, i, j] & FILLED:
-                    out[2, i, j] |= VALID
                     valid[i, j] = True
     return n_covered
 

@@ -35,7 +35,7 @@ from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.errors import FluxShardError
 
 DEFAULT_BINS = (0.5, 2.0, 6.0, math.inf)
-ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.45, 0.65, 1.0, 1.5, 2.2, 3.0)
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.65, 1.0, 1.5, 2.2, 3.0, 4.5, 6.5, 10.0)
 MIN_BIN_FRAMES = 5
 
 
@@ -192,10 +192,25 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
     known = [x for b, x in enumerate(best) if x is not None and not unreachable[b]]
     fallback = min(known) if known else alphas[0]
     alpha = [x if x is not None else fallback for x in best]
-    final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins),
-                             bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha))
-    runs = [run_config(adapter, c, final_cfg) for c in clips]
-    final = per_bin(clips, runs, bins)
+    # The search runs one alpha for every bin; the profile mixes them, and frames of one bin inherit caches
+    # left by another's. So the mix is measured, and a bin that misses the target in it steps down the grid
+    # (tighter) until the mix holds or the bin is at the tightest alpha.
+    repairs: list[dict[str, Any]] = []
+    while True:
+        final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins),
+                                 bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha))
+        runs = [run_config(adapter, c, final_cfg) for c in clips]
+        final = per_bin(clips, runs, bins)
+        short = [b for b in range(len(bins)) if final[b]["frames"] >= MIN_BIN_FRAMES and not unreachable[b]
+                 and final[b]["retention_map50"] is not None and final[b]["retention_map50"] < target
+                 and alpha[b] > alphas[0]]
+        if not short:
+            break
+        repairs.append({"alpha": list(alpha), "retention": [f["retention_map50"] for f in final]})
+        for b in short:
+            alpha[b] = max(a for a in alphas if a < alpha[b])
+        if progress is not None:
+            progress("mix below target in bin(s) " + ", ".join(map(str, short)) + f": alpha now {alpha}")
     overall = _retention([d for r in runs for d, dn in zip(r[0], r[2], strict=True) if not dn],
                          [d for c, r in zip(clips, runs, strict=True)
                           for d, dn in zip(c.dense_dets, r[2], strict=True) if not dn])
@@ -205,6 +220,7 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         "method": method,
         "target_retention": target,
         "tau_in": tau_in,
+        "accumulate": final_cfg.accumulate,
         "schedule": "tau_l = alpha * sigma_l; sigma_l = std of conv l's dense output over the profiling frames",
         "motion_unit": "mean |MV| over valid blocks, engine-input px/frame",
         "sigma": sigma,
@@ -215,6 +231,7 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         ],
         "retention_map50_all": overall,
         "search": tried,
+        "repairs": repairs,
         "clips": [{"path": c.path, "frames": len(c.frames), "input_hw": list(c.mapper.input_hw)} for c in clips],
         "seconds": round(time.perf_counter() - t0, 1),
     }

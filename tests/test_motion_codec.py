@@ -206,3 +206,31 @@ def test_sps_reference_count_narrows_the_span_search(clip_p: SynthClip, clip_ref
     assert MotionStream(clip_p.path).codec_config.max_ref_span == 1  # one reference, no B-frames
     assert MotionStream(clip_ref.path).codec_config.max_ref_span == 4
     assert MotionStream(clip_b.path).codec_config.max_ref_span == 4  # B-frames: spans exceed the ref count
+
+
+def test_direct_side_data_read_matches_pyav(clip_b: SynthClip, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's own read of the vectors (``video.sidedata``) sees exactly PyAV's records, and a stream on
+    PyAV's path (direct read unavailable) gives the same fields."""
+    from fluxshard.video import open_video, sidedata
+
+    fn = None
+    checked = 0
+    for f in open_video(clip_b.path):
+        if not fn:
+            fn = sidedata.fast_path_for(f.av_frame, f.mvs)
+            continue
+        rows = sidedata.mv_rows(id(f.av_frame), fn)
+        if f.mvs is None:
+            assert rows.shape[0] == 0
+        else:
+            assert rows.tobytes() == f.mvs.tobytes()
+            checked += 1
+    assert fn and checked >= 10
+
+    def fields() -> list[tuple[object, ...]]:
+        return [(mf.field.dy.tobytes(), mf.field.dx.tobytes(), mf.field.valid.tobytes(), mf.field.scene_cut)
+                for mf in MotionStream(clip_b.path)]
+
+    direct = fields()
+    monkeypatch.setitem(sidedata._state, "fn", 0)
+    assert fields() == direct

@@ -77,19 +77,25 @@ def window_positions(m_in, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int,
     return count
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _write_row(yr, i: int, orows, r: int) -> float:
+    """``orows[r] = yr[i]``; returns max over channels of |new − old|."""
+    m = np.float32(0.0)
+    for k in range(yr.shape[1]):
+        v = yr[i, k]
+        m = max(m, abs(v - orows[r, k]))
+        orows[r, k] = v
+    return m
+
+
 @njit(cache=True, nogil=True)
 def finish_rows(yr, positions, orows, tau: float, acc, use_acc: bool, changed, written) -> None:
     """The fast pgemm path's write-back in one pass: ``orows[positions[i]] = yr[i]``, the written mask, and
     the truncation test on ``max_c |new − old|`` (accumulated in ``acc`` when ``use_acc``, see
     :func:`accumulate_rows`; else against τ^l alone)."""
-    n, c = yr.shape
-    for i in range(n):
+    for i in range(yr.shape[0]):
         r = positions[i]
-        m = np.float32(0.0)
-        for k in range(c):
-            v = yr[i, k]
-            m = max(m, abs(v - orows[r, k]))
-            orows[r, k] = v
+        m = _write_row(yr, i, orows, r)
         written[r] = True
         if use_acc:
             a = acc[r] + m
@@ -238,15 +244,8 @@ def accumulate_rows(rows, delta, tau: float, acc, changed) -> None:
 def write_rows(yr, dst, orows, delta) -> None:
     """``orows[dst[i]] = yr[i]`` and ``delta[i] = max_c |yr[i] − old orows[dst[i]]|`` in one pass: the sparse
     executor's scatter and fast mode's truncation input (was gather + subtract + abs + max + scatter)."""
-    n, c = yr.shape
-    for i in range(n):
-        r = dst[i]
-        m = np.float32(0.0)
-        for k in range(c):
-            v = yr[i, k]
-            m = max(m, abs(v - orows[r, k]))
-            orows[r, k] = v
-        delta[i] = m
+    for i in range(yr.shape[0]):
+        delta[i] = _write_row(yr, i, orows, dst[i])
 
 
 @njit(cache=True, nogil=True)

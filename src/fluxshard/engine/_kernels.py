@@ -147,14 +147,24 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad, out
                 if upd:
                     _copy_block(cur, y0, y1, x0, x1, 0, 0, out_upd)
                 continue
-            if nc == 3:  # source inside the frame (checked above): no clamping, channels unrolled
+            copied = False
+            if nc == 3:  # source inside the frame (checked above): no clamping, channels unrolled; the
+                # shifted cache goes to the updated input in the same pass (overwritten below if residual)
                 acc = 0.0
                 for y in range(y0, y1):
                     for x in range(x0, x1):
-                        a = abs(cur[y, x, 0] - ref[y + oy, x + ox, 0])
-                        b = abs(cur[y, x, 1] - ref[y + oy, x + ox, 1])
-                        c = abs(cur[y, x, 2] - ref[y + oy, x + ox, 2])
+                        r0 = ref[y + oy, x + ox, 0]
+                        r1 = ref[y + oy, x + ox, 1]
+                        r2 = ref[y + oy, x + ox, 2]
+                        a = abs(cur[y, x, 0] - r0)
+                        b = abs(cur[y, x, 1] - r1)
+                        c = abs(cur[y, x, 2] - r2)
                         acc += max(a, max(b, c))
+                        if upd:
+                            out_upd[y, x, 0] = r0
+                            out_upd[y, x, 1] = r1
+                            out_upd[y, x, 2] = r2
+                copied = upd
             else:
                 acc = block_diff_sum(cur, ref, y0, y1, x0, x1, oy, ox, nopix)
             bad = acc / ((y1 - y0) * (x1 - x0)) > tau
@@ -166,7 +176,7 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad, out
             if upd:
                 if out_bad[i, j]:
                     _copy_block(cur, y0, y1, x0, x1, 0, 0, out_upd)
-                else:
+                elif not copied:
                     _copy_block(ref, y0, y1, x0, x1, dy[i, j], dx[i, j], out_upd)
 
 

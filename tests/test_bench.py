@@ -28,7 +28,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     make_ptz_clip(clip_path("vtest"), clip, "pause:3,pan:4:8", size=(320, 256), crf=14)
     out = d / "out"
     r = subprocess.run([sys.executable, "-m", "fluxshard", "bench", str(clip), "--max-frames", str(FRAMES),
-                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1, r.stdout  # one JSON object, nothing else on stdout

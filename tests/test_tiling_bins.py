@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxshard.tiling.bins import (
@@ -58,6 +58,7 @@ def test_relative_size_uses_longer_region_side() -> None:
         relative_size(1, 1, 0, 0)
 
 
+@settings(deadline=None)  # timing is not the property (flaked at 276 ms on the loaded 2-core machine)
 @given(st.lists(st.floats(min_value=0, max_value=5, allow_nan=False), max_size=50))
 def test_bins_are_monotone_and_bounded(sizes: list[float]) -> None:
     idx = bin_index(sizes)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fluxshard.cli._common import emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.errors import FluxShardError
+from fluxshard.tiling.profile import PLAN_TAIL_QUANTILE
 
 MODES = ("conservative", "non-conservative")
 CAMERAS = ("auto", "gt", "mv")
@@ -35,6 +36,9 @@ OnlineOpt = Annotated[bool, typer.Option("--online/--no-online", help="Correct t
     "observed tile times (load drift).")]
 CalibrateOpt = Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Scale the deployment profile's "
     "accuracy vectors by the plan-level calibration measured on the deployment views.")]
+TailOpt = Annotated[float, typer.Option("--tail-quantile", help="Quantile (percent) of the conservative plan "
+    "latency model, recomputed from the deployment profile's recorded runs (the <= 1 % miss contract needs "
+    "margin: default 99.9).", min=50.0, max=100.0)]
 ThreadsOpt = Annotated[int, typer.Option(help="torch threads (the profile is cached per thread count; on a "
     "loaded machine 1 thread has far smaller p99 latency).", min=1)]
 
@@ -145,6 +149,7 @@ def tile(
     reference: ReferenceOpt = "overlap",
     online: OnlineOpt = True,
     calibrate: CalibrateOpt = True,
+    tail_quantile: TailOpt = PLAN_TAIL_QUANTILE,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru on CLIP: camera-tracked historical objects -> DP-DP tile plan per frame within the SLO."""
@@ -177,7 +182,7 @@ def tile(
             res = run_clip(path, family, prof, [slo], modes=[mode], baselines=False, camera=camera,
                            history=history, max_frames=max_frames, deploy_views=views,
                            overlap_reference=_reference(reference), online=online, calibrate=calibrate,
-                           progress=_clip_ticker(progress, path.name), on_frame=on_frame)
+                           tail_quantile=tail_quantile, progress=_clip_ticker(progress, path.name), on_frame=on_frame)
     finally:
         if writer is not None:
             writer.close()
@@ -223,6 +228,7 @@ def tile_bench(
     reference: ReferenceOpt = "overlap",
     online: OnlineOpt = True,
     calibrate: CalibrateOpt = True,
+    tail_quantile: TailOpt = PLAN_TAIL_QUANTILE,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Uirapuru (both modes) vs down-sampling, uniform tiling and Remix-like planning over CLIP... x SLOs."""
@@ -243,7 +249,7 @@ def tile_bench(
         for p in paths:
             results.append(run_clip(p, family, prof, slos, camera=camera, history=history, max_frames=max_frames,
                                     stride=stride, deploy_views=views, overlap_reference=_reference(reference),
-                                    online=online, calibrate=calibrate,
+                                    online=online, calibrate=calibrate, tail_quantile=tail_quantile,
                                     progress=_clip_ticker(progress, p.name)))
     rows = [r for res in results for r in res.summary]
     frames_csv = write_frames_csv(results, out / "frames.csv")

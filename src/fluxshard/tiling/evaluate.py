@@ -78,7 +78,7 @@ from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, plan_laten
 from fluxshard.tiling.camera import CameraTracker, ptz_global_to_view, reproject_boxes
 from fluxshard.tiling.infer import DetectorFamily, TileRun, merge, reference_grid, uniform_grid
 from fluxshard.tiling.planner import max_depth_for
-from fluxshard.tiling.profile import PLAN_RUNTIME_MARGIN, FamilyProfile, plan_runtime_estimate
+from fluxshard.tiling.profile import PLAN_RUNTIME_MARGIN, PLAN_TAIL_QUANTILE, FamilyProfile, plan_runtime_estimate
 from fluxshard.tiling.profiler import deployment_cached, extract_history
 from fluxshard.tiling.runtime import UirapuruPlanner
 
@@ -177,6 +177,7 @@ def run_clip(
     overlap_reference: bool = True,
     online: bool = True,
     calibrate: bool = True,
+    tail_quantile: float = PLAN_TAIL_QUANTILE,
     progress: Progress | None = None,
     on_frame: FrameCallback | None = None,
 ) -> ClipResult:
@@ -210,6 +211,9 @@ def run_clip(
         profile, deploy_desc = deployment_cached(family, profile, hist_frames, meta, deploy_views, depth,
                                                  overlap_reference=overlap_reference, history_desc=hist_desc,
                                                  progress=progress)
+    if profile.plan_runs:
+        profile = profile.with_tail_quantile(tail_quantile)
+        deploy_desc += f" (plan tail at p{tail_quantile:g})"
     if not calibrate and profile.tile_calib:
         profile = dataclasses.replace(profile, tile_calib={})
         deploy_desc += " (plan-level calibration off)"

@@ -36,8 +36,9 @@ Decisions where the paper is vague (all tested in ``tests/test_tiling_planner.py
   returned with ``fits=False``: a frame is never left unprocessed.
 * **Modes.** ``conservative`` plans with p99 latencies (per-frame SLO), ``non-conservative`` with means.
   A plan's p99 is not the sum of its tiles' p99s when the profile has a plan tail model
-  (:attr:`FamilyProfile.plan_tail`, a deployment profile): it is ``P(sum of tile means)``, the p99 measured at
-  profiling for plans of that mean duration. ``P`` is non-decreasing, so "``P(sum of means) <= budget``" is
+  (:attr:`FamilyProfile.plan_tail`, a deployment profile): it is ``P(sum of tile means)``, the tail quantile
+  (p99.9 by default, :data:`~fluxshard.tiling.profile.PLAN_TAIL_QUANTILE`) measured at profiling for plans of
+  that mean duration. ``P`` is non-decreasing, so "``P(sum of means) <= budget``" is
   "``sum of means <= P^-1(budget)``": DP-DP runs on mean weights with capacity
   :meth:`FamilyProfile.mean_budget` and stays an exact additive knapsack.
 """

@@ -36,6 +36,12 @@ FORMAT = "fluxshard-tiling-profile"
 VERSION = 1
 PLAN_RUNTIME_MARGIN = 0.10
 MODES = ("conservative", "non-conservative")
+#: Quantile (percent) of the conservative plan latency model (session 5). The contract is "at most 1 % of
+#: frames late" per clip and SLO; a plan filled up to its p99 misses ~1 % of frames whenever the load matches
+#: the profile and more when it drifts, so the model targets the 99.9th percentile (design.md, Uirapuru
+#: tiling, *Conservative quantile*).
+PLAN_TAIL_QUANTILE = 99.9
+PLAN_TAIL_DURATIONS = (25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0)
 
 
 class ProfileError(FluxShardError):
@@ -75,15 +81,21 @@ class FamilyProfile:
     #: deployment profile); geometries not listed use the models' own (pooled) vectors.
     tile_acc: dict[str, list[list[float]]] = field(default_factory=dict)
     #: Conservative plan latency model (a deployment profile): ``[[plan mean ms, p99 / mean], ...]``, durations
-    #: increasing, ratios >= 1 and non-increasing - the 99th percentile of ``observed / profiled mean`` over
-    #: runs of consecutive tiles totalling that mean duration (:func:`plan_p99_ratio`). Empty: a plan's p99
-    #: is the sum of its tiles' p99s.
+    #: increasing, ratios >= 1 and non-increasing - the :data:`PLAN_TAIL_QUANTILE` (99.9th, or the quantile in
+    #: ``meta["plan_tail_quantile"]``) percentile of ``observed / profiled mean`` over runs of consecutive tiles
+    #: totalling that mean duration (:func:`plan_tail_table`). The name ``p99`` in :meth:`plan_p99` is
+    #: historical: it is the conservative estimate at that quantile. Empty: a plan's conservative latency is
+    #: the sum of its tiles' p99s.
     plan_tail: tuple[tuple[float, float], ...] = ()
     #: Plan-level calibration per tile geometry ``"WxH"``: one factor per model, ``measured AP / estimated PeAP``
     #: of the plan "every tile of that geometry run with that model" on the deployment views
     #: (:func:`fluxshard.tiling.profiler.plan_calibration`); the geometry's accuracy vectors are multiplied by it.
     #: Geometries not listed: factor 1.
     tile_calib: dict[str, list[float]] = field(default_factory=dict)
+    #: The profiling run's timed tiles in the order they ran, ``[[observed ms, profiled mean ms], ...]`` (a
+    #: deployment profile, session 5): :attr:`plan_tail` can be recomputed at another quantile from it
+    #: (:meth:`with_tail_quantile`) without re-profiling. Empty: the tail is fixed.
+    plan_runs: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self.models, self.plan_runtime_ms, "<memory>")
@@ -91,6 +103,20 @@ class FamilyProfile:
         _validate_tile_acc(self.tile_acc, len(self.models), "<memory>")
         _validate_plan_tail(self.plan_tail, "<memory>")
         _validate_tile_calib(self.tile_calib, len(self.models), "<memory>")
+        _validate_plan_runs(self.plan_runs, "<memory>")
+
+    def with_tail_quantile(self, quantile: float) -> FamilyProfile:
+        """The profile with :attr:`plan_tail` recomputed at ``quantile`` (percent) from :attr:`plan_runs`
+        (:func:`plan_tail_table`); the quantile is recorded in ``meta["plan_tail_quantile"]``. A profile
+        without recorded runs is returned unchanged (its tail, if any, keeps the quantile it was made with)."""
+        if not self.plan_runs:
+            return self
+        if not 50.0 <= float(quantile) <= 100.0:
+            raise ValueError(f"tail quantile must be in [50, 100] percent, got {quantile!r}")
+        runs = np.asarray(self.plan_runs, dtype=np.float64)
+        tail = plan_tail_table(runs[:, 0], runs[:, 1], quantile=float(quantile))
+        return dataclasses.replace(self, plan_tail=tuple((float(d), float(q)) for d, q in tail),
+                                   meta={**self.meta, "plan_tail_quantile": float(quantile)})
 
     def plan_p99(self, mean_ms: float | np.ndarray) -> np.ndarray:
         """p99 latency of a plan whose tiles' means sum to ``mean_ms``: ``max over T <= mean_ms of T * q(T)``
@@ -158,6 +184,7 @@ class FamilyProfile:
             "tile_acc": self.tile_acc,
             "plan_tail": [list(p) for p in self.plan_tail],
             "tile_calib": self.tile_calib,
+            "plan_runs": [list(p) for p in self.plan_runs],
             "models": [
                 {"name": m.name, "input_size": m.input_size, "mean_ms": m.mean_ms, "p99_ms": m.p99_ms,
                  "accuracy": list(m.accuracy)}
@@ -237,6 +264,51 @@ def _validate_plan_tail(tail: Any, src: str) -> None:
         if q > prev_q + 1e-12:
             raise _fail(src, where, "ratios must not increase with the duration")
         prev_t, prev_q = t, q
+
+
+def _validate_plan_runs(runs: Any, src: str) -> None:
+    if not isinstance(runs, list | tuple):
+        raise _fail(src, "plan_runs", "must be a list of [observed_ms, mean_ms]")
+    for k, pair in enumerate(runs):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise _fail(src, f"plan_runs[{k}]", "must be [observed_ms, mean_ms]")
+        _number(src, f"plan_runs[{k}][0]", pair[0], lo=0.0)
+        _number(src, f"plan_runs[{k}][1]", pair[1], positive=True)
+
+
+def plan_tail_table(ms: Sequence[float], mean: Sequence[float], durations: Sequence[float] = PLAN_TAIL_DURATIONS,
+                    quantile: float = PLAN_TAIL_QUANTILE) -> list[list[float]]:
+    """The conservative plan latency model: for each duration ``T``, the ``quantile`` of
+    ``sum(observed) / sum(profiled mean)`` over every run of consecutive timed tiles (in the order they ran)
+    whose means first reach ``T`` - what a plan of ``T`` ms of tiles would have measured at profiling.
+
+    Why not the sum of the tiles' p99s: a load spike shorter than the plan slows some of its tiles, not all,
+    so the tail of a plan's total shrinks as the plan gets longer (measured on this machine under load 2-4:
+    one tile's p99 is ~1.4-1.8x its mean, a 12-tile plan's frame maximum ~1.3-1.5x its median). Ratios are made
+    non-increasing in ``T`` by a running maximum from the long end (a longer plan is never credited a thinner
+    tail than a shorter one measured with fewer windows), never below 1; durations with no window (the
+    profiling run was shorter) are dropped. The quantile uses numpy's linear interpolation; the default is
+    :data:`PLAN_TAIL_QUANTILE` (99.9)."""
+    t = np.asarray(ms, dtype=np.float64)
+    m = np.asarray(mean, dtype=np.float64)
+    if t.shape != m.shape or t.ndim != 1 or not np.all(m > 0):
+        raise ValueError("plan_tail_table needs matching 1-D observed and positive mean times")
+    ct = np.concatenate([[0.0], np.cumsum(t)])
+    cm = np.concatenate([[0.0], np.cumsum(m)])
+    rows = []
+    for d in durations:
+        end = np.searchsorted(cm, cm[:-1] + d, side="left")  # first end with sum(mean) >= d
+        ok = end < len(cm)
+        if not ok.any():
+            continue
+        start = np.flatnonzero(ok)
+        ratio = (ct[end[ok]] - ct[start]) / (cm[end[ok]] - cm[start])
+        rows.append([float(d), float(np.percentile(ratio, quantile))])
+    q = 1.0
+    for r in reversed(rows):
+        q = max(q, r[1])
+        r[1] = round(q, 4)
+    return rows
 
 
 def _tail_curve(tail: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -367,16 +439,19 @@ def load_profile(path: str | Path) -> FamilyProfile:
     tile_acc = raw.get("tile_acc", {})
     tail = raw.get("plan_tail", [])
     calib = raw.get("tile_calib", {})
+    runs = raw.get("plan_runs", [])
     _validate(models, runtime, src)  # first with the file name, so errors point at it
     _validate_tile_ms(tile_ms, len(models), src)
     _validate_tile_acc(tile_acc, len(models), src)
     _validate_plan_tail(tail, src)
     _validate_tile_calib(calib, len(models), src)
+    _validate_plan_runs(runs, src)
     return FamilyProfile(tuple(models), float(runtime), meta,
                          {k: [list(map(float, p)) for p in v] for k, v in tile_ms.items()},
                          {k: [list(map(float, r)) for r in v] for k, v in tile_acc.items()},
                          tuple((float(t), float(q)) for t, q in tail),
-                         {k: [float(x) for x in v] for k, v in calib.items()})
+                         {k: [float(x) for x in v] for k, v in calib.items()},
+                         tuple((float(o), float(m)) for o, m in runs))
 
 
 def synthetic_family(

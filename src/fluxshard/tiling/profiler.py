@@ -44,7 +44,16 @@ import numpy as np
 from fluxshard.models.base import Detections
 from fluxshard.tiling.bins import EDGES, N_BINS, REMIX_EDGES_PX
 from fluxshard.tiling.infer import DetectorFamily, TileRun, merge, reference_grid, uniform_grid
-from fluxshard.tiling.profile import FamilyProfile, ModelProfile, ProfileError, geometry_key, load_profile
+from fluxshard.tiling.profile import (
+    PLAN_TAIL_DURATIONS,  # noqa: F401  (re-exported: the plan tail model moved to profile.py)
+    PLAN_TAIL_QUANTILE,
+    FamilyProfile,
+    ModelProfile,
+    ProfileError,
+    geometry_key,
+    load_profile,
+    plan_tail_table,
+)
 
 REFERENCE_MIN_SCORE = 0.5
 VISIBLE_OBJECT = 0.7
@@ -502,44 +511,6 @@ def tile_latency_table(samples: dict[tuple[str, int], list[float]], n_models: in
     return table, float(np.median(ratios))
 
 
-PLAN_TAIL_QUANTILE = 99.0
-PLAN_TAIL_DURATIONS = (25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0)
-
-
-def plan_tail_table(ms: Sequence[float], mean: Sequence[float], durations: Sequence[float] = PLAN_TAIL_DURATIONS,
-                    quantile: float = PLAN_TAIL_QUANTILE) -> list[list[float]]:
-    """The conservative plan latency model: for each duration ``T``, the ``quantile`` of
-    ``sum(observed) / sum(profiled mean)`` over every run of consecutive timed tiles (in the order they ran)
-    whose means first reach ``T`` - what a plan of ``T`` ms of tiles would have measured at profiling.
-
-    Why not the sum of the tiles' p99s: a load spike shorter than the plan slows some of its tiles, not all,
-    so the tail of a plan's total shrinks as the plan gets longer (measured on this machine under load 2-4:
-    one tile's p99 is ~1.4-1.8x its mean, a 12-tile plan's frame maximum ~1.3-1.5x its median). Ratios are made
-    non-increasing in ``T`` by a running maximum from the long end (a longer plan is never credited a thinner
-    tail than a shorter one measured with fewer windows), never below 1; durations with no window (the
-    profiling run was shorter) are dropped."""
-    t = np.asarray(ms, dtype=np.float64)
-    m = np.asarray(mean, dtype=np.float64)
-    if t.shape != m.shape or t.ndim != 1 or not np.all(m > 0):
-        raise ValueError("plan_tail_table needs matching 1-D observed and positive mean times")
-    ct = np.concatenate([[0.0], np.cumsum(t)])
-    cm = np.concatenate([[0.0], np.cumsum(m)])
-    rows = []
-    for d in durations:
-        end = np.searchsorted(cm, cm[:-1] + d, side="left")  # first end with sum(mean) >= d
-        ok = end < len(cm)
-        if not ok.any():
-            continue
-        start = np.flatnonzero(ok)
-        ratio = (ct[end[ok]] - ct[start]) / (cm[end[ok]] - cm[start])
-        rows.append([float(d), float(np.percentile(ratio, quantile))])
-    q = 1.0
-    for r in reversed(rows):
-        q = max(q, r[1])
-        r[1] = round(q, 4)
-    return rows
-
-
 CALIB_CLAMP = (0.5, 2.0)
 CALIB_MIN_ESTIMATE = 0.02
 
@@ -691,7 +662,8 @@ def deployment_profile(
     calib = plan_calibration(refs, view_runs, w, h, grids, tile_acc, np.array(acc))
     table, ratio_median = tile_latency_table(samples, n_models)
     means = {k: float(np.mean(v)) for k, v in samples.items()}
-    tail = plan_tail_table([ms for _, ms in sequence], [means[k] for k, _ in sequence])
+    runs = [(round(ms, 3), round(means[k], 3)) for k, ms in sequence]
+    tail = plan_tail_table([o for o, _ in runs], [m for _, m in runs])
     models = tuple(ModelProfile(b.name, b.input_size, b.mean_ms, b.p99_ms, tuple(float(a) for a in acc[m]))
                    for m, b in enumerate(base.models))
     info = {
@@ -700,12 +672,14 @@ def deployment_profile(
                        "tiles_per_view": len(quad), "timing_rounds": timing_rounds,
                        "overlap_reference": overlap_reference, "bin_objects": [int(c) for c in counts_rel],
                        "ratio_median": round(ratio_median, 4), "timed_runs": len(sequence),
+                       "plan_tail_quantile": PLAN_TAIL_QUANTILE,
                        "loadavg_before": [round(v, 2) for v in load_before],
                        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})},
         "remix": {"edges_px": [float(e) for e in REMIX_EDGES], "accuracy": remix_acc, "bin_objects": counts_abs},
     }
-    return FamilyProfile(models, 0.0, info, table, tile_acc, tuple((float(d), float(q)) for d, q in tail), calib)
+    return FamilyProfile(models, 0.0, info, table, tile_acc, tuple((float(d), float(q)) for d, q in tail), calib,
+                         tuple(runs))
 
 
 def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frames: Sequence[np.ndarray],
@@ -722,7 +696,7 @@ def deployment_cached(family: DetectorFamily, base: FamilyProfile, history_frame
     else:
         views = list(history_frames[:n_views])
         scene = {"size": list(views[0].shape[1::-1]) if views else None}
-    key = json.dumps({"format": 3, "family": family.weights_hash(), "machine": machine_key(), "scene": scene,
+    key = json.dumps({"format": 4, "family": family.weights_hash(), "machine": machine_key(), "scene": scene,
                       "history": history_desc, "views": n_views, "depth": depth, "span": DEPLOY_ZOOM_SPAN,
                       "overlap": overlap_reference, "rounds": DEPLOY_TIMING_ROUNDS, "base": base.names},
                      sort_keys=True)

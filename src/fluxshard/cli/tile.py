@@ -134,7 +134,8 @@ def _draw(rgb: np.ndarray, det: Any, runs: list[Any], names: list[str], min_scor
 def tile(
     clip: Annotated[str, typer.Argument(help="Video (a virtual-PTZ clip's JSON beside it gives the camera).")],
     slo: Annotated[float, typer.Option("--slo", help="Per-frame latency SLO (ms).", min=0.001)],
-    mode: Annotated[str, typer.Option("--mode", help="conservative (p99 latencies, per-frame SLO) or "
+    mode: Annotated[str, typer.Option("--mode", help="conservative (plan latency at its tail "
+                                      "quantile, p99.9 by default, per-frame SLO) or "
                                       "non-conservative (mean latencies).")] = "conservative",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write an annotated video (tiles + boxes).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,

@@ -425,7 +425,7 @@ class Engine:
             table, valid = plan.pos_table()
             wt = self._plans.gemm_weight(conv).t().contiguous()
             bias = conv.bias.detach() if conv.bias is not None else None
-            pg = self._pgemm_layers[key] = _PgemmLayer(table, _NO_VALID if valid is None else valid, wt, bias,
+            pg = self._pgemm_layers[key] = _PgemmLayer(table, _NO_EXTRA if valid is None else valid, wt, bias,
                                                        wt.shape[0])
         return pg
 
@@ -1088,7 +1088,6 @@ def _stride_of(input_hw: tuple[int, ...], hw: tuple[int, int]) -> int:
 
 _NO_EXTRA = np.zeros((0, 0), np.bool_)
 _NO_ACC = np.zeros(0, np.float32)
-_NO_VALID = np.zeros((0, 0), np.bool_)
 
 
 @dataclass(frozen=True)

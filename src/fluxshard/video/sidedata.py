@@ -37,26 +37,23 @@ MV_BYTES = 40
 _FRAME_PTR_OFFSET = 24  # PyObject header (16) + Cython vtable pointer (8), then ``cdef AVFrame *ptr``
 
 
-@intrinsic
-def _u64_ptr(typingctx, addr):  # type: ignore[no-untyped-def]
-    """An integer address as a ``uint64*`` (compiled code only)."""
-    sig = types.CPointer(types.uint64)(addr)
+def _ptr_cast(elem: types.Type):  # type: ignore[no-untyped-def]
+    """An intrinsic turning an integer address into an ``elem*`` (compiled code only)."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    @intrinsic
+    def cast(typingctx, addr):  # type: ignore[no-untyped-def]
+        sig = types.CPointer(elem)(addr)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    return cast
 
 
-@intrinsic
-def _i32_ptr(typingctx, addr):  # type: ignore[no-untyped-def]
-    """An integer address as an ``int32*`` (compiled code only)."""
-    sig = types.CPointer(types.int32)(addr)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
+_u64_ptr = _ptr_cast(types.uint64)
+_i32_ptr = _ptr_cast(types.int32)
 
 
 @intrinsic

@@ -161,3 +161,46 @@ def test_bin_failing_at_the_tightest_alpha_keeps_it_and_says_so(monkeypatch: pyt
     assert [b["alpha"] for b in prof["bins"]] == [0.2, 0.0, 0.1, 0.1]
     assert [b["target_met"] for b in prof["bins"]] == [True, False, True, True]
     assert [b["measured"] for b in prof["bins"]] == [True, True, False, True]
+
+
+def _scored_clip(name: str, motion: list[float]) -> profiler.Clip:
+    return profiler.Clip(name, type("M", (), {"input_hw": (8, 8)})(), [], motion, [1.0] * len(motion))  # type: ignore[arg-type]
+
+
+def test_bin_retention_is_the_worst_clip_not_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # stand-in metric: mean per-frame score; clip B alone misses the target in bin 0, the pool hides it
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: float(np.mean(cand)) if cand else None)
+    a, b = _scored_clip("a", [0.0] * 20), _scored_clip("b", [0.0] * 6 + [5.0] * 3)
+    runs = [([1.0] * 20, [0.5] * 20, [False] * 20), ([0.97] * 6 + [0.5] * 3, [0.5] * 9, [False] * 9)]
+    stats = profiler.per_bin([a, b], runs, (1.0, 2.0, math.inf))
+    assert stats[0]["pooled"] > 0.99 and math.isclose(stats[0]["retention_map50"], 0.97)
+    assert stats[0]["per_clip"] == [1.0, pytest.approx(0.97)]
+    # bin 2: clip b has only 3 frames there (< MIN_BIN_FRAMES): reported, but only the pool decides the bin
+    assert stats[2]["per_clip"] == [None, 0.5] and stats[2]["retention_map50"] == 0.5
+    assert profiler.per_clip([a, b], runs) == [1.0, pytest.approx((0.97 * 6 + 1.5) / 9)]
+
+
+def test_repair_tightens_a_clip_that_misses_over_all_its_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every bin meets the target pooled, but clip b's few fast frames (too few to judge the bin per clip)
+    # drag its whole-clip retention under it: the repair must tighten that clip's worst bin until it holds
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c": 1.0})
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: float(np.mean(cand)) if cand else None)
+    a = _scored_clip("a", [0.0] * 10 + [3.0] * 30)
+    b = _scored_clip("b", [0.0] * 10 + [3.0] * 3)
+
+    def run(adapter: Any, clip: profiler.Clip, cfg: EngineConfig) -> tuple[list[Any], list[float], list[bool]]:
+        dets = []
+        for m in clip.motion:
+            th = cfg.thresholds_for(m)[0] if cfg.bin_thresholds else cfg.thresholds
+            alpha = th.get("c", 0.0)
+            # clip b's fast frames lose 0.1 per unit of alpha, everything else holds
+            dets.append(1.0 - 0.1 * alpha if (clip.path == "b" and m > 2.0) else 1.0)
+        return dets, [0.0] * len(dets), [False] * len(dets)
+
+    monkeypatch.setattr(profiler, "run_config", run)
+    prof = profiler.profile(FakeAdapter(), "fake", [a, b], target=0.99, bins=(1.0, math.inf),
+                            alphas=(0.0, 0.1, 0.2, 0.3, 0.5))
+    assert prof["bins"][0]["alpha"] == 0.5  # the static bin is never at fault
+    assert prof["repairs"], "the whole-clip miss must trigger a repair"
+    assert all(r is None or r >= 0.99 for r in prof["clip_retention_map50"])
+    assert prof["bins"][1]["alpha"] < 0.5

@@ -187,7 +187,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         "fluxshard-exact": EngineConfig(calibrate=True),
         # no RFAP at all: no strict mask at the first conv, and shard shifts rounded to each layer's stride
         # however misaligned (RFAP's "displacement divisible by the stride" condition dropped)
-        "naive-mv": dataclasses.replace(fast, rfap=False, shift_tolerance=1 << 20),
+        "naive-mv": dataclasses.replace(fast, rfap=False, shift_tolerance=1 << 20, carry_tolerance=0.0),
     }
     engines = {m: Engine(adapter.body, mapper.input_hw, configs[m]) for m in methods if m in ENGINE_METHODS}
     scene = _SceneReuse(cfg.scene_threshold, cfg.scene_downsample)

@@ -20,6 +20,8 @@ def profile(
                                                     min=0.0, max=1.0)] = 0.99,
     max_frames: Annotated[int, typer.Option(help="Frames per clip.", min=2)] = 60,
     tau_in: Annotated[float, typer.Option(help="Input residual threshold (0..1).", min=0.0)] = 0.02,
+    carry: Annotated[float, typer.Option(help="Carried sub-stride remainder tolerance, fraction of each stride "
+                                              "(0 = off; fluxshard-fast only).", min=0.0, max=0.5)] = 0.0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Profile JSON (default: MODEL_profile.json).")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the profile summary as one JSON object.")]
@@ -55,14 +57,17 @@ def profile(
             bar.advance(t2)
             console.log(msg)
 
+        if carry and method != "fluxshard-fast":
+            raise typer.BadParameter("--carry applies to the fluxshard-fast method only")
         prof = run_profile(adapter, model, loaded, target=target_retention, tau_in=tau_in, progress=step,
-                           method=method)
+                           method=method, carry_tolerance=carry)
         bar.update(t2, completed=len(ALPHAS) + 1)
     suffix = "" if method == "fluxshard-fast" else f".{method}"
     path = out or Path(f"{model}{suffix}_profile.json")
     path.write_text(json.dumps(prof, indent=1))
     summary = {"profile": str(path), "model": model, "method": method, "target_retention": target_retention,
                "seconds": prof["seconds"], "retention_map50_all": prof["retention_map50_all"],
+               "clip_retention_map50": prof["clip_retention_map50"],
                "bins": [{k: b[k] for k in ("max_motion", "alpha", "measured", "frames", "retention_map50", "reuse")}
                         for b in prof["bins"]]}
     if as_json:

@@ -355,6 +355,72 @@ def shift_map(dy, dx, valid, block: int, height: int, width: int, S: int, tol: i
 
 
 @njit(cache=True, nogil=True)
+def shift_map_carry(dy, dx, valid, block: int, height: int, width: int, S: int, tol: float, ey0, ex0, fine_y,
+                    fine_x, fs: int, notok, sy, sx, ey, ex) -> int:
+    """:func:`shift_map` with carried sub-stride remainders. ``ey0``/``ex0`` hold, per position of the cache,
+    how far (input px) its content sits from the position's true location; a position takes the cache
+    position ``i + q`` that best cancels vector minus carried offset, and inherits the new offset
+    ``S·q + e0[i + q] − v``. Positions whose offset would exceed ``tol`` px, whose block is invalid or whose
+    source leaves the map are ``notok`` (recomputed): they restart from the offset of the finer resolution
+    ``fine_*`` (stride ``fs``; the layer that recomputes them reads it), or 0 when ``fs`` is 0."""
+    ho, wo = notok.shape
+    hf, wf = fine_y.shape
+    moved = 0
+    for i in range(ho):
+        by = min(i * S + S // 2, height - 1) // block
+        for j in range(wo):
+            bx = min(j * S + S // 2, width - 1) // block
+            ok = valid[by, bx]
+            qy = 0
+            qx = 0
+            oy = 0
+            ox = 0
+            if ok:
+                vy = dy[by, bx]
+                vx = dx[by, bx]
+                # first guess from the vector and the offset carried at the rounded source; then the best of
+                # the 3×3 sources around it by the offsets they actually carry (neighbours differ where some
+                # positions were recomputed)
+                gy = min(max(i + int(np.floor(vy / S + 0.5)), 0), ho - 1)
+                gx = min(max(j + int(np.floor(vx / S + 0.5)), 0), wo - 1)
+                cy = int(np.floor((vy - ey0[gy, gx]) / S + 0.5))
+                cx = int(np.floor((vx - ex0[gy, gx]) / S + 0.5))
+                best = -1
+                for ay in range(cy - 1, cy + 2):
+                    if not 0 <= i + ay < ho:
+                        continue
+                    for ax in range(cx - 1, cx + 2):
+                        if not 0 <= j + ax < wo:
+                            continue
+                        ty = S * ay + ey0[i + ay, j + ax] - vy
+                        tx = S * ax + ex0[i + ay, j + ax] - vx
+                        m = max(abs(ty), abs(tx))
+                        if best < 0 or m < best:
+                            best, qy, qx, oy, ox = m, ay, ax, ty, tx
+                ok = 0 <= best <= tol
+            notok[i, j] = not ok
+            if ok:
+                sy[i, j] = qy
+                sx[i, j] = qx
+                ey[i, j] = oy
+                ex[i, j] = ox
+                if qy != 0 or qx != 0:
+                    moved += 1
+            else:
+                sy[i, j] = 0
+                sx[i, j] = 0
+                if fs > 0:
+                    fi = min(i * S // fs, hf - 1)
+                    fj = min(j * S // fs, wf - 1)
+                    ey[i, j] = fine_y[fi, fj]
+                    ex[i, j] = fine_x[fi, fj]
+                else:
+                    ey[i, j] = 0
+                    ex[i, j] = 0
+    return moved
+
+
+@njit(cache=True, nogil=True)
 def take_rows(src, positions, out, col: int) -> None:
     """``out[q, col:col + C] = src[positions[q], :]`` — gathers rows of a (H·W, C) map (row-op inputs, or one
     input of a channel concat straight into its slot)."""
@@ -416,6 +482,9 @@ def warm() -> None:
     z1 = np.zeros((1, 1), np.int32)
     shift_map(z1, z1, np.ones((1, 1), np.bool_), 16, 16, 16, 2, 0, np.empty((8, 8), np.bool_),
               np.empty((8, 8), np.int32), np.empty((8, 8), np.int32))
+    e8 = np.zeros((8, 8), np.int32)
+    shift_map_carry(z1, z1, np.ones((1, 1), np.bool_), 16, 16, 16, 2, 0.0, e8, e8, e8, e8, 1,
+                    np.empty((8, 8), np.bool_), e8.copy(), e8.copy(), e8.copy(), e8.copy())
     pos = np.zeros(1, np.int64)
     take_rows(r, pos, r.copy(), 0)
     put_rows(r, pos, r.copy())

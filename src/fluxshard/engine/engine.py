@@ -65,6 +65,12 @@ class EngineConfig:
     # fast mode: largest misalignment (input px) accepted when a block's vector is rounded to a layer's
     # stride; larger → those positions are recomputed (a misaligned cache is wrong whatever τ^l says)
     shift_tolerance: int = 0
+    # fast mode: carried sub-stride remainders (> 0 turns them on; fraction of each resolution's stride). A
+    # shard moves by the whole feature pixels that best cancel its vector *plus* the offset its cache content
+    # already carries, and keeps the new offset; it is recomputed only when the carried offset exceeds
+    # carry_tolerance × stride input px. A 4 px/frame pan then moves a stride-16 cache one position every
+    # 4 frames instead of recomputing it every frame, and offsets never accumulate beyond the tolerance.
+    carry_tolerance: float = 0.0
     layout: str = "auto"  # executor path: auto (cost model) | batch | hw | gemm | pgemm | dense (tests, benchmarks)
     # truncation profile by motion (issue 5): upper bin edges in mean |MV| (engine-input px/frame) and, per
     # bin, (τ^l per conv, default τ); a frame uses the bin of its field's motion. Empty = ``thresholds``.
@@ -85,6 +91,8 @@ class EngineConfig:
             raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
         if self.layout not in ("auto", "batch", "hw", "gemm", "pgemm", "dense"):
             raise EngineError(f"engine layout must be auto, batch, hw, gemm, pgemm or dense, not {self.layout!r}")
+        if not 0.0 <= self.carry_tolerance <= 0.5:
+            raise EngineError(f"carry_tolerance is a fraction of the stride in [0, 0.5], got {self.carry_tolerance}")
         if self.guard_probe < 2:
             raise EngineError(f"guard_probe must be at least 2 frames, got {self.guard_probe}")
         if len(self.motion_bins) != len(self.bin_thresholds):
@@ -107,7 +115,7 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise EngineError(f"{path}: engine thresholds must be a JSON object")
         kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every", "shift_tolerance",
-                                   "guard", "guard_probe", "accumulate")
+                                   "carry_tolerance", "guard", "guard_probe", "accumulate")
               if k in data}
         bins = data.get("bins")
         if bins:  # a profile from `fluxshard profile`
@@ -285,6 +293,8 @@ class Engine:
         self._caches: dict[str, torch.Tensor] = {}
         self._acc: dict[str, np.ndarray] = {}  # fast mode, accumulated truncation: per conv, change carried
         self._prev_tau: dict[str, float] = {}  # τ^l of the previous incremental frame (see _Runner._sweep)
+        # fast mode, carried remainders: per (stride, h, w), the offsets (y, x) of the caches' content, input px
+        self._rem: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._tau_set = False
         self._frames = 0
         self._since_refresh = 0
@@ -444,9 +454,9 @@ class Engine:
             runner = self._runner(None)  # the interpreter calibrates each layer's executor on the way
             out = runner.run(x)
             self._caches = runner.new_caches
-            self._acc = {}
+            self._acc, self._rem = {}, {}
             return out
-        self._acc = {}  # every cache is exact again
+        self._acc, self._rem = {}, {}  # every cache is exact (and aligned) again
         if self._capture is None:
             self._capture = _capture_module(self.gm, [*self._conv_nodes, *self._row_ops], self._fused_into)
         out, caches = self._capture(x)
@@ -478,6 +488,7 @@ class Engine:
         out = runner.run(x)
         self._caches = runner.new_caches
         self._acc = runner.new_acc
+        self._rem = runner.new_rem
         return out, runner.layer_stats, runner.first_recompute
 
 
@@ -675,6 +686,7 @@ class _Runner(fx.Interpreter):
         # position, below τ^l or not); row ops recompute exactly these, so they stay exact w.r.t. their inputs
         self.written: dict[str, np.ndarray] = {}
         self.new_acc: dict[str, np.ndarray] = {}
+        self.new_rem: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._masks: dict[tuple[Any, ...], Any] = {}
         self.first_recompute: np.ndarray | None = None
 
@@ -1013,10 +1025,36 @@ class _Runner(fx.Interpreter):
             notok = np.empty(hw, np.bool_)
             sy = np.empty(hw, np.int32)
             sx = np.empty(hw, np.int32)
-            moved = _ek.shift_map(f.dy, f.dx, f.valid, self.maps.block, self.maps.height, self.maps.width, S,
-                                  self.engine.config.shift_tolerance, notok, sy, sx)
+            carry = self.engine.config.carry_tolerance
+            if carry > 0:
+                moved = self._shift_carry(S, hw, carry * S, notok, sy, sx)
+            else:
+                moved = _ek.shift_map(f.dy, f.dx, f.valid, self.maps.block, self.maps.height, self.maps.width, S,
+                                      self.engine.config.shift_tolerance, notok, sy, sx)
             self._masks[key] = (notok, sy, sx, _Moves(sy, sx, moved=moved))
         return self._masks[key]
+
+    def _shift_carry(self, S: int, hw: tuple[int, int], tol: float, notok: np.ndarray, sy: np.ndarray,
+                     sx: np.ndarray) -> int:
+        """Shifts with carried remainders at stride ``S`` (see ``EngineConfig.carry_tolerance``): reads the
+        offsets the caches at this stride carried from the last frame, stores this frame's in ``new_rem``.
+        Recomputed positions restart from the offset of the nearest finer stride already shifted this frame
+        (the layer that recomputes them reads that resolution), else 0."""
+        assert self.maps is not None
+        f = self.maps.field
+        old = self.engine._rem.get((S, *hw))
+        ey0, ex0 = old if old is not None else (np.zeros(hw, np.int32),) * 2
+        finer = [k for k in self.new_rem if k[0] < S]
+        fs, fine_y, fine_x = 0, _NO_REM, _NO_REM
+        if finer:
+            k = max(finer)
+            fs, (fine_y, fine_x) = k[0], self.new_rem[k]
+        ey = np.empty(hw, np.int32)
+        ex = np.empty(hw, np.int32)
+        moved = _ek.shift_map_carry(f.dy, f.dx, f.valid, self.maps.block, self.maps.height, self.maps.width, S,
+                                    float(tol), ey0, ex0, fine_y, fine_x, fs, notok, sy, sx, ey, ex)
+        self.new_rem[(S, *hw)] = (ey, ex)
+        return moved
 
     # -- fast mode: change masks through non-conv nodes -------------------------------------------------
     def _propagate(self, n: fx.Node, out: Any, masks: dict[str, np.ndarray], written: bool = False) -> None:
@@ -1088,6 +1126,7 @@ def _stride_of(input_hw: tuple[int, ...], hw: tuple[int, int]) -> int:
 
 _NO_EXTRA = np.zeros((0, 0), np.bool_)
 _NO_ACC = np.zeros(0, np.float32)
+_NO_REM = np.zeros((1, 1), np.int32)
 
 
 @dataclass(frozen=True)

@@ -234,3 +234,48 @@ def test_direct_side_data_read_matches_pyav(clip_b: SynthClip, monkeypatch: pyte
     direct = fields()
     monkeypatch.setitem(sidedata._state, "fn", 0)
     assert fields() == direct
+
+
+def _scalar_copy(plane: np.ndarray) -> np.ndarray:
+    """The same pixels with a column stride of 2: the kernels' per-sample (scalar) path instead of the vector one."""
+    return np.repeat(plane, 2, axis=1)[:, ::2]
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_vector_sampled_mad_equals_scalar_path(block: int) -> None:
+    from fluxshard.motion._kernels import _sampled_mad
+
+    rng = np.random.default_rng(block)
+    h, w = 75, 93  # partial blocks at the bottom and right edges
+    cur = rng.integers(0, 256, (h, w + 7), np.uint8)[:, :w]  # strided rows, like the decoder's planes
+    prev = rng.integers(0, 256, (h, w + 7), np.uint8)[:, :w]
+    cur_s, prev_s = _scalar_copy(cur), _scalar_copy(prev)
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            shifts = [(0, 0), (1, -1), (-y0 - 3, 2), (h, -w), (5, 17), (-4, -x0), (-4, -x0 - 1), (2, w - x0 - block)]
+            for dy, dx in shifts:
+                assert _sampled_mad(cur, prev, y0, x0, block, h, w, dy, dx) == _sampled_mad(
+                    cur_s, prev_s, y0, x0, block, h, w, dy, dx), (y0, x0, dy, dx)
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_codec_field_same_on_vector_and_scalar_paths(clip_ref: SynthClip, clip_b: SynthClip, block: int) -> None:
+    """The vector path returns full means where the scalar one stops early: the fields must still be identical."""
+    from fluxshard.video import open_video
+
+    checked = 0
+    for clip in (clip_ref, clip_b):
+        prev = None
+        for f in open_video(clip.path):
+            if prev is not None and f.mvs is not None:
+                for span in (1, 2):
+                    cfg = CodecMVConfig(block=block, verify_unambiguous=span == 2)
+                    a = field_from_mvs(f.mvs, f.height, f.width, f.pict_type, f.key_frame, f.luma, prev.luma, cfg, span)
+                    b = field_from_mvs(f.mvs, f.height, f.width, f.pict_type, f.key_frame, _scalar_copy(f.luma),
+                                       _scalar_copy(prev.luma), cfg, span)
+                    assert a.scene_cut == b.scene_cut
+                    for x, y in ((a.dy, b.dy), (a.dx, b.dx), (a.valid, b.valid), (a.filled, b.filled)):
+                        assert np.array_equal(x, y)
+                    checked += int(a.valid.any())
+            prev = f
+    assert checked >= 10

@@ -279,3 +279,23 @@ def test_codec_field_same_on_vector_and_scalar_paths(clip_ref: SynthClip, clip_b
                     checked += int(a.valid.any())
             prev = f
     assert checked >= 10
+
+
+def test_block_matching_same_on_vector_and_scalar_paths(clip_p: SynthClip) -> None:
+    """Block matching's vector path (byte planes, 16-px blocks) gives the scalar path's field, with and without a
+    predictor (full search at full resolution, predictor search on every other pixel)."""
+    from fluxshard.motion.blockmatch import BlockMatchConfig, block_match
+    from fluxshard.video import open_video
+
+    frames = [f.luma for f in open_video(clip_p.path, max_frames=8)]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(frames[4].astype(np.int16) + rng.integers(-9, 10, frames[4].shape), 0, 255).astype(np.uint8)
+    cfg = BlockMatchConfig()
+    pred = None
+    for cur, ref in [(frames[1], frames[0]), (frames[5], frames[3]), (noisy, frames[2]), (frames[7], frames[6])]:
+        for predictor in (None, pred):
+            a = block_match(cur, ref, cfg, predictor=predictor)
+            b = block_match(_scalar_copy(cur), _scalar_copy(ref), cfg, predictor=predictor)
+            for x, y in ((a.dy, b.dy), (a.dx, b.dx), (a.valid, b.valid)):
+                assert np.array_equal(x, y)
+            pred = a

@@ -26,13 +26,13 @@ def _round_half_away(v: float) -> int:
     return -int(np.floor(-v + 0.5))
 
 
-def _sad_4x4(step: int):  # type: ignore[no-untyped-def]
-    """An intrinsic summing |cur − prev| over a 4×4 sample grid (samples at ``step / 2 + k·step`` in both
-    directions, ``k`` = 0..3) in one vector pass, given each plane's address of the grid's top-left row start
-    (the block's left edge) and the byte distance between sample rows; reads ``4·step`` bytes per sample row.
-    Compiled code only; the caller guarantees every byte read lies inside the planes."""
-    width = 4 * step
-    pos = [(step >> 1) + k * step for k in range(4)]
+def _sad_grid(rows: int, width: int, pos: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """An intrinsic summing |cur − prev| over a grid of byte samples in one vector pass: ``rows`` sample rows,
+    in each the bytes at offsets ``pos`` of a ``width``-byte load (``rows · len(pos)`` a multiple of 16). It
+    takes each plane's address of the first sample row's load and the byte distance between sample rows.
+    Compiled code only; the caller guarantees every byte loaded lies inside the planes. Sums of 16 samples
+    at a time (≤ 16·255, exact in 16 bits) map to the CPU's sum-of-absolute-differences instruction."""
+    n = len(pos)
 
     @intrinsic
     def sad(typingctx, cur, cur_row, prev, prev_row):  # type: ignore[no-untyped-def]
@@ -42,30 +42,54 @@ def _sad_4x4(step: int):  # type: ignore[no-untyped-def]
             i32, i64 = ir.IntType(32), ir.IntType(64)
             row_t = ir.VectorType(ir.IntType(8), width)
             v16 = ir.VectorType(ir.IntType(16), 16)
-            pair = ir.Constant(ir.VectorType(i32, 8), [*pos, *(width + q for q in pos)])
-            cat = ir.Constant(ir.VectorType(i32, 16), list(range(16)))
 
-            def samples(addr, row):  # type: ignore[no-untyped-def]
-                r = [builder.load(builder.inttoptr(builder.add(addr, builder.mul(row, ir.Constant(i64, a))),
-                                                   row_t.as_pointer()), align=1) for a in range(4)]
-                grid = builder.shuffle_vector(builder.shuffle_vector(r[0], r[1], pair),
-                                              builder.shuffle_vector(r[2], r[3], pair), cat)
-                return builder.zext(grid, v16)
+            def chunks(addr, row):  # type: ignore[no-untyped-def]
+                """The samples, 16 per vector."""
+                vs = []
+                for a in range(rows):
+                    r = builder.load(builder.inttoptr(builder.add(addr, builder.mul(row, ir.Constant(i64, a))),
+                                                      row_t.as_pointer()), align=1)
+                    vs.append(builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, n), list(pos))))
+                size = n
+                while size < 16:  # concatenate neighbours
+                    cat = ir.Constant(ir.VectorType(i32, 2 * size), list(range(2 * size)))
+                    vs = [builder.shuffle_vector(vs[k], vs[k + 1], cat) for k in range(0, len(vs), 2)]
+                    size *= 2
+                return [builder.zext(v, v16) for v in vs]
 
-            d = builder.sub(samples(args[0], args[1]), samples(args[2], args[3]))
-            zero = ir.Constant(v16, [0] * 16)
-            absd = builder.select(builder.icmp_signed("<", d, zero), builder.sub(zero, d), d)
             add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(16), [v16]),
                                                  "llvm.vector.reduce.add.v16i16")
-            return builder.zext(builder.call(add, [absd]), i64)  # ≤ 16·255: no overflow in 16 bits
+            zero = ir.Constant(v16, [0] * 16)
+            acc = ir.Constant(i64, 0)
+            for c, p in zip(chunks(args[0], args[1]), chunks(args[2], args[3]), strict=True):
+                d = builder.sub(c, p)
+                absd = builder.select(builder.icmp_signed("<", d, zero), builder.sub(zero, d), d)
+                acc = builder.add(acc, builder.zext(builder.call(add, [absd]), i64))
+            return acc
 
         return sig, codegen
 
     return sad
 
 
-_sad16 = _sad_4x4(4)
-_sad8 = _sad_4x4(2)
+# The codec field's 4×4 sample grids (step = block / 4, first sample at step / 2) and block matching's
+# 16×16 blocks, full (step 1) or on every other pixel (step 2).
+_sad16 = _sad_grid(4, 16, (2, 6, 10, 14))
+_sad8 = _sad_grid(4, 8, (1, 3, 5, 7))
+_sad_full16 = _sad_grid(16, 16, tuple(range(16)))
+_sad_half16 = _sad_grid(8, 16, tuple(range(0, 16, 2)))
+
+
+def _byte_plane(img):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_byte_plane)
+def _byte_plane_impl(img):
+    """True for a uint8 plane whose pixels are contiguous within a row (the vector paths' input)."""
+    if img.dtype == types.uint8:
+        return lambda img: img.strides[1] == 1
+    return lambda img: False
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -75,7 +99,7 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx, beat=np.inf, m
     Samples sit at ``o + k·step`` (step = block / 4, o = step / 2) in both directions. Blocks of 8 or 16
     pixels of byte planes whose samples all lie inside the frame, unclamped (nearly all of them), take a
     vector path: the 16 samples of each plane in one gather and one sum of absolute differences
-    (``_sad_4x4``, a few instructions, no branches). The others take the scalar path below: branch-free
+    (``_sad_grid``, a few instructions, no branches). The others take the scalar path below: branch-free
     clamps, inlined into the callers (measured: a separate edge loop was ~2× slower per block, and a
     fallback *call* taking the planes makes numba keep reference counts alive across the caller).
 
@@ -90,7 +114,7 @@ def _sampled_mad(cur, prev, y0, x0, block, height, width, dy, dx, beat=np.inf, m
     o = step >> 1
     w1 = width - 1
     h1 = height - 1
-    if (cur.itemsize == 1 and prev.itemsize == 1 and cur.strides[1] == 1 and prev.strides[1] == 1
+    if (_byte_plane(cur) and _byte_plane(prev)
             and (block == 16 or block == 8) and y0 + o + 3 * step <= h1 and x0 + block <= width
             and y0 + o + dy >= 0 and y0 + o + 3 * step + dy <= h1 and x0 + dx >= 0 and x0 + dx + block <= width):
         cs = cur.strides[0]
@@ -525,6 +549,11 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
     height, width = cur.shape
     hb, wb = out_dy.shape
     side = 2 * radius + 1
+    vector = _byte_plane(cur) and _byte_plane(ref)
+    cbase = np.int64(cur.ctypes.data)
+    rbase = np.int64(ref.ctypes.data)
+    cstride = np.int64(cur.strides[0])
+    rstride = np.int64(ref.strides[0])
     for i in range(hb):
         y0 = i * block
         bh = min(block, height - y0)
@@ -555,7 +584,16 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
                         continue  # already evaluated first; an equal cost never wins
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:
                     continue
-                if block == 16 and bh == 16 and bw == 16 and step == 2:  # predictor mode at b = 16
+                if vector and block == 16 and bh == 16 and bw == 16 and step <= 2:
+                    # Byte planes, b = 16, full resolution or predictor mode: one vector pass over the
+                    # block, no partial exit (its full sum decides every comparison the same way).
+                    ca = cbase + y0 * cstride + x0
+                    ra = rbase + (y0 + cy) * rstride + x0 + cx
+                    if step == 2:
+                        sad = _sad_half16(ca, 2 * cstride, ra, 2 * rstride)
+                    else:
+                        sad = _sad_full16(ca, cstride, ra, rstride)
+                elif block == 16 and bh == 16 and bw == 16 and step == 2:  # predictor mode at b = 16
                     sad = _grid_sad(cur, ref, y0, x0, cy, cx, best_sad, 8, 2)
                 elif block == 16 and bh == 16 and bw == 16 and step == 1:  # full resolution, b = 16
                     sad = _grid_sad(cur, ref, y0, x0, cy, cx, best_sad, 16, 1)

@@ -439,6 +439,44 @@ class Engine:
                                                        wt.shape[0])
         return pg
 
+    def _calibrate_pgemm(self, cn: _ConvNode, x: torch.Tensor, y: torch.Tensor, post: Any, reps: int = 5) -> None:
+        """Fast mode's path choice for one convolution: the compiled per-position path (im2col + GEMM + write-
+        back) against the stock dense convolution, each timed at the fraction it would run (minimum of
+        ``reps``, interleaved; thread CPU time at one thread, so other jobs on a shared machine do not
+        decide the path). Measured here: it ranges from 1.5× dense at 20 % of the positions (the 3-channel
+        stem: im2col-bound) to 0.6× dense at 100 % (256-channel 9×12 maps, where oneDNN's direct conv is
+        slow), so one global crossover would be wrong for most layers."""
+        conv = cn.module
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or self._plans is None:
+            return
+        xrows = _rows_of(x)
+        base = y.contiguous(memory_format=torch.channels_last).clone()
+        orows = _rows_of(base)
+        if xrows is None or orows is None or not xrows.is_contiguous() or xrows.dtype != torch.float32:
+            return
+        pg = self._pgemm_layer(cn, (int(x.shape[-2]), int(x.shape[-1])))
+        n = orows.shape[0]
+        fr = (0.25, 1.0)
+        rng = np.random.default_rng(0)
+        pos = [np.sort(rng.choice(n, max(1, round(f * n)), replace=False)).astype(np.int64) for f in fr]
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        acc = np.zeros(n, np.float32)
+        changed, written = np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+        td: list[float] = []
+        tp: list[list[float]] = [[], []]
+        for _ in range(reps):
+            t0 = clock()
+            _dense(conv, post, x)
+            td.append(clock() - t0)
+            for i, p in enumerate(pos):
+                t0 = clock()
+                yr = pg.rows(xrows, p, post)
+                _ek.finish_rows(yr.numpy(), p, orows.numpy(), 0.0, acc, True, changed, written)
+                tp[i].append(clock() - t0)
+        m0, m1 = min(tp[0]) * 1e3, min(tp[1]) * 1e3
+        b = max(0.0, (m1 - m0) / (fr[1] - fr[0]))
+        pg.cost = (max(0.0, m0 - b * fr[0]), b, min(td) * 1e3)
+
     # -- execution -----------------------------------------------------------------------------------------
     def _runner(self, maps: PixelMaps | None) -> _Runner:
         """One interpreter per engine, re-armed per frame (building an ``fx.Interpreter`` walks every
@@ -798,6 +836,8 @@ class _Runner(fx.Interpreter):
             if eng.config.calibrate and plans is not None and n.name not in eng._calibrated:
                 # per-layer cost model at this machine's thread count, for the executor's path choice
                 plans.calibrate(x, conv, tile=self._tile(cn, tuple(y.shape[-2:])), post=post)
+                if eng.config.mode == "fast":
+                    eng._calibrate_pgemm(cn, x, y, post)
                 eng._calibrated.add(n.name)
             return y
         t0 = time.perf_counter()
@@ -830,6 +870,10 @@ class _Runner(fx.Interpreter):
         if self.first_recompute is None:
             self.first_recompute = rec
         tile_fraction = 1.0
+        pg_path = None
+        if self.fast and eng.config.layout == "auto":  # measured compiled-path model (Engine._calibrate_pgemm)
+            pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1])))
+            pg_path = pg.choose(active_fraction) if pg is not None else None
         if count == 0 and self.fast:  # nothing reaches this layer: its cache, moved, is its output
             y, path = _move(cache, sy, sx, moves), "skip"
             self.changed[n.name] = np.zeros((ho, wo), np.bool_)
@@ -837,14 +881,16 @@ class _Runner(fx.Interpreter):
             if eng.config.accumulate:
                 self._acc_moved(n.name, moves, (ho, wo))
             tile_fraction = 0.0
-        elif count == ho * wo:
+        elif count == ho * wo and pg_path != "pgemm":
             y, path = _dense(conv, post, x), "dense"
             if self.fast:
                 self.changed[n.name] = self.written[n.name] = np.ones((ho, wo), np.bool_)
         else:
             layout = eng.config.layout
             positions = pos_buf[:count] if pos_buf is not None else np.flatnonzero(rec)
-            if eng._sparse is not None and layout == "auto":
+            if pg_path is not None:
+                layout = pg_path
+            elif eng._sparse is not None and layout == "auto":
                 layout = choose_path(x, conv, tiles, positions, tile=tile, plan_cache=eng._plans)
                 layout = "auto" if layout == "skip" else layout
             if layout == "dense":  # decided before moving the cache: a dense layer never reads it
@@ -896,12 +942,7 @@ class _Runner(fx.Interpreter):
             return None
         pg = self.engine._pgemm_layer(cn, (int(x.shape[-2]), int(x.shape[-1])))
         ho, wo = base.shape[-2:]
-        buf = np.empty((len(positions), pg.k), np.float32)
-        _ek.im2col_rows(xrows.numpy(), pg.table, pg.valid, positions, 0.0, buf)
-        g = torch.from_numpy(buf)
-        yr = g @ pg.wt if pg.bias is None else torch.addmm(pg.bias, g, pg.wt)
-        if post is not None:
-            yr = post(yr)
+        yr = pg.rows(xrows, positions, post)
         changed = np.zeros(ho * wo, np.bool_)
         written = np.zeros(ho * wo, np.bool_)
         acc = self._acc_moved(name, moves, (ho, wo)).reshape(-1) if self.engine.config.accumulate else _NO_ACC
@@ -1129,15 +1170,33 @@ _NO_ACC = np.zeros(0, np.float32)
 _NO_REM = np.zeros((1, 1), np.int32)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _PgemmLayer:
-    """A convolution as im2col + GEMM: tap table, padding mask (empty = none), (K, N) weight, bias."""
+    """A convolution as im2col + GEMM: tap table, padding mask (empty = none), (K, N) weight, bias, and the
+    measured cost model ``(a, b, dense)`` in ms — this path costs ``a + b·f`` at position fraction ``f``
+    (None = not calibrated)."""
 
     table: np.ndarray
     valid: np.ndarray
     wt: torch.Tensor
     bias: torch.Tensor | None
     k: int
+    cost: tuple[float, float, float] | None = None
+
+    def rows(self, xrows: torch.Tensor, positions: np.ndarray, post: Any) -> torch.Tensor:
+        """The layer's output (activation applied) at ``positions``, one row each."""
+        buf = np.empty((len(positions), self.k), np.float32)
+        _ek.im2col_rows(xrows.numpy(), self.table, self.valid, positions, 0.0, buf)
+        g = torch.from_numpy(buf)
+        yr = g @ self.wt if self.bias is None else torch.addmm(self.bias, g, self.wt)
+        return yr if post is None else post(yr)
+
+    def choose(self, f: float) -> str | None:
+        """"pgemm" or "dense" at position fraction ``f`` by the measured model; None when not calibrated."""
+        if self.cost is None:
+            return None
+        a, b, dense = self.cost
+        return "pgemm" if a + b * f < dense else "dense"
 
 
 def _dense(conv: nn.Module, post: Any, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ Decisions (the seed gives the idea, not the numbers; see docs/design.md):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -127,8 +128,10 @@ def _retention(cand: list[Any], ref: list[Any]) -> float | None:
 
 def run_config(adapter: Any, clip: Clip, cfg: EngineConfig) -> tuple[list[Any], list[float], list[bool]]:
     """Detections, active fraction and dense flag per frame of ``clip`` under ``cfg`` (thresholds chosen by
-    the frame's codec-field motion, whatever field the method feeds the engine)."""
-    eng = Engine(adapter.body, clip.mapper.input_hw, cfg)
+    the frame's codec-field motion, whatever field the method feeds the engine). The engine calibrates its
+    executor as ``fluxshard run`` and ``bench`` do: paths differ in float summation order, and a truncation
+    test that flips on 1e-6 can change later frames, so the profile is measured on the deployed paths."""
+    eng = Engine(adapter.body, clip.mapper.input_hw, dataclasses.replace(cfg, calibrate=True))
     dets, active, dense = [], [], []
     with torch.inference_mode():
         for (x, f), m in zip(clip.frames, clip.motion, strict=True):

@@ -550,6 +550,8 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
     hb, wb = out_dy.shape
     side = 2 * radius + 1
     vector = _byte_plane(cur) and _byte_plane(ref)
+    ky0 = (side * side // 2) // side
+    kx0 = (side * side // 2) % side
     cbase = np.int64(cur.ctypes.data)
     rbase = np.int64(ref.ctypes.data)
     cstride = np.int64(cur.strides[0])
@@ -571,15 +573,22 @@ def match_level(cur, ref, block, pred_dy, pred_dx, radius: int, try_zero: bool, 
             best_sad = _sad_none(cur)
             by = 0
             bx = 0
+            # spiral-free order: the prediction first (the square's centre cell k0), then the square's other
+            # cells in raster order from k0 + 1 round to k0 − 1; (ky, kx) = divmod(k, side), stepped
+            # incrementally (no integer divisions per candidate)
+            ky = ky0
+            kx = kx0
             for n in range(-1 if try_zero else 0, side * side):
                 if n < 0:
                     cy = 0
                     cx = 0
                 else:
-                    # spiral-free order: the prediction first, then the square around it
-                    k = (n + side * side // 2) % (side * side)
-                    cy = py + k // side - radius
-                    cx = px + k % side - radius
+                    cy = py + ky - radius
+                    cx = px + kx - radius
+                    kx += 1
+                    if kx == side:
+                        kx = 0
+                        ky = ky + 1 if ky + 1 < side else 0
                     if try_zero and cy == 0 and cx == 0:
                         continue  # already evaluated first; an equal cost never wins
                 if y0 + cy < 0 or x0 + cx < 0 or y0 + bh + cy > height or x0 + bw + cx > width:

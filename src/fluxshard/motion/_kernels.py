@@ -152,14 +152,26 @@ FILLED = 4
 EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+#: Leading entries of a :func:`codec_field_at` state array holding the float64 parameters (bit patterns).
+STATE_PARAMS = 16
+
+
 @njit(cache=True, nogil=True)
-def codec_field_at(frame_obj, get_fn, params, cur, prev, out, flags, keys) -> int:
+def codec_field_at(frame_obj, get_fn, prior, state, cur, prev, out, flags, slot) -> int:
     """:func:`codec_field` on the vectors of the PyAV frame object ``frame_obj`` (its ``id``), read in place
-    from the decoder's side data (``fluxshard.video.sidedata``); returns −1 when the frame has none."""
+    from the decoder's side data (``fluxshard.video.sidedata``); returns −1 when the frame has none.
+
+    The per-frame call of a stream, with few array arguments (each costs numba's dispatcher an unboxing, and
+    after a decode the dispatcher runs with cold caches): ``state`` (uint64) holds the parameters' float64 bit
+    patterns in its first :data:`STATE_PARAMS` entries (the prior span is passed apart and written there) and
+    the cell grid after them; the results go to ``out[slot]`` and ``flags[slot]`` (stacks of per-frame
+    arrays, handed out to fields one slot at a time)."""
+    params = state[:STATE_PARAMS].view(np.float64)
+    params[11] = prior
     rows = mv_rows(frame_obj, get_fn)
     if rows.shape[0] == 0:
         return -1
-    return codec_field(rows, params, cur, prev, out, flags, keys)
+    return codec_field(rows, params, cur, prev, out[slot], flags[slot], state[STATE_PARAMS:])
 
 
 @njit(cache=True, nogil=True)

@@ -77,7 +77,12 @@ def field_from_mvs(
 class CodecFieldBuilder:
     """:func:`field_from_mvs` for a stream of frames of one size: the kernel's parameters and its scratch grid
     are prepared once, so a frame costs one kernel call and two allocations (the field's own arrays).
-    :meth:`build_at` reads the vectors inside the kernel, straight from the decoder's frame."""
+    :meth:`build_at` reads the vectors inside the kernel, straight from the decoder's frame, and hands out the
+    field's arrays from stacks allocated for :data:`SLOTS` frames at a time (one allocation per stack instead
+    of two per frame; a field kept alive keeps its stack's memory, ``SLOTS`` × 14 bytes per block)."""
+
+    #: Frames per stack of field arrays (:meth:`build_at`).
+    SLOTS = 8
 
     def __init__(self, config: CodecMVConfig, height: int, width: int) -> None:
         b = config.block
@@ -86,10 +91,17 @@ class CodecFieldBuilder:
         self.config = config
         self.height, self.width = height, width
         self.grid = grid_shape(height, width, b)
-        self._params = np.array([height, width, b, config.verify_unambiguous, config.verify,
-                                 max(config.max_ref_span, 1), config.verify_tau, config.verify_margin,
-                                 config.verify_good, config.fill, config.fill_tau, 1], np.float64)
-        self._keys = np.empty((-(-height // CELL)) * (-(-width // CELL)), np.uint64)
+        n = _kernels.STATE_PARAMS
+        # parameters (float64 bit patterns) then the cell grid, in one array: see ``_kernels.codec_field_at``
+        self._state = np.zeros(n + (-(-height // CELL)) * (-(-width // CELL)), np.uint64)
+        self._params = self._state[:n].view(np.float64)
+        self._params[:12] = [height, width, b, config.verify_unambiguous, config.verify,
+                             max(config.max_ref_span, 1), config.verify_tau, config.verify_margin,
+                             config.verify_good, config.fill, config.fill_tau, 1]
+        self._keys = self._state[n:]
+        self._n_blocks = self.grid[0] * self.grid[1]
+        self._slot = self.SLOTS  # the next free slot of the current stacks (none allocated yet)
+        self._out = self._flags = np.empty(0)
 
     def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,
               prev_luma: np.ndarray | None, prior_span: int = 1) -> MotionField:
@@ -110,19 +122,26 @@ class CodecFieldBuilder:
         The per-frame path of a stream: kept to the fewest Python steps (they run with cold caches)."""
         if pict_type == "I" or key_frame:
             return self._invalid(pict_type, True)
-        hb, wb = self.grid
-        out = np.empty((3, hb, wb), np.int32)
-        flags = np.empty((2, hb, wb), np.bool_)
-        params = self._params
-        params[11] = prior_span
+        k = self._slot
+        if k == self.SLOTS:
+            hb, wb = self.grid
+            self._out = np.empty((self.SLOTS, 3, hb, wb), np.int32)
+            self._flags = np.empty((self.SLOTS, 2, hb, wb), np.bool_)
+            k = 0
+        out = self._out
+        flags = self._flags
         # decoder planes are strided views: passed as they are, no copies
-        n_covered = _kernels.codec_field_at(frame_obj, get_fn, params, cur_luma, prev_luma, out, flags, self._keys)
+        n_covered = _kernels.codec_field_at(frame_obj, get_fn, prior_span, self._state, cur_luma, prev_luma, out,
+                                            flags, k)
         if n_covered < 0:
+            self._slot = k
             return None
-        if pict_type != "B" and 1.0 - n_covered / (hb * wb) > self.config.scene_cut_intra:
+        if pict_type != "B" and 1.0 - n_covered / self._n_blocks > self.config.scene_cut_intra:
+            self._slot = k  # the slot is reused: the field does not refer to it
             return self._invalid(pict_type, True)
-        return MotionField(out[0], out[1], flags[0], self.config.block, self.height, self.width, pict_type, "codec",
-                           False, flags[1])
+        self._slot = k + 1
+        return MotionField(out[k, 0], out[k, 1], flags[k, 0], self.config.block, self.height, self.width, pict_type,
+                           "codec", False, flags[k, 1])
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         hb, wb = self.grid

@@ -199,8 +199,9 @@ def _warm_up(block: int) -> None:
     for img in (z, np.zeros((block * 2, block * 4), np.uint8)[:, : block * 2]):  # contiguous and strided planes
         field_from_mvs(mv, 2 * block, 2 * block, "P", False, img, img, CodecMVConfig(block=block))
         # The direct side-data variant needs a live decoder frame to run: load its machine code by signature.
-        _kernels.codec_field_at.compile((types.int64, types.int64, typeof(np.zeros(12)), typeof(img), typeof(img),
-                                         typeof(out), typeof(flags), typeof(np.zeros(4, np.uint64))))
+        _kernels.codec_field_at.compile((types.int64, types.int64, types.int64, typeof(np.zeros(4, np.uint64)),
+                                         typeof(img), typeof(img), typeof(out[None]), typeof(flags[None]),
+                                         types.int64))
         _kernels.shifted_diff(img[:, :, None], img[:, :, None], np.zeros((2, 2), np.int32),
                               np.zeros((2, 2), np.int32), block, np.empty(img.shape, np.float32),
                               np.empty((2, 2), np.float32))

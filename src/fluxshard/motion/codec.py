@@ -102,6 +102,7 @@ class CodecFieldBuilder:
         self._n_blocks = self.grid[0] * self.grid[1]
         self._slot = self.SLOTS  # the next free slot of the current stacks (none allocated yet)
         self._out = self._flags = np.empty(0)
+        self._views: list[tuple[np.ndarray, ...]] = []
 
     def build(self, mvs: np.ndarray | None, pict_type: str, key_frame: bool, cur_luma: np.ndarray | None,
               prev_luma: np.ndarray | None, prior_span: int = 1) -> MotionField:
@@ -127,6 +128,9 @@ class CodecFieldBuilder:
             hb, wb = self.grid
             self._out = np.empty((self.SLOTS, 3, hb, wb), np.int32)
             self._flags = np.empty((self.SLOTS, 2, hb, wb), np.bool_)
+            # each slot's dy, dx, valid, filled views, made here in one go
+            self._views = [(self._out[j, 0], self._out[j, 1], self._flags[j, 0], self._flags[j, 1])
+                           for j in range(self.SLOTS)]
             k = 0
         out = self._out
         flags = self._flags
@@ -140,8 +144,9 @@ class CodecFieldBuilder:
             self._slot = k  # the slot is reused: the field does not refer to it
             return self._invalid(pict_type, True)
         self._slot = k + 1
-        return MotionField(out[k, 0], out[k, 1], flags[k, 0], self.config.block, self.height, self.width, pict_type,
-                           "codec", False, flags[k, 1])
+        dy, dx, valid, filled = self._views[k]
+        return MotionField(dy, dx, valid, self.config.block, self.height, self.width, pict_type, "codec", False,
+                           filled)
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         hb, wb = self.grid

@@ -298,4 +298,5 @@ def test_block_matching_same_on_vector_and_scalar_paths(clip_p: SynthClip) -> No
             b = block_match(_scalar_copy(cur), _scalar_copy(ref), cfg, predictor=predictor)
             for x, y in ((a.dy, b.dy), (a.dx, b.dx), (a.valid, b.valid)):
                 assert np.array_equal(x, y)
+            assert not (a.valid & ~a.source_inside()).any()  # the search only admits sources inside the frame
             pred = a

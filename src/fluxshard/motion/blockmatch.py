@@ -53,13 +53,14 @@ def block_match(
     height, width = cur.shape
     hb, wb = grid_shape(height, width, b)
     if predictor is not None and predictor.shape == (hb, wb) and predictor.block == b:
-        pdy = np.where(predictor.valid, predictor.dy, 0).astype(np.int32)
-        pdx = np.where(predictor.valid, predictor.dx, 0).astype(np.int32)
+        pdy = np.where(predictor.valid, predictor.dy, 0).astype(np.int32, copy=False)
+        pdx = np.where(predictor.valid, predictor.dx, 0).astype(np.int32, copy=False)
         dy, dx = np.empty_like(pdy), np.empty_like(pdx)
         cost = np.empty((hb, wb), np.float32)
         _kernels.match_level(cur, ref, b, pdy, pdx, 1, True, 2, dy, dx, cost, cfg.predictor_good)
+        # Valid blocks lie inside the reference: the search only admits candidates whose block stays inside
+        # (``MotionField.source_inside``), and a block without one has cost +inf.
         f = MotionField(dy, dx, cost <= cfg.tau, b, height, width, frame_type, source="blockmatch")
-        f.valid &= f.source_inside()
         if f.valid_fraction >= cfg.predictor_min_valid:
             return f
     levels = max(1, min(cfg.levels, int(np.log2(b)) - 1))  # keep ≥ 4-pixel blocks at the coarsest level
@@ -79,6 +80,5 @@ def block_match(
         c_l, r_l = (cur, ref) if lvl == 0 and cur.dtype == np.uint8 == ref.dtype else (pyr_c[lvl], pyr_r[lvl])
         _kernels.match_level(c_l, r_l, b >> lvl, pdy, pdx, cfg.search if top else 1, lvl == 0, 1, ndy, ndx, cost)
         dy, dx = ndy, ndx
-    f = MotionField(dy, dx, cost <= cfg.tau, b, height, width, frame_type, source="blockmatch")
-    f.valid &= f.source_inside()
+    f = MotionField(dy, dx, cost <= cfg.tau, b, height, width, frame_type, source="blockmatch")  # inside: see above
     return f

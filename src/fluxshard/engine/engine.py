@@ -284,6 +284,14 @@ class Engine:
         self._tau: tuple[dict[str, float], float] = (self.config.thresholds, self.config.default_threshold)
         self.reset()
 
+    def share_calibration(self, other: Engine) -> None:
+        """Use the executor costs ``other`` measured (same body, same input size) instead of measuring them
+        again on this engine's first frame: the profiler runs one model a dozen times per clip."""
+        mods = {id(c.module) for c in self._conv_nodes.values()}
+        if other.input_hw != self.input_hw or mods != {id(c.module) for c in other._conv_nodes.values()}:
+            raise EngineError("share_calibration needs an engine of the same body and input size")
+        self._plans, self._pgemm_layers, self._calibrated = other._plans, other._pgemm_layers, other._calibrated
+
     @property
     def barriers(self) -> list[str]:
         return list(self.info.barriers)

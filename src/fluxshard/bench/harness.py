@@ -16,9 +16,13 @@ Methods (all NanoDet through ``adapter.body``; detections via ``adapter.postproc
 * ``fluxshard-fast`` — fast engine (shipped profile) with the per-block field.
 * ``naive-mv`` — ``fluxshard-fast`` without RFAP at the first convolution.
 
-``delta``, ``global-warp`` and ``naive-mv`` use the same τ_in / τ^l as ``fluxshard-fast``, so only the motion
-handling differs. The timer covers the method's per-frame work: field conversion (baselines), the
-similarity test, the body or engine step, and postprocessing to frame-pixel detections.
+``delta`` and ``global-warp`` use their own shipped profiles (same profiler, same retention target: thresholds
+tuned for MV-aligned caches would be far too loose for unaligned ones); ``naive-mv`` uses ``fluxshard-fast``'s,
+so only the motion handling differs. The timer covers the method's per-frame work: field conversion
+(baselines), the similarity test, the body or engine step, and postprocessing to frame-pixel detections. At
+one torch thread it reads the thread's CPU time (nothing runs in parallel then, so it equals wall time on a
+quiet machine, and other jobs on a shared one do not land in whichever method was running); with more
+threads, wall time. The report names the timer.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class ClipResult:
     fast_config: dict[str, Any]
     rows: list[FrameRow] = field(default_factory=list)
     error: str | None = None
+    timer: str = "wall"
 
     def by_method(self, method: str) -> list[FrameRow]:
         return [r for r in self.rows if r.method == method]
@@ -205,6 +210,8 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         out = body(x.contiguous(memory_format=torch.channels_last))
         return out, _to_frame(adapter.postprocess_input(out, hw), mapper)
 
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    res.timer = "thread CPU" if torch.get_num_threads() == 1 else "wall"
     with torch.inference_mode():
         dense_once(mapper.tensor(np.zeros((fh, fw, 3), np.uint8)))  # warm-up outside the timer
         for i, mf in enumerate(stream):
@@ -216,7 +223,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
             k = i % len(methods)
             outs: dict[str, Any] = {}
             for m in methods[k:] + methods[:k]:
-                t0 = time.perf_counter()
+                t0 = clock()
                 st: StepStats | None = None
                 reused = False
                 if m == "dense":
@@ -231,7 +238,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
                         f = baselines.global_field(fld)
                     out, st = engines[m].step(x, f, motion=fld_motion)
                     dets = _to_frame(adapter.postprocess_input(out, hw), mapper)
-                ms = (time.perf_counter() - t0) * 1e3
+                ms = (clock() - t0) * 1e3
                 outs[m] = out
                 if st is not None:
                     row = FrameRow(name, m, mf.index, motion, st.input_residual_fraction, st.active_fraction,

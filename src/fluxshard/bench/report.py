@@ -153,8 +153,8 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
     fast = results[0].fast_config if results else {}
     parts = [
         "# fluxshard bench report", "",
-        f"Model: {model}. Clips: " + ", ".join(f"{r.clip} ({r.path}, MV source {r.mv_source})" for r in results)
-        + ".", "",
+        f"Model: {model}. Clips: "
+        + ", ".join(f"{r.clip} ({r.path}, MV source {r.mv_source}, timer {r.timer})" for r in results) + ".", "",
         "## Table of means (per clip × method)", "",
         markdown_table(summaries), "",
         "## By motion bin (all clips pooled, incrementally computed frames)", "",

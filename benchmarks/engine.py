@@ -14,7 +14,10 @@ the bin of the frame's real motion): on moving clips MV alignment must give a sm
 motion. ``+guard`` runs a mode with the engine's cost guard (frames
 run dense while incremental frames cost more than dense ones, probing every 8th frame — what ``fluxshard run``
 does); ``total`` = summed dense time / summed engine time over the clip (throughput, probes and guard frames
-included), ``guard`` = frames the guard ran dense.
+included), ``guard`` = frames the guard ran dense. ``--profile`` replaces the shipped fluxshard-fast
+profile (e.g. one made with ``fluxshard profile --target-retention 0.95``). At ``--threads 1`` every time is
+the thread's CPU time (nothing runs in parallel then: equal to wall time on a quiet machine, and other jobs on
+a shared one do not land in whichever side was running); otherwise wall time. The header names the timer.
 
     python benchmarks/engine.py [CLIP ...] [--frames 60] [--factor 1,2] [--threads 2] [--modes exact,fast,...]
 
@@ -53,21 +56,24 @@ def load_frames(path: str, frames: int, factor: int | None) -> tuple[InputMapper
     return mapper, out
 
 
-def config_for(mode: str, model: str, calibrate: bool, guard: bool = False) -> EngineConfig:
+def config_for(mode: str, model: str, calibrate: bool, guard: bool = False, profile: str | None = None,
+               ) -> EngineConfig:
     if mode == "exact":
         return EngineConfig(mode="exact", calibrate=calibrate, guard=guard)
     # zero motion gets the delta baseline's own thresholds (same retention target) when shipped: the
     # fluxshard profile is tuned for aligned caches and far too loose for unaligned ones
-    prof = (default_profile(model, "delta") if mode == "fast-zero-mv" else None) or default_profile(model)
+    prof = ((default_profile(model, "delta") if mode == "fast-zero-mv" else profile)
+            or default_profile(model))
     return (EngineConfig.from_file(prof, calibrate=calibrate, guard=guard) if prof
             else EngineConfig(mode="fast", calibrate=calibrate, guard=guard))
 
 
 def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: str,
-             calibrate: bool = True) -> dict[str, Any]:
+             calibrate: bool = True, profile: str | None = None) -> dict[str, Any]:
     guard = mode.endswith("+guard")
     base = mode.removesuffix("+guard")
-    cfg = config_for(base, model, calibrate, guard)
+    cfg = config_for(base, model, calibrate, guard, profile)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     eng = Engine(adapter.body, mapper.input_hw, cfg)
     body = adapter.body
     eng_ms: list[float] = []
@@ -79,13 +85,13 @@ def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: 
     with torch.inference_mode():
         for i, (x, f) in enumerate(frames):
             fld = zero_field(f) if mode.startswith("fast-zero-mv") else f
-            t0 = time.perf_counter()
+            t0 = clock()
             out, st = eng.step(x, fld, motion=field_motion(f))  # thresholds by the frame's real motion
-            t1 = time.perf_counter()
+            t1 = clock()
             xd = x.contiguous(memory_format=torch.channels_last)
-            t2 = time.perf_counter()
+            t2 = clock()
             dense = body(xd)
-            t3 = time.perf_counter()
+            t3 = clock()
             if i > 0 and not st.dense:
                 eng_ms.append((t1 - t0) * 1e3)
                 active.append(st.active_fraction)
@@ -144,6 +150,7 @@ def main() -> None:
                     "per sparse path, fixed ms + ms per unit active fraction (what bounds the engine's efficiency)")
     ap.add_argument("--no-calibrate", action="store_true", help="use the executor's default cost rule instead of "
                     "measuring each layer on the first frame")
+    ap.add_argument("--profile", help="fluxshard-fast profile JSON instead of the shipped one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -157,7 +164,9 @@ def main() -> None:
     adapter = load_model(args.model)
     factors = [None if f == "auto" else int(f) for f in args.factor.split(",")]
     modes = args.modes.split(",")
-    print(f"threads {args.threads}, {args.frames} frames per clip, model {args.model}")
+    timer = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
+    print(f"threads {args.threads} ({timer}), {args.frames} frames per clip, model {args.model}, "
+          f"profile {args.profile or default_profile(args.model)}")
     print(f"{'clip':<18}{'input':>10} {'mode':<14}{'dense ms':>9}{'engine ms':>10}{'speedup':>8}{'total':>7}"
           f"{'guard':>6}{'active':>8}"
           f"{'effic.':>7}{'ret@.5':>8}{'max|Δ|':>9}")
@@ -166,7 +175,7 @@ def main() -> None:
         for fac in factors:
             mapper, frames = load_frames(c, args.frames, fac)
             for m in modes:
-                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate)
+                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate, args.profile)
                 r.update(clip=Path(c).name, input_hw=list(mapper.input_hw))
                 rows.append(r)
                 ret = r["retention_map50"]

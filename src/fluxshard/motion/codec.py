@@ -76,7 +76,7 @@ def field_from_mvs(
 
 class CodecFieldBuilder:
     """:func:`field_from_mvs` for a stream of frames of one size: the kernel's parameters and its scratch grid
-    are prepared once, so a frame costs one kernel call and two allocations (the field's own arrays).
+    are prepared once, so :meth:`build` costs one kernel call and two allocations (the field's own arrays).
     :meth:`build_at` reads the vectors inside the kernel, straight from the decoder's frame, and hands out the
     field's arrays from stacks allocated for :data:`SLOTS` frames at a time (one allocation per stack instead
     of two per frame; a field kept alive keeps its stack's memory, ``SLOTS`` × 14 bytes per block)."""

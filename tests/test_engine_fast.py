@@ -333,3 +333,23 @@ def test_shift_map_carry_tracks_the_offset_exactly() -> None:
         total_moves += int(sx[1, j])
         ey0, ex0 = ey, ex
     assert total_moves == round(30 * 3 / S)  # 90 px ≈ 5.6 positions: moved 6 times, offset −6 px left
+
+
+def test_layers_that_recompute_almost_everything_run_whole() -> None:
+    """``full_above``: a conv recomputing at least that fraction runs over every position (dense or the
+    compiled path over all rows) and marks everything changed, so the frame equals dense inference up to
+    float summation order — more recompute than truncation alone would ask for, never less."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    frames = sequence(4, 96, 128, (0, 8), (4, 4))
+    g = torch.Generator().manual_seed(2)
+    noisy = [((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1), f) for x, f in frames]
+    eng = Engine(body, (96, 128), EngineConfig(mode="fast", tau_in=0.0, default_threshold=0.0, full_above=0.05))
+    with torch.inference_mode():
+        for x, f in noisy:
+            y, st = eng.step(x, f)
+            torch.testing.assert_close(y, body(x), atol=1e-5, rtol=1e-4)
+            if not st.dense:
+                assert all(s.active_fraction == 1.0 for s in st.layers[1:]), [s.active_fraction for s in st.layers]
+    with pytest.raises(EngineError, match="full_above"):
+        EngineConfig(mode="fast", full_above=0.0)

@@ -85,12 +85,18 @@ class EngineConfig:
     # since it last propagated, so sub-τ^l changes that persist still reach downstream layers (bounded drift;
     # False = compare with the previous frame only, which drifted to 0.93 mAP@0.5 by frame 300 on vtest)
     accumulate: bool = True
+    # fast mode: a conv that would recompute at least this fraction of its positions runs whole and marks
+    # everything changed (no cache move, no change test; downstream layers then run whole too). Measured on
+    # the PTZ pan, where every method recomputes 80–95 % of the deep positions (see docs/design.md).
+    full_above: float = 0.8
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
             raise EngineError(f"engine mode must be 'exact' or 'fast', not {self.mode!r}")
         if self.layout not in ("auto", "batch", "hw", "gemm", "pgemm", "dense"):
             raise EngineError(f"engine layout must be auto, batch, hw, gemm, pgemm or dense, not {self.layout!r}")
+        if not 0.0 < self.full_above <= 1.0:
+            raise EngineError(f"full_above is a fraction in (0, 1], got {self.full_above}")
         if not 0.0 <= self.carry_tolerance <= 0.5:
             raise EngineError(f"carry_tolerance is a fraction of the stride in [0, 0.5], got {self.carry_tolerance}")
         if self.guard_probe < 2:
@@ -889,6 +895,17 @@ class _Runner(fx.Interpreter):
             if eng.config.accumulate:
                 self._acc_moved(n.name, moves, (ho, wo))
             tile_fraction = 0.0
+        elif self.fast and count >= eng.config.full_above * ho * wo:
+            # (almost) everything recomputes: run the layer whole and let everything propagate — no cache move,
+            # no change test, and the next layers see "all changed" and run whole too (conservative)
+            y, path = None, "dense"
+            pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1])))
+            if pg is not None and pg.choose(1.0) == "pgemm":
+                y, path = self._pgemm_all(pg, x, (ho, wo), post), "pgemm"
+            if y is None:
+                y, path = _dense(conv, post, x), "dense"
+            self.changed[n.name] = self.written[n.name] = np.ones((ho, wo), np.bool_)
+            active_fraction = 1.0
         elif count == ho * wo and pg_path != "pgemm":
             y, path = _dense(conv, post, x), "dense"
             if self.fast:
@@ -959,6 +976,16 @@ class _Runner(fx.Interpreter):
         self.changed[name] = changed.reshape(ho, wo)
         self.written[name] = written.reshape(ho, wo)
         return base
+
+    @staticmethod
+    def _pgemm_all(pg: _PgemmLayer, x: torch.Tensor, hw: tuple[int, int], post: Any) -> torch.Tensor | None:
+        """The whole layer through the compiled per-position path (cheaper than oneDNN's direct conv on some
+        small deep maps), as a channels-last tensor; None when the input is not row-addressable."""
+        xrows = _rows_of(x)
+        if xrows is None or not xrows.is_contiguous() or xrows.dtype != torch.float32:
+            return None
+        yr = pg.rows(xrows, np.arange(hw[0] * hw[1], dtype=np.int64), post).contiguous()
+        return yr.view(1, hw[0], hw[1], -1).permute(0, 3, 1, 2)
 
     def _dense_anyway(self, cn: _ConvNode, x: torch.Tensor, f: float, tile: int) -> bool:
         eng = self.engine

@@ -126,3 +126,41 @@ def test_capture_outputs_are_not_the_caches() -> None:
     ptrs = {t.data_ptr() for t in eng._caches.values()}
     assert all(o.data_ptr() not in ptrs for o in out)
     assert np.isfinite(out[0].numpy()).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_guarded_frames_skip_the_capture_but_never_serve_stale_caches(mode: str) -> None:
+    """Guarded frames run plain inference and keep no caches, except the one before a probe. If the guard
+    turns incremental right after such a frame (timings changed), that frame must run dense ("stale caches")
+    instead of reusing caches older than the last frame — and every frame still equals dense."""
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(1, 14, 48, 64, 16, (0, 4), 0.0)
+    eng = Engine(body, (48, 64), EngineConfig(mode=mode, guard=True, guard_probe=6, layout="pgemm"))
+    captured: list[bool] = []
+    run_dense = eng._run_dense
+
+    def spy(x: torch.Tensor) -> object:
+        captured.append(True)
+        return run_dense(x)
+
+    eng._run_dense = spy  # type: ignore[method-assign]
+    reasons = []
+    with torch.inference_mode():
+        for t, (x, f) in enumerate(frames):
+            if 1 <= t < 9:
+                _plant(eng, inc=1e9, dense=1e-9)  # incremental does not pay ...
+            elif t >= 9:
+                _plant(eng, inc=1e-9, dense=1e9)  # ... then suddenly does
+            n = len(captured)
+            out, st = eng.step(x, f)
+            reasons.append((st.reason, len(captured) > n))
+            if mode == "exact":
+                _check(out, body(x))
+    guarded = [(i, cap) for i, (r, cap) in enumerate(reasons) if r == "cost guard"]
+    assert guarded and any(not cap for _, cap in guarded), reasons  # plain frames happened
+    # the frame before each probe captured; no incremental frame directly follows a plain one
+    for i in range(1, len(reasons)):
+        if reasons[i][0] == "" and reasons[i - 1][0] == "cost guard":
+            assert reasons[i - 1][1], reasons
+    assert ("stale caches", True) in reasons, reasons

@@ -893,10 +893,9 @@ class _Runner(fx.Interpreter):
         if self.first_recompute is None:
             self.first_recompute = rec
         tile_fraction = 1.0
-        pg_path = None
-        if self.fast and eng.config.layout == "auto":  # measured compiled-path model (Engine._calibrate_pgemm)
-            pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1])))
-            pg_path = pg.choose(active_fraction) if pg is not None else None
+        # fast mode: the measured compiled-path model (Engine._calibrate_pgemm), when calibrated
+        pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1]))) if self.fast else None
+        pg_path = pg.choose(active_fraction) if pg is not None and eng.config.layout == "auto" else None
         if count == 0 and self.fast:  # nothing reaches this layer: its cache, moved, is its output
             y, path = _move(cache, sy, sx, moves), "skip"
             self.changed[n.name] = np.zeros((ho, wo), np.bool_)
@@ -908,7 +907,6 @@ class _Runner(fx.Interpreter):
             # (almost) everything recomputes: run the layer whole and let everything propagate — no cache move,
             # no change test, and the next layers see "all changed" and run whole too (conservative)
             y, path = None, "dense"
-            pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1])))
             if pg is not None and pg.choose(1.0) == "pgemm":
                 y, path = self._pgemm_all(pg, x, (ho, wo), post), "pgemm"
             if y is None:

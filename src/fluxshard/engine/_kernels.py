@@ -320,6 +320,12 @@ def pool_rows(xrows, h: int, w: int, positions, wo: int, kh: int, kw: int, sh: i
             orows[o, :] = acc / (kh * kw)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _block_at(i: int, S: int, size: int, block: int) -> int:
+    """Motion block holding the centre of feature position ``i`` at stride ``S`` (clamped to the frame)."""
+    return min(i * S + S // 2, size - 1) // block
+
+
 @njit(cache=True, nogil=True)
 def shift_map(dy, dx, valid, block: int, height: int, width: int, S: int, tol: int, notok, sy, sx) -> int:
     """Fast mode's per-shard displacement at a resolution of stride ``S``: each feature position takes its
@@ -329,9 +335,9 @@ def shift_map(dy, dx, valid, block: int, height: int, width: int, S: int, tol: i
     ho, wo = notok.shape
     moved = 0
     for i in range(ho):
-        by = min(i * S + S // 2, height - 1) // block
+        by = _block_at(i, S, height, block)
         for j in range(wo):
-            bx = min(j * S + S // 2, width - 1) // block
+            bx = _block_at(j, S, width, block)
             vy = dy[by, bx]
             vx = dx[by, bx]
             qy = int(np.floor(abs(vy) / S + 0.5))
@@ -367,9 +373,9 @@ def shift_map_carry(dy, dx, valid, block: int, height: int, width: int, S: int, 
     hf, wf = fine_y.shape
     moved = 0
     for i in range(ho):
-        by = min(i * S + S // 2, height - 1) // block
+        by = _block_at(i, S, height, block)
         for j in range(wo):
-            bx = min(j * S + S // 2, width - 1) // block
+            bx = _block_at(j, S, width, block)
             ok = valid[by, bx]
             qy = 0
             qx = 0

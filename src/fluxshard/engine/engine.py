@@ -734,7 +734,32 @@ class _Runner(fx.Interpreter):
         self.engine = engine
         self._convs = engine._conv_nodes
         self._args = {n.name: [a.name for a in tensor_args(n)] for n in engine.gm.graph.nodes}
+        # the node order with the values each node is the last user of (freed right after it runs)
+        self._order = [(n, tuple(self.user_to_last_uses.get(n, ()))) for n in engine.gm.graph.nodes]
         self.arm(None)
+
+    def run(self, *args: Any, **_: Any) -> Any:  # type: ignore[override]
+        """``fx.Interpreter.run`` without its per-node progress bar, debug logging and metadata context
+        (~15 µs per node, ~1.5 ms per NanoDet frame measured — a tenth of a sparse frame's time)."""
+        graph = self.graph
+        self.env = env = {}
+        self.args_iter = iter(graph.process_inputs(*args))
+        for node, dead in self._order:
+            try:
+                env[node] = self.run_node(node)
+            except Exception as e:
+                e.add_note(f"(while the engine ran node {node.format_node()})")
+                raise
+            for d in dead:
+                del env[d]
+            if node.op == "output":
+                return graph.process_outputs(env[node])
+        raise EngineError("traced body has no output node")
+
+    def _plain(self, n: fx.Node) -> Any:
+        """One node as the stock interpreter would run it (without its debug context)."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return getattr(self, n.op)(n.target, args, kwargs)
 
     def arm(self, maps: PixelMaps | None) -> None:
         """Per-frame state: the input maps (None = dense frame) and fresh caches, masks and stats."""
@@ -762,11 +787,11 @@ class _Runner(fx.Interpreter):
                 self.written[n.name] = self.written[conv_node.name]
             return self.env[conv_node]
         if not self.fast:
-            return super().run_node(n)
+            return self._plain(n)
         ro = self.engine._row_ops.get(n.name)
         out = self._row_op(n, ro) if ro is not None else None
         if out is None:
-            out = super().run_node(n)
+            out = self._plain(n)
             self._propagate(n, out, self.written, written=True)
             if ro is not None:  # ran dense (too much changed, or a cache that is not row-addressable)
                 self.new_caches[n.name] = _row_cache(out)

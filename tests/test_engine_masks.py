@@ -160,3 +160,25 @@ def test_write_rows_scatters_and_measures_change(seed: int) -> None:
     ref.index_copy_(0, dst, yr)
     assert torch.equal(orows, ref)
     assert np.allclose(delta, (yr - before[dst]).abs().amax(1).numpy(), atol=0)
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_finish_rows_applies_the_fused_activation_bit_exactly(act: int) -> None:
+    """The pgemm write-back applies ReLU / leaky ReLU itself; it must give PyTorch's values bit for bit (the
+    truncation test compares them with caches written by dense layers), NaN included."""
+    rng = np.random.default_rng(act)
+    n_rows, c = 40, 19
+    orows = torch.rand(n_rows, c)
+    before = orows.clone()
+    pos = np.sort(rng.choice(n_rows, 11, replace=False)).astype(np.int64)
+    yr = torch.from_numpy(rng.normal(0, 1, (11, c)).astype(np.float32))
+    yr[0, :4] = torch.tensor([0.0, -0.0, float("nan"), 1e-30])
+    ref = {0: yr, 1: torch.relu(yr), 2: F.leaky_relu(yr, 0.1)}[act]
+    changed, written = np.zeros(n_rows, np.bool_), np.zeros(n_rows, np.bool_)
+    ek.finish_rows(yr.numpy().copy(), pos, orows.numpy(), 0.5, np.zeros(0, np.float32), False, changed, written,
+                   act, 0.1)
+    want = before.clone()
+    want[torch.from_numpy(pos)] = ref
+    assert torch.equal(orows.isnan(), want.isnan())
+    assert torch.equal(orows.nan_to_num(), want.nan_to_num())
+    assert written[pos].all() and written.sum() == len(pos)

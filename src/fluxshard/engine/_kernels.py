@@ -78,24 +78,33 @@ def window_positions(m_in, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _write_row(yr, i: int, orows, r: int) -> float:
-    """``orows[r] = yr[i]``; returns max over channels of |new − old|."""
+def _write_row(yr, i: int, orows, r: int, act: int, slope) -> float:
+    """``orows[r] = act(yr[i])``; returns max over channels of |new − old|. ``act``: 0 none, 1 ReLU, 2 leaky
+    ReLU with float32 ``slope`` (PyTorch's formula: ``x if x > 0 else x · slope``, in float32)."""
     m = np.float32(0.0)
     for k in range(yr.shape[1]):
         v = yr[i, k]
+        if act == 1:
+            if v <= 0:  # NaN stays NaN, as in torch.relu
+                v = np.float32(0.0)
+        elif act == 2 and not v > 0:
+            v = v * slope
         m = max(m, abs(v - orows[r, k]))
         orows[r, k] = v
     return m
 
 
 @njit(cache=True, nogil=True)
-def finish_rows(yr, positions, orows, tau: float, acc, use_acc: bool, changed, written) -> None:
-    """The fast pgemm path's write-back in one pass: ``orows[positions[i]] = yr[i]``, the written mask, and
-    the truncation test on ``max_c |new − old|`` (accumulated in ``acc`` when ``use_acc``, see
-    :func:`accumulate_rows`; else against τ^l alone)."""
+def finish_rows(yr, positions, orows, tau: float, acc, use_acc: bool, changed, written, act: int = 0,
+                slope: float = 0.0) -> None:
+    """The fast pgemm path's write-back in one pass: ``orows[positions[i]] = act(yr[i])`` (the convolution's
+    fused ReLU / leaky ReLU applied here, saving a pass over the rows), the written mask, and the truncation
+    test on ``max_c |new − old|`` (accumulated in ``acc`` when ``use_acc``, see :func:`accumulate_rows`; else
+    against τ^l alone)."""
+    s32 = np.float32(slope)
     for i in range(yr.shape[0]):
         r = positions[i]
-        m = _write_row(yr, i, orows, r)
+        m = _write_row(yr, i, orows, r, act, s32)
         written[r] = True
         if use_acc:
             a = acc[r] + m
@@ -255,7 +264,7 @@ def write_rows(yr, dst, orows, delta) -> None:
     """``orows[dst[i]] = yr[i]`` and ``delta[i] = max_c |yr[i] − old orows[dst[i]]|`` in one pass: the sparse
     executor's scatter and fast mode's truncation input (was gather + subtract + abs + max + scatter)."""
     for i in range(yr.shape[0]):
-        delta[i] = _write_row(yr, i, orows, dst[i])
+        delta[i] = _write_row(yr, i, orows, dst[i], 0, np.float32(0.0))
 
 
 @njit(cache=True, nogil=True)
@@ -466,7 +475,7 @@ def warm() -> None:
     window_positions(b, 3, 3, 1, 1, 1, 1, 1, 1, b, np.empty((4, 4), np.bool_), 2, 2, t, np.empty(16, np.int64))
     r4 = np.zeros((1, 4), np.float32)
     finish_rows(r4, np.zeros(1, np.int64), r4.copy(), 0.0, np.zeros(1, np.float32), True, np.zeros(1, np.bool_),
-                np.zeros(1, np.bool_))
+                np.zeros(1, np.bool_), 2, 0.1)
     mask_tiles(b, 2, 2, t)
     img = np.zeros((16, 16, 3), np.float32)
     z = np.zeros((1, 1), np.int32)

@@ -213,6 +213,25 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> Any:
     return None
 
 
+def _act_code(gm: fx.GraphModule, node: fx.Node) -> tuple[int, float]:
+    """The activation as the compiled write-back's code: (1, 0) ReLU, (2, slope) leaky ReLU, (0, 0) other
+    (applied by its torch callable instead)."""
+    t = node.target
+    if node.op == "call_module":
+        m = gm.get_submodule(str(t))
+        if type(m) is nn.ReLU:
+            return 1, 0.0
+        if type(m) is nn.LeakyReLU:
+            return 2, float(m.negative_slope)
+        return 0, 0.0
+    if node.op == "call_function":
+        if t in (F.relu, torch.relu, torch.ops.aten.relu.default):
+            return 1, 0.0
+        if t is F.leaky_relu:
+            return 2, float(node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01))
+    return 0, 0.0
+
+
 def _silu_(v: torch.Tensor) -> torch.Tensor:
     return F.silu(v, inplace=True)
 
@@ -281,6 +300,9 @@ class Engine:
         self._calibrated: set[str] = set()
         self._post, self._fused_into = _find_fusions(self.gm, self.info) if self.config.fuse \
             else ({}, {})
+        # fused activations the compiled write-back applies itself (see _ek.finish_rows), per conv
+        by_name = {n.name: n for n in self.gm.graph.nodes}
+        self._post_act = {c.name: _act_code(self.gm, by_name[u]) for u, c in self._fused_into.items()}
         self._conv_nodes = _conv_nodes(self.gm, self.info)
         self._row_ops = _row_ops(self.gm, self.info, self._fused_into, self.input_hw) \
             if self.config.mode == "fast" and self.config.sparse else {}
@@ -462,7 +484,8 @@ class Engine:
                                                        wt.shape[0])
         return pg
 
-    def _calibrate_pgemm(self, cn: _ConvNode, x: torch.Tensor, y: torch.Tensor, post: Any, reps: int = 5) -> None:
+    def _calibrate_pgemm(self, name: str, cn: _ConvNode, x: torch.Tensor, y: torch.Tensor, post: Any,
+                         reps: int = 5) -> None:
         """Fast mode's path choice for one convolution: the compiled per-position path (im2col + GEMM + write-
         back) against the stock dense convolution, each timed at the fraction it would run (minimum of
         ``reps``, interleaved; thread CPU time at one thread, so other jobs on a shared machine do not
@@ -478,6 +501,7 @@ class Engine:
         if xrows is None or orows is None or not xrows.is_contiguous() or xrows.dtype != torch.float32:
             return
         pg = self._pgemm_layer(cn, (int(x.shape[-2]), int(x.shape[-1])))
+        act, slope = self._post_act.get(name, (0, 0.0))
         n = orows.shape[0]
         fr = (0.25, 1.0)
         rng = np.random.default_rng(0)
@@ -493,8 +517,8 @@ class Engine:
             td.append(clock() - t0)
             for i, p in enumerate(pos):
                 t0 = clock()
-                yr = pg.rows(xrows, p, post)
-                _ek.finish_rows(yr.numpy(), p, orows.numpy(), 0.0, acc, True, changed, written)
+                yr = pg.rows(xrows, p, None if act else post)
+                _ek.finish_rows(yr.numpy(), p, orows.numpy(), 0.0, acc, True, changed, written, act, slope)
                 tp[i].append(clock() - t0)
         m0, m1 = min(tp[0]) * 1e3, min(tp[1]) * 1e3
         b = max(0.0, (m1 - m0) / (fr[1] - fr[0]))
@@ -885,14 +909,18 @@ class _Runner(fx.Interpreter):
                 # per-layer cost model at this machine's thread count, for the executor's path choice
                 plans.calibrate(x, conv, tile=self._tile(cn, tuple(y.shape[-2:])), post=post)
                 if eng.config.mode == "fast":
-                    eng._calibrate_pgemm(cn, x, y, post)
+                    eng._calibrate_pgemm(n.name, cn, x, y, post)
                 eng._calibrated.add(n.name)
             return y
         t0 = time.perf_counter()
         ho, wo = cache.shape[-2:]
         tile = self._tile(cn, (ho, wo))
         th, tw = min(tile, ho), min(tile, wo)
-        tiles = np.zeros((-(-ho // th), -(-wo // tw)), np.bool_)
+        # fast mode: the measured compiled-path model (Engine._calibrate_pgemm), when calibrated; it picks
+        # pgemm or dense, so no tile selection is needed then
+        pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1]))) if self.fast else None
+        modelled = pg is not None and pg.cost is not None and eng.config.layout == "auto"
+        tiles = _NO_TILES if modelled else np.zeros((-(-ho // th), -(-wo // tw)), np.bool_)
         rec = np.empty((ho, wo), np.bool_)
         pos_buf = None
         if not self.fast or (cn.first and eng.config.rfap):
@@ -908,7 +936,7 @@ class _Runner(fx.Interpreter):
                     self.first_recompute = ~ok
                 return y
             np.logical_not(ok, out=rec)
-            count = _ek.mask_tiles(rec, th, tw, tiles)
+            count = _ek.mask_tiles(rec, th, tw, tiles) if tiles.size else int(np.count_nonzero(rec))
         else:
             notok, sy, sx, moves = self._shift_map(cn.S, (ho, wo))
             pos_buf = np.empty(ho * wo, np.int64)
@@ -918,9 +946,7 @@ class _Runner(fx.Interpreter):
         if self.first_recompute is None:
             self.first_recompute = rec
         tile_fraction = 1.0
-        # fast mode: the measured compiled-path model (Engine._calibrate_pgemm), when calibrated
-        pg = eng._pgemm_layers.get((id(conv), int(x.shape[-2]), int(x.shape[-1]))) if self.fast else None
-        pg_path = pg.choose(active_fraction) if pg is not None and eng.config.layout == "auto" else None
+        pg_path = pg.choose(active_fraction) if modelled else None
         if count == 0 and self.fast:  # nothing reaches this layer: its cache, moved, is its output
             y, path = _move(cache, sy, sx, moves), "skip"
             self.changed[n.name] = np.zeros((ho, wo), np.bool_)
@@ -964,6 +990,9 @@ class _Runner(fx.Interpreter):
                     y = self._pgemm(n.name, cn, x, base, positions, moves, post)
                     path, tile_fraction = "pgemm", active_fraction
                 if y is None:
+                    if not tiles.size:  # the compiled path declined (layout): the executor needs tiles
+                        tiles = np.zeros((-(-ho // th), -(-wo // tw)), np.bool_)
+                        _ek.mask_tiles(rec, th, tw, tiles)
                     y, st = eng._sparse(x, conv, base, None, plan_cache=eng._plans, tile=tile, post=post,
                                         tiles=tiles, track=self.fast, positions=positions, layout=layout)
                     path = st.path
@@ -999,12 +1028,13 @@ class _Runner(fx.Interpreter):
             return None
         pg = self.engine._pgemm_layer(cn, (int(x.shape[-2]), int(x.shape[-1])))
         ho, wo = base.shape[-2:]
-        yr = pg.rows(xrows, positions, post)
+        act, slope = self.engine._post_act.get(name, (0, 0.0))
+        yr = pg.rows(xrows, positions, None if act else post)
         changed = np.zeros(ho * wo, np.bool_)
         written = np.zeros(ho * wo, np.bool_)
         acc = self._acc_moved(name, moves, (ho, wo)).reshape(-1) if self.engine.config.accumulate else _NO_ACC
         _ek.finish_rows(yr.numpy(), positions, orows.numpy(), self._tau_of(name), acc,
-                        self.engine.config.accumulate, changed, written)
+                        self.engine.config.accumulate, changed, written, act, slope)
         self.changed[name] = changed.reshape(ho, wo)
         self.written[name] = written.reshape(ho, wo)
         return base
@@ -1233,6 +1263,7 @@ def _stride_of(input_hw: tuple[int, ...], hw: tuple[int, int]) -> int:
 
 
 _NO_EXTRA = np.zeros((0, 0), np.bool_)
+_NO_TILES = np.zeros((0, 0), np.bool_)  # window kernels: no tile selection wanted
 _NO_ACC = np.zeros(0, np.float32)
 _NO_REM = np.zeros((1, 1), np.int32)
 

@@ -19,6 +19,8 @@ def profile(
     target_retention: Annotated[float, typer.Option(help="Minimum mAP@0.5 retention against dense per bin.",
                                                     min=0.0, max=1.0)] = 0.99,
     max_frames: Annotated[int, typer.Option(help="Frames per clip.", min=2)] = 60,
+    skip: Annotated[int, typer.Option(help="Leave out each clip's first N frames (profile on footage other than "
+                                           "the footage you evaluate on).", min=0)] = 0,
     tau_in: Annotated[float, typer.Option(help="Input residual threshold (0..1).", min=0.0)] = 0.02,
     carry: Annotated[float, typer.Option(help="Carried sub-stride remainder tolerance, fraction of each stride "
                                               "(0 = off; fluxshard-fast only).", min=0.0, max=0.5)] = 0.0,
@@ -49,7 +51,7 @@ def profile(
         t = bar.add_task("decoding + dense reference", total=len(clips))
         loaded = []
         for c in clips:
-            loaded.append(load_clip(clip_path(c), adapter, max_frames, method=method))
+            loaded.append(load_clip(clip_path(c), adapter, max_frames, method=method, skip=skip))
             bar.advance(t)
         t2 = bar.add_task("threshold search (alpha grid)", total=len(ALPHAS) + 1)
 

@@ -54,6 +54,7 @@ class Clip:
     frames: list[tuple[torch.Tensor, Any]]
     motion: list[float]
     dense_dets: list[Any]
+    skip: int = 0  # frames decoded and left out before the profiled ones
 
 
 def model_hash(body: torch.nn.Module) -> str:
@@ -68,10 +69,12 @@ METHODS = ("fluxshard-fast", "delta", "global-warp")
 
 
 def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = None,
-              method: str = "fluxshard-fast") -> Clip:
-    """Frames, fields and dense detections of ``path``. ``method`` replaces the field as the bench harness does
-    for that baseline (``delta``: zero motion, ``global-warp``: one global transform), so a baseline can get
-    its own thresholds at the same retention target; the motion bins stay those of the codec field."""
+              method: str = "fluxshard-fast", skip: int = 0) -> Clip:
+    """Frames, fields and dense detections of ``path`` (``max_frames`` of them after the first ``skip``: a
+    profile made on other footage of the same camera than the footage it is evaluated on). ``method`` replaces
+    the field as the bench harness does for that baseline (``delta``: zero motion, ``global-warp``: one
+    global transform), so a baseline can get its own thresholds at the same retention target; the motion bins
+    stay those of the codec field."""
     from fluxshard.engine.baselines import FIELD_FOR
     from fluxshard.motion import MotionStream
 
@@ -79,12 +82,14 @@ def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = Non
         raise FluxShardError(f"unknown profiling method {method!r}; choose from {', '.join(METHODS)}")
     remap = FIELD_FOR.get(method)
 
-    stream = MotionStream(path, block=16, max_frames=max_frames)
+    stream = MotionStream(path, block=16, max_frames=skip + max_frames)
     mapper = InputMapper((stream.info.height, stream.info.width),
                          factor or choose_factor((stream.info.height, stream.info.width)))
     frames, motion, dets = [], [], []
     with torch.inference_mode():
-        for mf in stream:
+        for i, mf in enumerate(stream):
+            if i < skip:
+                continue
             x = mapper.tensor(mf.frame.rgb)
             f = mapper.field(mf.field)
             motion.append(field_motion(f) if not f.scene_cut else math.inf)
@@ -92,8 +97,8 @@ def load_clip(path: str, adapter: Any, max_frames: int, factor: int | None = Non
             dets.append(adapter.postprocess_input(adapter.body(x.contiguous(memory_format=torch.channels_last)),
                                                   mapper.input_hw))
     if len(frames) < 2:
-        raise FluxShardError(f"{path}: fewer than 2 frames decoded, nothing to profile")
-    return Clip(path, mapper, frames, motion, dets)
+        raise FluxShardError(f"{path}: fewer than 2 frames decoded after skipping {skip}, nothing to profile")
+    return Clip(path, mapper, frames, motion, dets, skip)
 
 
 def layer_scales(adapter: Any, clips: Sequence[Clip], frames_per_clip: int = 4) -> dict[str, float]:
@@ -285,6 +290,7 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         "retention_map50_all": overall,
         "search": tried,
         "repairs": repairs,
-        "clips": [{"path": c.path, "frames": len(c.frames), "input_hw": list(c.mapper.input_hw)} for c in clips],
+        "clips": [{"path": c.path, "skip": c.skip, "frames": len(c.frames), "input_hw": list(c.mapper.input_hw)}
+                  for c in clips],
         "seconds": round(time.perf_counter() - t0, 1),
     }

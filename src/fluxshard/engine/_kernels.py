@@ -303,15 +303,25 @@ def im2col_rows(xrows, table, valid, positions, fill: float, out) -> None:
     check = valid.shape[0] > 0
     for i in range(n):
         p = positions[i]
+        orow = out[i]
         for t in range(k):
             o = t * c
-            if check and not valid[p, t]:
+            if c >= 8:  # 0-based slices: the copy vectorises (~20 % faster at 58 channels; slower at 3)
+                d = orow[o:o + c]
+                if check and not valid[p, t]:
+                    for ch in range(c):
+                        d[ch] = fill
+                else:
+                    s = xrows[table[p, t]]
+                    for ch in range(c):
+                        d[ch] = s[ch]
+            elif check and not valid[p, t]:
                 for ch in range(c):
-                    out[i, o + ch] = fill
+                    orow[o + ch] = fill
             else:
                 r = table[p, t]
                 for ch in range(c):
-                    out[i, o + ch] = xrows[r, ch]
+                    orow[o + ch] = xrows[r, ch]
 
 
 @njit(cache=True, nogil=True)

@@ -27,7 +27,7 @@ def _field(rng: np.random.Generator, h: int, w: int, b: int) -> MotionField:
                        width=w, scene_cut=False, source="test")
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(30))
 def test_block_reuse_equals_strict_reuse(seed: int) -> None:
     rng = np.random.default_rng(seed)
     b = int(rng.choice([8, 16]))

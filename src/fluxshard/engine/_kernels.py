@@ -657,26 +657,45 @@ def block_reuse(bad, dy, dx, block: int, height: int, width: int, S: int, lo_y: 
         iny[o] = wy0[o] >= 0 and wy1[o] <= height
     for o in range(wo):
         inx[o] = wx0[o] >= 0 and wx1[o] <= width
-    for oy in range(ho):
-        if cy1[oy] <= cy0[oy]:
-            continue
-        k0, k1 = by0[oy], by1[oy]
+    # horizontal pass, per block row and output column: the blocks the window spans along x are all usable
+    # and carry one vector (whose block index along x is kept); the vertical pass then only compares the
+    # block rows a window spans. ~5 ns per position instead of ~22 with the nested block loops.
+    hu = np.zeros((hb, wo), np.bool_)
+    for i in range(hb):
         for ox in range(wo):
             if cx1[ox] <= cx0[ox]:
                 continue
             l0, l1 = bx0[ox], bx1[ox]
-            if not use[k0, l0]:
+            if not use[i, l0]:
                 continue
+            d0 = dy[i, l0]
+            e0 = dx[i, l0]
+            same = True
+            for j in range(l0 + 1, l1):
+                if not use[i, j] or dy[i, j] != d0 or dx[i, j] != e0:
+                    same = False
+            hu[i, ox] = same
+    for oy in range(ho):
+        if cy1[oy] <= cy0[oy]:
+            continue
+        k0, k1 = by0[oy], by1[oy]
+        ypad = iny[oy]
+        ylo = wy0[oy]
+        yhi = wy1[oy]
+        huk = hu[k0]
+        for ox in range(wo):
+            if not huk[ox]:
+                continue
+            l0 = bx0[ox]
             d0 = dy[k0, l0]
             e0 = dx[k0, l0]
             same = True
-            for i in range(k0, k1):
-                for j in range(l0, l1):
-                    if not use[i, j] or dy[i, j] != d0 or dx[i, j] != e0:
-                        same = False
+            for i in range(k0 + 1, k1):
+                if not hu[i, ox] or dy[i, l0] != d0 or dx[i, l0] != e0:
+                    same = False
             if not same:
                 continue
-            if d0 != 0 and not (iny[oy] and wy0[oy] + d0 >= 0 and wy1[oy] + d0 <= height):
+            if d0 != 0 and not (ypad and ylo + d0 >= 0 and yhi + d0 <= height):
                 continue
             if e0 != 0 and not (inx[ox] and wx0[ox] + e0 >= 0 and wx1[ox] + e0 <= width):
                 continue

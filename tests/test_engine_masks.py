@@ -182,3 +182,34 @@ def test_finish_rows_applies_the_fused_activation_bit_exactly(act: int) -> None:
     assert torch.equal(orows.isnan(), want.isnan())
     assert torch.equal(orows.nan_to_num(), want.nan_to_num())
     assert written[pos].all() and written.sum() == len(pos)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_block_residual_rgb_rows_equal_the_generic_kernel(seed: int) -> None:
+    """The interleaved-RGB row kernel the engine uses for 3-channel frames gives exactly the generic kernel's
+    residual flags, rescued vectors and updated input (partial edge blocks and sources leaving the frame
+    included)."""
+    rng = np.random.default_rng(300 + seed)
+    b = int(rng.choice([8, 16]))
+    h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+    f = _field(rng, h, w, b)
+    if seed % 2:  # static field: the unchanged right half is reused, so both branches run
+        f.dy[:] = 0
+        f.dx[:] = 0
+    cur = rng.random((h, w, 3)).astype(np.float32)
+    ref = cur.copy()
+    ref[:, : w // 2] += (rng.random((h, w // 2, 3)) < 0.5).astype(np.float32) * 0.3  # the left half changes
+    out = []
+    for rows in (False, True):
+        dy, dx, valid = f.dy.copy(), f.dx.copy(), f.valid.copy()
+        bad = np.zeros(f.shape, np.bool_)
+        upd = np.full_like(cur, -1.0)
+        if rows:
+            ek.block_residual_rgb(cur.reshape(h, -1), ref.reshape(h, -1), dy, dx, valid, b, 0.05, bad,
+                                  upd.reshape(h, -1))
+        else:
+            ek.block_residual(cur, ref, dy, dx, valid, b, 0.05, bad, upd)
+        out.append((bad, dy, dx, valid, upd))
+    for a, c in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, c)
+    assert out[0][0].any() and (not out[0][0].all() or seed % 2 == 0)

@@ -215,6 +215,61 @@ def block_residual(cur, ref, dy, dx, valid, block: int, tau: float, out_bad, out
 
 
 @njit(cache=True, nogil=True)
+def block_residual_rgb(cur, ref, dy, dx, valid, block: int, tau: float, out_bad, out_upd) -> None:
+    """:func:`block_residual` for 3-channel frames given as (H, W·3) rows of interleaved channels (numpy views
+    of channels-last tensors): every inner loop runs over a 0-based row slice, so the differences and copies
+    vectorise (0.56 → 0.44 ms at 384×288 measured); same results, same summation order."""
+    height = cur.shape[0]
+    width = cur.shape[1] // 3
+    hb, wb = dy.shape
+    upd = out_upd.shape[0] > 0
+    d = np.empty(block * 3, np.float32)
+    for i in range(hb):
+        y0 = i * block
+        y1 = min(y0 + block, height)
+        for j in range(wb):
+            x0 = j * block
+            x1 = min(x0 + block, width)
+            n3 = (x1 - x0) * 3
+            oy = dy[i, j] if valid[i, j] else 0
+            ox = dx[i, j] if valid[i, j] else 0
+            if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
+                out_bad[i, j] = True
+                if upd:
+                    _copy_rows(cur, y0, y1, x0 * 3, n3, out_upd)
+                continue
+            acc = 0.0
+            for y in range(y0, y1):
+                c = cur[y, x0 * 3:x1 * 3]
+                r = ref[y + oy, (x0 + ox) * 3:(x1 + ox) * 3]
+                for k in range(n3):
+                    d[k] = abs(c[k] - r[k])
+                for p in range(x1 - x0):
+                    acc += max(d[3 * p], max(d[3 * p + 1], d[3 * p + 2]))
+                if upd:  # the shifted cache, overwritten below if the block is residual
+                    u = out_upd[y, x0 * 3:x1 * 3]
+                    for k in range(n3):
+                        u[k] = r[k]
+            bad = acc / ((y1 - y0) * (x1 - x0)) > tau
+            if not valid[i, j] and not bad:
+                valid[i, j] = True
+                dy[i, j] = 0
+                dx[i, j] = 0
+            out_bad[i, j] = bad or not valid[i, j]
+            if upd and out_bad[i, j]:
+                _copy_rows(cur, y0, y1, x0 * 3, n3, out_upd)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _copy_rows(src, y0: int, y1: int, c0: int, n: int, out) -> None:
+    for y in range(y0, y1):
+        s = src[y, c0:c0 + n]
+        u = out[y, c0:c0 + n]
+        for k in range(n):
+            u[k] = s[k]
+
+
+@njit(cache=True, nogil=True)
 def _copy_block(src, y0: int, y1: int, x0: int, x1: int, oy: int, ox: int, out) -> None:
     for y in range(y0, y1):
         for x in range(x0, x1):
@@ -519,6 +574,9 @@ def warm() -> None:
     z = np.zeros((1, 1), np.int32)
     block_residual(img, img, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_),
                    np.empty_like(img))
+    flat = img.reshape(16, 48)
+    block_residual_rgb(flat, flat, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_),
+                       np.empty_like(flat))
     o = np.empty((8, 8), np.int32)
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
     f = np.zeros((2, 2, 4), np.float32)

@@ -15,7 +15,11 @@ motion. ``+guard`` runs a mode with the engine's cost guard (frames
 run dense while incremental frames cost more than dense ones, probing every 8th frame — what ``fluxshard run``
 does); ``total`` = summed dense time / summed engine time over the clip (throughput, probes and guard frames
 included), ``guard`` = frames the guard ran dense. ``--profile`` replaces the shipped fluxshard-fast
-profile (e.g. one made with ``fluxshard profile --target-retention 0.95``). At ``--threads 1`` every time is
+profile (e.g. one made with ``fluxshard profile --target-retention 0.95``). ``fast-site`` runs fast mode with a
+per-camera profile, as a deployment would make one for its own camera: ``benchmarks/profiles/{model}_{clip}_r95.json``,
+made with ``fluxshard profile CLIP --skip 300 --max-frames 200 --target-retention 0.95`` — on frames 300–499, so
+disjoint from the frames benchmarked here (from 0, up to 300 frames); clips without one print no row.
+At ``--threads 1`` every time is
 the thread's CPU time (nothing runs in parallel then: equal to wall time on a quiet machine, and other jobs on
 a shared one do not land in whichever side was running); otherwise wall time. The header names the timer.
 
@@ -45,7 +49,8 @@ from fluxshard.metrics import accuracy_retention
 from fluxshard.models import load_model
 from fluxshard.motion import MotionStream
 
-MODES = ("exact", "exact+guard", "fast", "fast+guard", "fast-zero-mv")
+MODES = ("exact", "exact+guard", "fast", "fast+guard", "fast-zero-mv", "fast-site")
+SITE_PROFILES = Path(__file__).parent / "profiles"
 
 
 def load_frames(path: str, frames: int, factor: int | None) -> tuple[InputMapper, list[tuple[torch.Tensor, Any]]]:
@@ -54,6 +59,12 @@ def load_frames(path: str, frames: int, factor: int | None) -> tuple[InputMapper
                          factor or choose_factor((stream.info.height, stream.info.width)))
     out = [(mapper.tensor(mf.frame.rgb), mapper.field(mf.field)) for mf in stream]
     return mapper, out
+
+
+def site_profile(model: str, clip: str) -> Path | None:
+    """The per-camera 0.95 profile of ``clip`` (see the module docstring), if one was made."""
+    p = SITE_PROFILES / f"{model}_{Path(clip).stem}_r95.json"
+    return p if p.exists() else None
 
 
 def config_for(mode: str, model: str, calibrate: bool, guard: bool = False, profile: str | None = None,
@@ -175,7 +186,13 @@ def main() -> None:
         for fac in factors:
             mapper, frames = load_frames(c, args.frames, fac)
             for m in modes:
-                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate, args.profile)
+                prof = args.profile
+                if m == "fast-site":
+                    site = site_profile(args.model, c)
+                    if site is None:
+                        continue
+                    prof = str(site)
+                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate, prof)
                 r.update(clip=Path(c).name, input_hw=list(mapper.input_hw))
                 rows.append(r)
                 ret = r["retention_map50"]

@@ -527,6 +527,24 @@ class Engine:
         m0, m1 = min(tp[0]) * 1e3, min(tp[1]) * 1e3
         b = max(0.0, (m1 - m0) / (fr[1] - fr[0]))
         pg.cost = (max(0.0, m0 - b * fr[0]), b, min(td) * 1e3)
+        # what each path pays besides the convolution when only part of the layer recomputes: the dense path
+        # tests every position against the (shifted) cache, the pgemm path first moves the cache with the
+        # field (one gather of the whole map when most of it moves, as on a pan)
+        yv = _hwc(base)
+        if yv is not None:
+            hw = yv.shape[:2]
+            z = np.zeros(hw, np.int32)
+            a0, a1, ob = np.zeros(hw, np.float32), np.empty(hw, np.float32), np.empty(hw, np.bool_)
+            rows_t, perm = orows, torch.arange(n)
+            tc, tm = [], []
+            for _ in range(reps):
+                t0 = clock()
+                _ek.changed_dense_acc(yv, yv, z, z, 0.0, a0, a1, ob)
+                tc.append(clock() - t0)
+                t0 = clock()
+                rows_t.index_select(0, perm)
+                tm.append(clock() - t0)
+            pg.test_ms, pg.move_ms = min(tc) * 1e3, min(tm) * 1e3
 
     # -- execution -----------------------------------------------------------------------------------------
     def _runner(self, maps: PixelMaps | None) -> _Runner:
@@ -959,7 +977,7 @@ class _Runner(fx.Interpreter):
         if self.first_recompute is None:
             self.first_recompute = rec
         tile_fraction = 1.0
-        pg_path = pg.choose(active_fraction) if modelled else None
+        pg_path = pg.choose(active_fraction, moves.moved_fraction(), partial=True) if modelled else None
         if count == 0 and self.fast:  # nothing reaches this layer: its cache, moved, is its output
             y, path = _move(cache, sy, sx, moves), "skip"
             self.changed[n.name] = np.zeros((ho, wo), np.bool_)
@@ -1296,6 +1314,8 @@ class _PgemmLayer:
     bias: torch.Tensor | None
     k: int
     cost: tuple[float, float, float] | None = None
+    test_ms: float = 0.0  # a partial dense run's change test against the cache (measured)
+    move_ms: float = 0.0  # moving the whole cache with the field before a partial pgemm run (measured)
 
     def rows(self, xrows: torch.Tensor, positions: np.ndarray, post: Any) -> torch.Tensor:
         """The layer's output (activation applied) at ``positions``, one row each."""
@@ -1309,11 +1329,15 @@ class _PgemmLayer:
         yr = g @ self.wt if self.bias is None else torch.addmm(self.bias, g, self.wt)
         return (yr if post is None else post(yr)).numpy()
 
-    def choose(self, f: float) -> str | None:
-        """"pgemm" or "dense" at position fraction ``f`` by the measured model; None when not calibrated."""
+    def choose(self, f: float, moved: float = 0.0, partial: bool = False) -> str | None:
+        """"pgemm" or "dense" at position fraction ``f`` by the measured model; None when not calibrated.
+        ``partial``: the rest of the layer is reused, so dense also pays the change test and pgemm the cache
+        move (``moved`` = fraction of positions the field shifts; fewer than half move in place, row by row)."""
         if self.cost is None:
             return None
         a, b, dense = self.cost
+        if partial:
+            return "pgemm" if a + b * f + self.move_ms * min(1.0, 2.0 * moved) < dense + self.test_ms else "dense"
         return "pgemm" if a + b * f < dense else "dense"
 
 
@@ -1337,6 +1361,13 @@ class _Moves:
         self.sy, self.sx, self.ok = sy, sx, ok
         self._rows: tuple[torch.Tensor, torch.Tensor] | bool | None = None if moved == 0 else False
         self._active: float | None = None
+        self._moved = moved
+
+    def moved_fraction(self) -> float:
+        """Fraction of positions whose shift is not zero."""
+        if self._moved < 0:
+            self._moved = int(np.count_nonzero((self.sy != 0) | (self.sx != 0)))
+        return self._moved / self.sy.size
 
     def active(self) -> float:
         """Fraction of positions not reusable (strict masks; computed once per geometry and frame)."""

@@ -213,3 +213,14 @@ def test_block_residual_rgb_rows_equal_the_generic_kernel(seed: int) -> None:
     for a, c in zip(*out, strict=True):
         np.testing.assert_array_equal(a, c)
     assert out[0][0].any() and (not out[0][0].all() or seed % 2 == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_integral_bool_equals_cumulative_sums(seed: int) -> None:
+    rng = np.random.default_rng(400 + seed)
+    m = rng.random((int(rng.integers(1, 50)), int(rng.integers(1, 50)))) < 0.3
+    out = np.empty((m.shape[0] + 1, m.shape[1] + 1), np.int32)
+    ek.integral_bool(m, out)
+    want = np.zeros_like(out)
+    want[1:, 1:] = m.astype(np.int32).cumsum(0).cumsum(1)
+    np.testing.assert_array_equal(out, want)

@@ -140,6 +140,25 @@ def finish_rows(yr, positions, orows, tau: float, acc, use_acc: bool, changed, w
 
 
 @njit(cache=True, nogil=True)
+def integral_bool(m, out) -> None:
+    """``out`` ((H+1)×(W+1) int32) = the integral image of the bool mask ``m``, zero first row and column: one
+    pass (a running row sum plus the row above), where a conversion and two cumulative sums took three."""
+    h, w = m.shape
+    mu = m.view(np.uint8)
+    for j in range(w + 1):
+        out[0, j] = 0
+    for i in range(h):
+        prev = out[i]
+        cur = out[i + 1]
+        row = mu[i]
+        cur[0] = 0
+        run = 0
+        for j in range(w):
+            run += row[j]
+            cur[j + 1] = prev[j + 1] + run
+
+
+@njit(cache=True, nogil=True)
 def mask_tiles(mask, th: int, tw: int, tiles) -> int:
     """``tiles[i // th, j // tw]`` |= ``mask[i, j]``; returns the number of true positions."""
     ho, wo = mask.shape

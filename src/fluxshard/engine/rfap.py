@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fluxshard.engine import _kernels as _ek
 from fluxshard.engine.graph import BIG, Geom
@@ -57,8 +56,8 @@ class PixelMaps:
         res = residual
         if inv.any():
             res = residual | np.repeat(np.repeat(inv, b, 0), b, 1)[:h, :w]
-        i_res = np.zeros((h + 1, w + 1), np.int32)
-        i_res[1:, 1:] = torch.from_numpy(res).to(torch.int32).cumsum(0).cumsum(1).numpy()
+        i_res = np.empty((h + 1, w + 1), np.int32)
+        _ek.integral_bool(np.ascontiguousarray(res), i_res)
         dy = field.dy.astype(np.int64)
         dx = field.dx.astype(np.int64)
         i_blk = np.stack([_integral(a) for a in (np.ones_like(dy), dy, dy * dy, dx, dx * dx)])

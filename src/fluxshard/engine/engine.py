@@ -454,12 +454,10 @@ class Engine:
             field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
             bad = np.zeros(field.shape, np.bool_)
             upd = torch.empty((1, h, w, x.shape[1]), dtype=x.dtype).permute(0, 3, 1, 2)  # channels_last
-            un = upd[0].permute(1, 2, 0).numpy()
-            if cur.shape[2] == 3 and cur.flags.c_contiguous and ref.flags.c_contiguous:  # rows of interleaved RGB
-                _ek.block_residual_rgb(cur.reshape(h, -1), ref.reshape(h, -1), field.dy, field.dx, field.valid, b,
-                                       float(self.config.tau_in), bad, un.reshape(h, -1))
-            else:
-                _ek.block_residual(cur, ref, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad, un)
+            nc = cur.shape[2]  # rows of interleaved channels (views: both are channels-last)
+            _ek.block_residual(np.ascontiguousarray(cur).reshape(h, -1), np.ascontiguousarray(ref).reshape(h, -1),
+                               nc, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad,
+                               upd[0].permute(1, 2, 0).numpy().reshape(h, -1))
             return PixelMaps.blocks(field, bad), upd
         pix = np.empty((h, w), np.float32)
         _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))

@@ -357,3 +357,24 @@ def test_layers_that_recompute_almost_everything_run_whole() -> None:
                 assert all(s.active_fraction == 1.0 for s in st.layers[1:]), [s.active_fraction for s in st.layers]
     with pytest.raises(EngineError, match="full_above"):
         EngineConfig(mode="fast", full_above=0.0)
+
+
+def test_updated_input_buffers_alternate() -> None:
+    """Fast mode writes each frame's updated input into one of two reused buffers, never the one the input
+    cache holds (it is read in the same pass), and the outputs are those of fresh buffers."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    frames = sequence(5, 64, 96, (0, 8), (4, 0), seed=3)
+    eng = Engine(body, (64, 96), EngineConfig(mode="fast", tau_in=0.02))
+    seen = []
+    with torch.inference_mode():
+        outs = []
+        for x, f in frames:
+            outs.append(eng.step(x, f)[0])
+            seen.append(eng._x_cache)
+    assert seen[1] is not seen[2] and seen[1] is seen[3] and seen[2] is seen[4]
+    ref = Engine(body, (64, 96), EngineConfig(mode="fast", tau_in=0.02))
+    with torch.inference_mode():
+        for (x, f), o in zip(frames, outs, strict=True):
+            ref._upd_bufs = []  # fresh buffers every frame
+            torch.testing.assert_close(ref.step(x, f)[0], o, rtol=0, atol=0)

@@ -1305,7 +1305,7 @@ def _stride_of(input_hw: tuple[int, ...], hw: tuple[int, int]) -> int:
 
 
 _NO_EXTRA = np.zeros((0, 0), np.bool_)
-_NO_TILES = np.zeros((0, 0), np.bool_)  # window kernels: no tile selection wanted
+_NO_TILES = _NO_EXTRA  # window kernels: no tile selection wanted (the same empty mask)
 _NO_ACC = np.zeros(0, np.float32)
 _NO_ACT = (0, 0.0)
 _NO_REM = np.zeros((1, 1), np.int32)

@@ -46,7 +46,7 @@ def test_guard_runs_dense_and_probes_when_incremental_does_not_pay(mode: str) ->
     torch.manual_seed(0)
     body = Net().eval()
     frames = _frames(1, 20, 48, 64, 16, (0, 4), 0.0)
-    cfg = EngineConfig(mode=mode, guard=True, guard_probe=4, layout="pgemm")
+    cfg = EngineConfig(mode=mode, guard=True, guard_probe=4, guard_probe_max=4, layout="pgemm")
     eng = Engine(body, (48, 64), cfg)
     reasons = []
     with torch.inference_mode():
@@ -62,6 +62,36 @@ def test_guard_runs_dense_and_probes_when_incremental_does_not_pay(mode: str) ->
     assert len(guarded) >= 12, reasons
     # every guard_probe-th frame probes the incremental path; between probes, dense
     assert probes and all(b - a == 4 for a, b in itertools.pairwise(probes)), reasons
+
+
+def test_guard_probes_back_off_and_reset_when_incremental_pays() -> None:
+    """Each probe that still does not pay doubles the interval (up to guard_probe_max); once incremental
+    pays again the guard steps aside and a later slow spell starts from guard_probe again."""
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(4, 48, 48, 64, 16, (0, 4), 0.0)
+    eng = Engine(body, (48, 64), EngineConfig(guard=True, guard_probe=2, guard_probe_max=8, layout="pgemm"))
+    reasons = []
+    with torch.inference_mode():
+        for t, (x, f) in enumerate(frames):
+            if 1 <= t < 30 or t >= 33:
+                _plant(eng, inc=1e9, dense=1e-9)
+            elif t >= 30:
+                _plant(eng, inc=1e-9, dense=1e9)
+            out, st = eng.step(x, f)
+            reasons.append(st.reason)
+            _check(out, body(x))
+    probes = [i for i, r in enumerate(reasons) if 1 <= i < 30 and r == ""]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[:3] == [4, 8, 8] and set(gaps[3:]) <= {8}, reasons  # 2 → 4 → 8, capped
+    assert all(r == "" for r in reasons[30:33]), reasons  # incremental pays: no guard
+    late = [i for i, r in enumerate(reasons) if i >= 33 and r == ""]
+    assert late and late[0] - 33 <= 2 and [b - a for a, b in itertools.pairwise(late)][:1] == [4], reasons
+
+
+def test_guard_probe_max_below_guard_probe_is_rejected() -> None:
+    with pytest.raises(EngineError, match="guard_probe_max"):
+        EngineConfig(guard=True, guard_probe=8, guard_probe_max=4)
 
 
 def test_guard_stays_out_of_the_way_when_incremental_pays() -> None:

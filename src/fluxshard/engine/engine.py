@@ -77,10 +77,12 @@ class EngineConfig:
     motion_bins: tuple[float, ...] = ()
     bin_thresholds: tuple[tuple[dict[str, float], float], ...] = ()
     # cost guard: while incremental frames (median of the last few) cost more than dense ones, run frames
-    # densely and probe the incremental path every ``guard_probe`` frames (see Engine._guard). Off by
-    # default so library results do not depend on timing; ``fluxshard run`` and the benchmark turn it on.
+    # densely and probe the incremental path every ``guard_probe`` frames, the interval doubling after each
+    # probe that still does not pay, up to ``guard_probe_max`` (see Engine._guard). Off by default so library
+    # results do not depend on timing; ``fluxshard run`` and the benchmark turn it on.
     guard: bool = False
     guard_probe: int = 8
+    guard_probe_max: int = 32
     # fast mode: accumulated truncation — a recomputed position's change is added to what it accumulated
     # since it last propagated, so sub-τ^l changes that persist still reach downstream layers (bounded drift;
     # False = compare with the previous frame only, which drifted to 0.93 mAP@0.5 by frame 300 on vtest)
@@ -101,6 +103,9 @@ class EngineConfig:
             raise EngineError(f"carry_tolerance is a fraction of the stride in [0, 0.5], got {self.carry_tolerance}")
         if self.guard_probe < 2:
             raise EngineError(f"guard_probe must be at least 2 frames, got {self.guard_probe}")
+        if self.guard_probe_max < self.guard_probe:
+            raise EngineError(f"guard_probe_max ({self.guard_probe_max}) must be at least guard_probe "
+                              f"({self.guard_probe})")
         if len(self.motion_bins) != len(self.bin_thresholds):
             raise EngineError(f"{len(self.motion_bins)} motion bins but {len(self.bin_thresholds)} threshold sets")
         if list(self.motion_bins) != sorted(self.motion_bins):
@@ -121,7 +126,7 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise EngineError(f"{path}: engine thresholds must be a JSON object")
         kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every", "shift_tolerance",
-                                   "carry_tolerance", "guard", "guard_probe", "accumulate")
+                                   "carry_tolerance", "guard", "guard_probe", "guard_probe_max", "accumulate")
               if k in data}
         bins = data.get("bins")
         if bins:  # a profile from `fluxshard profile`
@@ -338,6 +343,7 @@ class Engine:
         self._ms: dict[bool, collections.deque[float]] = {True: collections.deque(maxlen=5),
                                                           False: collections.deque(maxlen=5)}
         self._since_probe = 0
+        self._probe_every = self.config.guard_probe  # current probe interval (backs off, see _guard)
         self._stale = False  # the caches are older than the last frame (a guarded frame skipped the capture)
 
     # -- public -------------------------------------------------------------------------------------------
@@ -356,12 +362,15 @@ class Engine:
             reason = "stale caches"  # the guard turned incremental right after a frame that kept no caches
         if reason:
             timed = reason in ("cost guard", "periodic refresh") or (reason == "scene cut" and self._frames > 1)
-            if reason == "cost guard" and self._since_probe + 1 < self.config.guard_probe:
+            if reason == "cost guard" and self._since_probe + 1 < self._probe_every:
                 # the next frame is no probe: plain inference, no cache capture (a guarded frame then costs
                 # what dense costs); the frame before a probe captures, so probes find fresh caches
                 out, self._stale = self.gm(x), True
             else:
                 out, self._stale = self._run_dense(x), False
+                # a guarded frame that captures every layer's output (the one before a probe) costs more than
+                # plain inference: not the dense time the guard compares against
+                timed = timed and reason != "cost guard"
             stats = StepStats(self._frames, True, reason, 1.0, 0.0)
             self._since_refresh = 0
         else:
@@ -394,10 +403,11 @@ class Engine:
         The decision uses wall times this engine measured itself (medians of its last 5 incremental and 5
         dense frames, so one noisy frame does not flip it). While incremental frames cost more than 1.05×
         dense ones, frames run plain dense inference (no cache capture, except on the frame before a probe:
-        capturing every layer's output cost guarded frames ~5–10 % over dense) and every
-        ``guard_probe``-th frame probes the incremental path again, so a scene that becomes static is picked
-        up within a few frames. Worst case ≈ (probe − 1 + r) / probe of dense time for an incremental cost
-        ratio r; exactness is unaffected (a dense frame is exact)."""
+        capturing every layer's output cost guarded frames ~5–10 % over dense) and a probe runs the
+        incremental path again, so a scene that becomes static is picked up. Probes back off: the interval
+        starts at ``guard_probe`` frames and doubles after each probe that still does not pay, up to
+        ``guard_probe_max``; a probe that pays resets it. Worst case ≈ (p − 1 + r) / p of dense time for an
+        incremental cost ratio r and the current interval p; exactness is unaffected (a dense frame is exact)."""
         if not self.config.guard:
             return ""
         inc, dense = self._ms[False], self._ms[True]
@@ -407,9 +417,13 @@ class Engine:
             return "cost guard"  # measure dense before comparing
         self._since_probe += 1
         # 5 % hysteresis: near parity, noise would flip frames to dense for nothing
-        if (statistics.median(inc) <= 1.05 * statistics.median(dense)
-                or self._since_probe >= self.config.guard_probe):
+        if statistics.median(inc) <= 1.05 * statistics.median(dense):
             self._since_probe = 0
+            self._probe_every = self.config.guard_probe
+            return ""
+        if self._since_probe >= self._probe_every:
+            self._since_probe = 0
+            self._probe_every = min(2 * self._probe_every, self.config.guard_probe_max)
             return ""
         return "cost guard"
 

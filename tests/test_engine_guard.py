@@ -32,8 +32,8 @@ class Net(nn.Module):
 def _plant(eng: Engine, inc: float, dense: float) -> None:
     """Timing history as if incremental frames took ``inc`` ms and dense ones ``dense`` ms (re-planted before
     every frame so the tiny test net's real times do not dilute it)."""
-    eng._ms[False].extend([inc] * 5)
-    eng._ms[True].extend([dense] * 5)
+    eng._dense_ms.extend([dense] * 5)
+    eng._ratios.extend([inc / dense] * 5)
 
 
 def _check(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> None:
@@ -194,3 +194,22 @@ def test_guarded_frames_skip_the_capture_but_never_serve_stale_caches(mode: str)
         if reasons[i][0] == "" and reasons[i - 1][0] == "cost guard":
             assert reasons[i - 1][1], reasons
     assert ("stale caches", True) in reasons, reasons
+
+
+def test_guard_compares_each_incremental_frame_with_the_dense_frames_of_its_time() -> None:
+    """A host that slows down after the incremental frames were timed must not make them look cheap: the
+    guard keeps ratios to the dense frames around each incremental one, not absolute times."""
+    eng = Engine(Net().eval(), (48, 64), EngineConfig(guard=True))
+    for ms in (100.0, 100.0, 100.0):  # incremental frames before any dense reference: kept pending
+        eng._time(False, ms)
+    assert eng._guard() == "cost guard"  # no dense reference yet: measure dense first
+    eng._time(True, 50.0)
+    eng._time(True, 50.0)  # now the pending frames become ratios 2.0
+    assert list(eng._ratios) == [2.0, 2.0, 2.0]
+    for _ in range(5):
+        eng._time(True, 150.0)  # the machine slowed down 3×: absolute times would say incremental pays
+    assert eng._guard() == "cost guard"
+    eng._time(False, 140.0)  # incremental measured at the slow speed: ratio 0.93
+    eng._time(False, 140.0)
+    eng._time(False, 140.0)
+    assert eng._guard() == ""

@@ -340,8 +340,12 @@ class Engine:
         self._tau_set = False
         self._frames = 0
         self._since_refresh = 0
-        self._ms: dict[bool, collections.deque[float]] = {True: collections.deque(maxlen=5),
-                                                          False: collections.deque(maxlen=5)}
+        # cost guard: recent dense frame times (ms) and incremental/dense cost ratios, each incremental frame
+        # against the dense frames of its own time (the machine's speed drifts), and incremental times that
+        # ran before any dense reference existed
+        self._dense_ms: collections.deque[float] = collections.deque(maxlen=5)
+        self._ratios: collections.deque[float] = collections.deque(maxlen=5)
+        self._pending_ms: collections.deque[float] = collections.deque(maxlen=5)
         self._since_probe = 0
         self._probe_every = self.config.guard_probe  # current probe interval (backs off, see _guard)
         self._stale = False  # the caches are older than the last frame (a guarded frame skipped the capture)
@@ -394,14 +398,15 @@ class Engine:
         self._frames += 1
         stats.ms = (time.perf_counter() - t0) * 1e3
         if timed:  # first frames include calibration and warm-up: not a fair dense time
-            self._ms[stats.dense].append(stats.ms)
+            self._time(stats.dense, stats.ms)
         return out, stats
 
     def _guard(self) -> str:
         """"cost guard" when this frame should run dense because incremental frames do not pay here.
 
-        The decision uses wall times this engine measured itself (medians of its last 5 incremental and 5
-        dense frames, so one noisy frame does not flip it). While incremental frames cost more than 1.05×
+        The decision uses wall times this engine measured itself: the median of its last 5 incremental frames'
+        cost ratios to the dense frames around them (see :meth:`_time`; a median, so one noisy frame does not
+        flip it). While incremental frames cost more than 1.05×
         dense ones, frames run plain dense inference (no cache capture, except on the frame before a probe:
         capturing every layer's output cost guarded frames ~5–10 % over dense) and a probe runs the
         incremental path again, so a scene that becomes static is picked up. Probes back off: the interval
@@ -410,14 +415,13 @@ class Engine:
         incremental cost ratio r and the current interval p; exactness is unaffected (a dense frame is exact)."""
         if not self.config.guard:
             return ""
-        inc, dense = self._ms[False], self._ms[True]
-        if len(inc) < 3:
+        if len(self._ratios) + len(self._pending_ms) < 3:
             return ""
-        if len(dense) < 2:
+        if len(self._dense_ms) < 2:
             return "cost guard"  # measure dense before comparing
         self._since_probe += 1
         # 5 % hysteresis: near parity, noise would flip frames to dense for nothing
-        if statistics.median(inc) <= 1.05 * statistics.median(dense):
+        if statistics.median(self._ratios) <= 1.05:
             self._since_probe = 0
             self._probe_every = self.config.guard_probe
             return ""
@@ -426,6 +430,22 @@ class Engine:
             self._probe_every = min(2 * self._probe_every, self.config.guard_probe_max)
             return ""
         return "cost guard"
+
+    def _time(self, dense: bool, ms: float) -> None:
+        """Record a frame's time for the cost guard. An incremental frame is kept as its ratio to the median
+        of the last dense frames, so a machine that slows down or speeds up between the two kinds of frames
+        (a shared host drifts by 1.5× within a minute) does not flip the decision; incremental frames timed
+        before two dense frames exist are converted when they do."""
+        if dense:
+            self._dense_ms.append(ms)
+            if len(self._dense_ms) >= 2 and self._pending_ms:
+                ref = statistics.median(self._dense_ms)
+                self._ratios.extend(m / ref for m in self._pending_ms)
+                self._pending_ms.clear()
+        elif len(self._dense_ms) >= 2:
+            self._ratios.append(ms / statistics.median(self._dense_ms))
+        else:
+            self._pending_ms.append(ms)
 
     # -- checks and decisions ------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, field: MotionField | None) -> None:

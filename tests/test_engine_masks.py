@@ -103,6 +103,71 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
                 np.testing.assert_array_equal(blk, ref[y0:y0 + b, x0:x0 + b])
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("nc", [1, 3])
+def test_block_residual_inplace_equals_two_buffer_update(seed: int, nc: int) -> None:
+    """The in-place variant leaves in ``ref`` exactly what the two-buffer kernel writes to ``out_upd`` (and the
+    same decisions), with blocks moving onto each other's sources, partial edge blocks and invalid blocks."""
+    rng = np.random.default_rng(900 + seed)
+    b, h, w = 8, 45, 61
+    f = _field(rng, h, w, b)
+    cur = (0.5 + 0.01 * rng.random((h, w, nc))).astype(np.float32)  # flat: moved blocks can be reused
+    ref = cur + 0.01 * rng.random((h, w, nc)).astype(np.float32)  # distinct values: a wrong source shows
+    ref[:, : w // 3] += 0.4  # a changed region: residual blocks
+    still = rng.random(f.shape) < 0.5  # half the blocks stay put
+    f.dy[still] = 0
+    f.dx[still] = 0
+    a = (f.dy.copy(), f.dx.copy(), f.valid.copy(), np.zeros(f.shape, np.bool_))
+    upd = np.full((h, w * nc), -1.0, np.float32)
+    ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), nc, a[0], a[1], a[2], b, 0.1, a[3], upd)
+    bm = (f.dy.copy(), f.dx.copy(), f.valid.copy(), np.zeros(f.shape, np.bool_))
+    inplace = ref.reshape(h, -1).copy()
+    ek.block_residual_inplace(cur.reshape(h, -1), inplace, nc, bm[0], bm[1], bm[2], b, 0.1, bm[3],
+                              np.full(h * w * nc, np.nan, np.float32))
+    for x, y in zip(a, bm, strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(inplace, upd)
+    moved = (a[0] != 0) | (a[1] != 0)
+    assert (moved & ~a[3]).any() and a[3].any() and (~moved & ~a[3]).any()  # every write branch exercised
+
+
+def test_engine_updates_its_own_input_cache_in_place_only() -> None:
+    """Fast mode writes the updated input into the engine's buffer in place once the cache is that buffer,
+    never into the caller's tensor; outputs equal those of an engine forced onto the two-buffer path."""
+    from torch import nn
+
+    from fluxshard.engine.engine import Engine, EngineConfig
+    from fluxshard.motion.field import MotionField
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2, 1)).eval()
+    cfg = EngineConfig(mode="fast", tau_in=0.01, default_threshold=0.01, layout="pgemm")
+    a, c = Engine(body, (32, 48), cfg), Engine(body, (32, 48), cfg)
+    c._upd_bufs = []  # never one of its own buffers: the in-place branch is never taken
+    type_check = c._input_buffer
+
+    def fresh(x: torch.Tensor) -> torch.Tensor:
+        c._upd_bufs = []
+        return type_check(x)
+
+    c._input_buffer = fresh  # type: ignore[method-assign]
+    xs = [torch.rand(1, 3, 32, 48).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    xs[2][..., :16, :16] += 1.0
+    originals = [x.clone() for x in xs]
+    z = MotionField.zero(32, 48, 16)
+    caches = []
+    with torch.inference_mode():
+        for t, x in enumerate(xs):
+            oa, _ = a.step(x, None if t == 0 else z)
+            oc, _ = c.step(x, None if t == 0 else z)
+            assert torch.equal(oa, oc)
+            caches.append(a._x_cache)
+    assert caches[1] is caches[2] is caches[3]  # updated in place from the second incremental frame on
+    assert any(caches[3] is u for u in a._upd_bufs)
+    for x, o in zip(xs, originals, strict=True):
+        assert torch.equal(x, o)  # the caller's frames are never written
+
+
 def test_updated_input_keeps_reused_blocks_from_the_cache() -> None:
     """Static field, the left half of the frame changed: reused blocks come from the cache (not the frame),
     residual blocks from the frame."""

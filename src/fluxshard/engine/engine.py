@@ -332,6 +332,7 @@ class Engine:
     def reset(self) -> None:
         self._x_cache: torch.Tensor | None = None
         self._upd_bufs: list[torch.Tensor] = getattr(self, "_upd_bufs", [])
+        self._side: np.ndarray = getattr(self, "_side", np.empty(0, np.float32))  # moved blocks' packed sources
         self._caches: dict[str, torch.Tensor] = {}
         self._acc: dict[str, np.ndarray] = {}  # fast mode, accumulated truncation: per conv, change carried
         self._prev_tau: dict[str, float] = {}  # τ^l of the previous incremental frame (see _Runner._sweep)
@@ -488,10 +489,21 @@ class Engine:
         if self.config.mode == "fast":
             field = field.copy()  # rescued blocks become valid zero-motion blocks in the copy
             bad = np.zeros(field.shape, np.bool_)
-            upd = self._input_buffer(x)
             nc = cur.shape[2]  # rows of interleaved channels (views: both are channels-last)
-            _ek.block_residual(np.ascontiguousarray(cur).reshape(h, -1), np.ascontiguousarray(ref).reshape(h, -1),
-                               nc, field.dy, field.dx, field.valid, b, float(self.config.tau_in), bad,
+            cur_rows = np.ascontiguousarray(cur).reshape(h, -1)
+            ref_rows = np.ascontiguousarray(ref).reshape(h, -1)
+            tau = float(self.config.tau_in)
+            if (ref_rows.base is not None and any(self._x_cache is u for u in self._upd_bufs)
+                    and np.count_nonzero(((field.dy != 0) | (field.dx != 0)) & field.valid) <= field.valid.size // 4):
+                # the cache is the engine's own buffer and most blocks stay put: update it in place (only
+                # moved and residual blocks are written; see _kernels.block_residual_inplace)
+                side = self._side
+                if side.size < ref_rows.size:
+                    side = self._side = np.empty(ref_rows.size, np.float32)
+                _ek.block_residual_inplace(cur_rows, ref_rows, nc, field.dy, field.dx, field.valid, b, tau, bad, side)
+                return PixelMaps.blocks(field, bad), self._x_cache
+            upd = self._input_buffer(x)
+            _ek.block_residual(cur_rows, ref_rows, nc, field.dy, field.dx, field.valid, b, tau, bad,
                                upd[0].permute(1, 2, 0).numpy().reshape(h, -1))
             return PixelMaps.blocks(field, bad), upd
         pix = np.empty((h, w), np.float32)

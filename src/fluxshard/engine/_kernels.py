@@ -174,95 +174,16 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
     """Fast-mode input residual per block: mean over the block of max-over-channels |cur − ref shifted by the
     block's vector|. ``cur``, ``ref`` and ``out_upd`` are (H, W·nc) rows of interleaved channels (numpy views of
     channels-last tensors): every inner loop runs over a 0-based row slice, so the differences and copies
-    vectorise (numba tests any index that may be negative for wrap-around, per element). Invalid blocks are
-    tried at zero motion (static background the codec intra-coded); ``out_bad`` = the block is residual (mean
-    above ``tau``, source outside the frame, or invalid and not static). ``dy``/``dx``/``valid`` are updated in
-    place: rescued blocks become valid zero-motion blocks. ``out_upd`` (empty = skip) receives fast mode's
-    *updated input* (seed 000 Stage 4) in the same pass: per block, the cached input shifted by the block's
-    vector, or the current frame where the block is residual.
-
-    Memory order: a block row is swept one pixel row at a time across all its blocks, so the three planes are
-    read and written as a few long streams (block by block, each block's 16 rows were 16 × 3 concurrent
-    streams, more than the hardware prefetcher follows: 1.2 ms inside the engine against 0.44 ms warm at
-    384×288 RGB); residual blocks are then overwritten from ``cur`` while their rows are still in cache."""
+    vectorise (numba tests any index that may be negative for wrap-around, per element; 0.56 → 0.44 ms at
+    384×288 RGB measured). Invalid blocks are tried at zero motion (static background the codec intra-coded);
+    ``out_bad`` = the block is residual (mean above ``tau``, source outside the frame, or invalid and not
+    static). ``dy``/``dx``/``valid`` are updated in place: rescued blocks become valid zero-motion blocks.
+    ``out_upd`` (empty = skip) receives fast mode's *updated input* (seed 000 Stage 4) in the same pass: per
+    block, the cached input shifted by the block's vector, or the current frame where the block is residual."""
     height = cur.shape[0]
     width = cur.shape[1] // nc
     hb, wb = dy.shape
     upd = out_upd.shape[0] > 0
-    d = np.empty(block * nc, np.float32)
-    acc = np.empty(wb, np.float64)
-    oys = np.empty(wb, np.int64)
-    oxs = np.empty(wb, np.int64)
-    inside = np.empty(wb, np.bool_)
-    for i in range(hb):
-        y0 = i * block
-        y1 = min(y0 + block, height)
-        for j in range(wb):
-            x0 = j * block
-            x1 = min(x0 + block, width)
-            oy = dy[i, j] if valid[i, j] else 0
-            ox = dx[i, j] if valid[i, j] else 0
-            oys[j] = oy
-            oxs[j] = ox
-            inside[j] = not (y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width)
-            acc[j] = 0.0
-        for y in range(y0, y1):
-            for j in range(wb):
-                if not inside[j]:
-                    continue
-                x0 = j * block
-                x1 = min(x0 + block, width)
-                n = (x1 - x0) * nc
-                ox = oxs[j]
-                c = cur[y, x0 * nc:x1 * nc]
-                r = ref[y + oys[j], (x0 + ox) * nc:(x1 + ox) * nc]
-                for k in range(n):
-                    d[k] = abs(c[k] - r[k])
-                a = 0.0
-                if nc == 3:
-                    for p in range(x1 - x0):
-                        a += max(d[3 * p], max(d[3 * p + 1], d[3 * p + 2]))
-                else:
-                    for p in range(x1 - x0):
-                        m = d[p * nc]
-                        for q in range(1, nc):
-                            m = max(m, d[p * nc + q])
-                        a += m
-                acc[j] += a
-                if upd:  # the shifted cache, overwritten below if the block is residual
-                    u = out_upd[y, x0 * nc:x1 * nc]
-                    for k in range(n):
-                        u[k] = r[k]
-        for j in range(wb):
-            x0 = j * block
-            x1 = min(x0 + block, width)
-            if not inside[j]:
-                bad = True
-            else:
-                bad = acc[j] / ((y1 - y0) * (x1 - x0)) > tau
-                if not valid[i, j] and not bad:
-                    valid[i, j] = True
-                    dy[i, j] = 0
-                    dx[i, j] = 0
-                bad = bad or not valid[i, j]
-            out_bad[i, j] = bad
-            if upd and bad:
-                _copy_rows(cur, y0, y1, x0 * nc, (x1 - x0) * nc, out_upd)
-
-
-@njit(cache=True, nogil=True)
-def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, side) -> None:
-    """:func:`block_residual` with the updated input written into ``ref`` itself: only blocks that move or are
-    residual are written; a still, unchanged block — most of a static camera's frame — is not touched.
-
-    Why: the two-buffer variant streams three full planes (``cur``, ``ref``, and ``out_upd``, whose every line
-    is also read for ownership before it is written): ~0.85 ms per 384×288 RGB frame with cold caches, against
-    0.44 ms warm — memory-bound. Here a first pass only reads and decides; the shifted sources of the moving,
-    non-residual blocks are then packed into ``side`` (flat, ≥ H·W·nc floats) before any block is written, so
-    a block's write can never clobber what another block still has to read."""
-    height = cur.shape[0]
-    width = cur.shape[1] // nc
-    hb, wb = dy.shape
     d = np.empty(block * nc, np.float32)
     for i in range(hb):
         y0 = i * block
@@ -275,6 +196,8 @@ def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: fl
             ox = dx[i, j] if valid[i, j] else 0
             if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
                 out_bad[i, j] = True
+                if upd:
+                    _copy_rows(cur, y0, y1, x0 * nc, n, out_upd)
                 continue
             acc = 0.0
             for y in range(y0, y1):
@@ -291,12 +214,35 @@ def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: fl
                         for q in range(1, nc):
                             m = max(m, d[p * nc + q])
                         acc += m
+                if upd:  # the shifted cache, overwritten below if the block is residual
+                    u = out_upd[y, x0 * nc:x1 * nc]
+                    for k in range(n):
+                        u[k] = r[k]
             bad = acc / ((y1 - y0) * (x1 - x0)) > tau
             if not valid[i, j] and not bad:
                 valid[i, j] = True
                 dy[i, j] = 0
                 dx[i, j] = 0
             out_bad[i, j] = bad or not valid[i, j]
+            if upd and out_bad[i, j]:
+                _copy_rows(cur, y0, y1, x0 * nc, n, out_upd)
+
+
+@njit(cache=True, nogil=True)
+def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, side) -> None:
+    """:func:`block_residual` with the updated input written into ``ref`` itself: only blocks that move or are
+    residual are written; a still, unchanged block — most of a static camera's frame — is not touched.
+
+    Why: the two-buffer variant streams three full planes (``cur``, ``ref``, and ``out_upd``, whose every line
+    is also read for ownership before it is written): ~0.85 ms per 384×288 RGB frame with cold caches, against
+    0.44 ms warm — memory-bound. Here a first pass only reads and decides; the shifted sources of the moving,
+    non-residual blocks are then packed into ``side`` (flat, ≥ H·W·nc floats) before any block is written, so
+    a block's write can never clobber what another block still has to read."""
+    # decide (and rescue) every block exactly as the two-buffer kernel does, writing nothing
+    block_residual(cur, ref, nc, dy, dx, valid, block, tau, out_bad, np.empty((0, 1), np.float32))
+    height = cur.shape[0]
+    width = cur.shape[1] // nc
+    hb, wb = dy.shape
     # pack the sources of the moving blocks that are reused
     o = 0
     for i in range(hb):

@@ -13,10 +13,10 @@ outputs. Each engine calibrates its executor's per-layer costs on its first (den
 thread count (``--no-calibrate``: the default cost rule). ``fast-zero-mv`` runs fast mode with a zero field
 (the DeltaCNN assumption, with the delta baseline's own profile when shipped — same retention target — and
 the bin of the frame's real motion): on moving clips MV alignment must give a smaller active set than zero
-motion. ``+guard`` runs a mode with the engine's cost guard (frames
-run dense while incremental frames cost more than dense ones, probing every 8th frame — what ``fluxshard run``
-does); ``total`` = summed dense time / summed engine time over the clip (throughput, probes and guard frames
-included), ``guard`` = frames the guard ran dense. ``--profile`` replaces the shipped fluxshard-fast
+motion. ``+guard`` runs a mode with the engine's cost guard (frames run dense while incremental frames cost
+more than dense ones, probing after 8 frames, backing off to 32 — what ``fluxshard run`` does); ``total`` =
+summed dense time / summed engine time over the clip (throughput, probes and guard frames included),
+``guard`` = frames the guard ran dense. ``--profile`` replaces the shipped fluxshard-fast
 profile (e.g. one made with ``fluxshard profile --target-retention 0.95``). ``fast-site`` runs fast mode with a
 per-camera profile, as a deployment would make one for its own camera: ``benchmarks/profiles/{model}_{clip}_r95.json``,
 made with ``fluxshard profile CLIP --skip 300 --max-frames 200 --target-retention 0.95`` — on frames 300–499, so

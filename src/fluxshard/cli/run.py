@@ -32,7 +32,8 @@ def run(
                                                  "(~2 s once; picks better paths at this machine's thread count)."
                                             )] = True,
     guard: Annotated[bool, typer.Option(help="Cost guard: run frames dense while incremental frames cost more "
-                                             "than dense ones, probing every 8th frame (output is unaffected).")
+                                             "than dense ones, probing again after 8 frames, backing off to 32 "
+                                             "(output is unaffected).")
                      ] = True,
 ) -> None:
     """Run MODEL over CLIP with the FluxShard engine (exact or fast mode)."""

@@ -494,7 +494,8 @@ class Engine:
             cur_rows = np.ascontiguousarray(cur).reshape(h, -1)
             ref_rows = np.ascontiguousarray(ref).reshape(h, -1)
             tau = float(self.config.tau_in)
-            if (ref_rows.base is not None and any(self._x_cache is u for u in self._upd_bufs)
+            # in place only on the engine's own buffer, read as a view (a copy would take the writes)
+            if (ref.flags.c_contiguous and any(self._x_cache is u for u in self._upd_bufs)
                     and np.count_nonzero(((field.dy != 0) | (field.dx != 0)) & field.valid) <= field.valid.size // 4):
                 # the cache is the engine's own buffer and most blocks stay put: update it in place (only
                 # moved and residual blocks are written; see _kernels.block_residual_inplace)

@@ -288,3 +288,70 @@ def test_integral_bool_equals_cumulative_sums(seed: int) -> None:
     want = np.zeros_like(out)
     want[1:, 1:] = m.astype(np.int32).cumsum(0).cumsum(1)
     np.testing.assert_array_equal(out, want)
+
+
+def _shift_reference(t: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:
+    h, w = sy.shape
+    iy = np.arange(h)[:, None] + sy
+    ix = np.arange(w)[None, :] + sx
+    return t[:, :, torch.from_numpy(iy), torch.from_numpy(ix)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("moving", [0.2, 0.9])
+def test_move_equals_reference_with_and_without_spare(seed: int, moving: float) -> None:
+    """Every route of ``_move`` (few rows in place, whole map into a new tensor, whole map into a spare) gives
+    ``cache[i + sy, j + sx]``; a spare is only written when it fits, never the cache itself."""
+    from fluxshard.engine.engine import _move, _Moves
+
+    rng = np.random.default_rng(seed)
+    h, w, c = 9, 13, 5
+    sy = np.zeros((h, w), np.int32)
+    sx = np.zeros((h, w), np.int32)
+    m = rng.random((h, w)) < moving
+    for i, j in zip(*np.nonzero(m), strict=True):  # any in-range source
+        sy[i, j] = rng.integers(-i, h - i)
+        sx[i, j] = rng.integers(-j, w - j)
+    cache = torch.randn(1, c, h, w).contiguous(memory_format=torch.channels_last)
+    ref = _shift_reference(cache, sy, sx)
+    for spare in (None, torch.empty_like(cache), torch.empty(1, c, h, w), torch.empty(1, c, h + 1, w)):
+        src = cache.clone()
+        out = _move(src, sy, sx, _Moves(sy, sx), spare)
+        assert torch.equal(out, ref)
+        fits = spare is not None and spare.stride() == cache.stride() and spare.shape == cache.shape
+        if 2 * m.mean() >= 1 and fits:
+            assert out is spare
+        else:
+            assert out is not spare
+    # a spare that is the cache itself is not used
+    src = cache.clone()
+    out = _move(src, sy, sx, _Moves(sy, sx), src)
+    assert torch.equal(out, ref)
+
+
+def test_gather_shift_rejects_sources_outside_the_map() -> None:
+    sy = np.zeros((3, 4), np.int32)
+    sx = np.zeros((3, 4), np.int32)
+    sx[0, 3] = 1
+    rows = np.zeros((12, 2), np.float32)
+    with pytest.raises(IndexError):
+        ek.gather_shift(rows, sy, sx, rows.copy())
+
+
+def test_recycled_spares_never_share_memory_with_live_caches() -> None:
+    """Only a replaced cache whose memory no live cache (or other spare) uses becomes a spare."""
+    from torch import nn
+
+    from fluxshard.engine.engine import Engine
+
+    eng = Engine(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), (16, 16))
+    a, b, c = (torch.zeros(1, 4, 8, 8) for _ in range(3))
+    alias = a[:, :2]  # another node's cache viewing a's memory
+    kept = torch.zeros(1, 4, 8, 8)
+    old = {"a": a, "alias": alias, "b": b, "kept": kept}
+    new = {"a": torch.zeros(1, 4, 8, 8), "alias": a, "b": c, "kept": kept}
+    eng._recycle(old, new)
+    assert set(eng._spare) == {"b"}  # a is still live through "alias"; kept was not replaced
+    assert eng._spare["b"] is b
+    eng._recycle({"x": b}, {"x": torch.zeros(1)})  # b is already a spare: not handed out twice
+    assert set(eng._spare) == {"b"}

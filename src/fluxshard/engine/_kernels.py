@@ -571,6 +571,26 @@ def cat_rows(src, positions, out, col: int) -> None:
             d[k] = s[k]
 
 
+@njit(cache=True, nogil=True)
+def gather_shift(src, sy, sx, out) -> None:
+    """``out[i·w + j, :] = src[(i + sy[i, j])·w + j + sx[i, j], :]`` for a (H·W, C) map of rows: a whole
+    cache moved in one pass, without building index arrays (the torch route — non-zero rows, an index map,
+    ``index_select`` — took ~3 ms for a 1×32×240×320 map against ~1.3 ms here). Raises on a source outside
+    the map (the shift maps never produce one)."""
+    h, w = sy.shape
+    c = src.shape[1]
+    for i in range(h):
+        for j in range(w):
+            si = i + sy[i, j]
+            sj = j + sx[i, j]
+            if si < 0 or si >= h or sj < 0 or sj >= w:
+                raise IndexError("gather_shift: source outside the map")
+            a = src[si * w + sj]
+            d = out[i * w + j]
+            for k in range(c):
+                d[k] = a[k]
+
+
 def warm() -> None:
     """Load the compiled kernels before the first timed frame."""
     b = np.zeros((4, 4), np.bool_)
@@ -609,6 +629,9 @@ def warm() -> None:
                     np.empty((8, 8), np.bool_), e8.copy(), e8.copy(), e8.copy(), e8.copy())
     pos = np.zeros(1, np.int64)
     take_rows(r, pos, r.copy(), 0)
+    z12 = np.zeros((1, 2), np.int32)
+    gather_shift(r, z12, z12, r.copy())
+    gather_shift(a2.reshape(4, 1), z2, z2, np.empty((4, 1), np.float32))
     put_rows(r, pos, r.copy())
     cat_rows(r, pos, r.copy(), 0)
     pool_rows(np.zeros((4, 4), np.float32), 2, 2, np.zeros(1, np.int64), 2, 3, 3, 1, 1, 1, 1, 1, 1, True,

@@ -589,20 +589,20 @@ class Engine:
         pg.cost = (max(0.0, m0 - b * fr[0]), b, min(td) * 1e3)
         # what each path pays besides the convolution when only part of the layer recomputes: the dense path
         # tests every position against the (shifted) cache, the pgemm path first moves the cache with the
-        # field (one gather of the whole map when most of it moves, as on a pan)
+        # field (one compiled pass over the whole map into a spare when most of it moves, as on a pan: _move)
         yv = _hwc(base)
         if yv is not None:
             hw = yv.shape[:2]
             z = np.zeros(hw, np.int32)
             a0, a1, ob = np.zeros(hw, np.float32), np.empty(hw, np.float32), np.empty(hw, np.bool_)
-            rows_t, perm = orows, torch.arange(n)
+            src_rows, dst_rows = orows.numpy(), np.empty(tuple(orows.shape), np.float32)
             tc, tm = [], []
             for _ in range(reps):
                 t0 = clock()
                 _ek.changed_dense_acc(yv, yv, z, z, 0.0, a0, a1, ob)
                 tc.append(clock() - t0)
                 t0 = clock()
-                rows_t.index_select(0, perm)
+                _ek.gather_shift(src_rows, z, z, dst_rows)
                 tm.append(clock() - t0)
             pg.test_ms, pg.move_ms = min(tc) * 1e3, min(tm) * 1e3
 

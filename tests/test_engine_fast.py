@@ -66,6 +66,29 @@ def test_config_errors_are_named(tmp_path: Path) -> None:
     good.write_text(json.dumps({"tau_in": 0.01, "default_threshold": 0.03, "thresholds": {"c1": 0.0}}))
     cfg = EngineConfig.from_file(good)
     assert cfg.mode == "fast" and cfg.thresholds == {"c1": 0.0} and cfg.tau_in == 0.01
+    other = tmp_path / "o.json"  # e.g. a bench report passed by mistake: no thresholds at all
+    other.write_text(json.dumps({"model": "nanodet", "frames": 3}))
+    with pytest.raises(EngineError, match=r"o\.json: no engine thresholds"):
+        EngineConfig.from_file(other)
+    for bad_value in ({"thresholds": [0.1]}, {"thresholds": {"c1": "big"}}, {"tau_in": -1}, {"tau_in": "nan"}):
+        other.write_text(json.dumps(bad_value))
+        with pytest.raises(EngineError, match=r"o\.json: malformed engine thresholds"):
+            EngineConfig.from_file(other)
+
+
+def test_thresholds_for_another_model_are_refused() -> None:
+    """A profile whose layer names match none of the model's convolutions would silently run with τ = 0."""
+    from torch import nn
+
+    from fluxshard.engine.engine import Engine
+
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    with pytest.raises(EngineError, match="name none of this model's convolutions"):
+        Engine(body, (32, 32), EngineConfig(mode="fast", thresholds={"stem_conv": 0.1}))
+    with pytest.raises(EngineError, match="name none of this model's convolutions"):
+        Engine(body, (32, 32), EngineConfig(mode="fast", motion_bins=(1.0,), bin_thresholds=(({"x": 0.1}, 0.0),)))
+    eng = Engine(body, (32, 32), EngineConfig(mode="fast", thresholds={"_0": 0.1, "gone": 0.2}))  # partial: fine
+    assert eng.config.thresholds["_0"] == 0.1
 
 
 def test_input_mapper_keeps_shifts_whole_pixels() -> None:

@@ -125,9 +125,24 @@ class EngineConfig:
             raise EngineError(f"{path}: cannot read engine thresholds ({exc})") from exc
         if not isinstance(data, dict):
             raise EngineError(f"{path}: engine thresholds must be a JSON object")
+        if not any(k in data for k in ("thresholds", "bins", "tau_in", "default_threshold")):
+            raise EngineError(f"{path}: no engine thresholds in this file (expected 'bins' — a `fluxshard profile` "
+                              f"output — or 'thresholds', 'tau_in', 'default_threshold')")
         kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every", "shift_tolerance",
                                    "carry_tolerance", "guard", "guard_probe", "guard_probe_max", "accumulate")
               if k in data}
+        try:
+            for k in ("tau_in", "default_threshold", "carry_tolerance"):
+                if k in kw:
+                    kw[k] = float(kw[k])
+                    if not kw[k] >= 0.0:  # also NaN
+                        raise ValueError(f"{k} must be ≥ 0, got {kw[k]}")
+            if "thresholds" in kw:
+                if not isinstance(kw["thresholds"], dict):
+                    raise TypeError("'thresholds' must map conv node names to numbers")
+                kw["thresholds"] = {str(k): float(v) for k, v in kw["thresholds"].items()}
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"{path}: malformed engine thresholds ({exc})") from exc
         bins = data.get("bins")
         if bins:  # a profile from `fluxshard profile`
             try:
@@ -315,6 +330,12 @@ class Engine:
         self._pgemm_layers: dict[tuple[int, ...], _PgemmLayer] = {}
         self._capture: fx.GraphModule | None = None
         self._tau: tuple[dict[str, float], float] = (self.config.thresholds, self.config.default_threshold)
+        named = set(self.config.thresholds).union(*(th for th, _ in self.config.bin_thresholds))
+        if named and not named & set(self._conv_nodes):
+            some = ", ".join(sorted(named)[:3])
+            raise EngineError(f"the thresholds name none of this model's convolutions ({some}, …): a profile made "
+                              f"for another model? This one's first convolutions: "
+                              f"{', '.join(list(self._conv_nodes)[:3])}")
         self.reset()
 
     def share_calibration(self, other: Engine) -> None:

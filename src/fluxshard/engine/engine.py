@@ -354,7 +354,7 @@ class Engine:
         self._x_cache: torch.Tensor | None = None
         self._upd_bufs: list[torch.Tensor] = getattr(self, "_upd_bufs", [])
         self._side: np.ndarray = getattr(self, "_side", np.empty(0, np.float32))  # moved blocks' packed sources
-        self._rows_memo: dict[tuple[str, str], tuple[torch.Tensor, np.ndarray | None]] = {}  # see _Runner._memo_rows
+        self._rows_memo: dict[tuple[str, ...], tuple[torch.Tensor, np.ndarray | None]] = {}  # see _Runner._memo_rows
         self._caches: dict[str, torch.Tensor] = {}
         # per node, a former cache tensor no live cache shares memory with: the next whole-map move writes into
         # it (see _move) instead of allocating, which on this machine costs more than the copy (page faults)
@@ -884,6 +884,7 @@ class _Runner(fx.Interpreter):
         self.engine = engine
         self._convs = engine._conv_nodes
         self._args = {n.name: [a.name for a in tensor_args(n)] for n in engine.gm.graph.nodes}
+        self._inputs = {n.name: {a.name: a for a in n.all_input_nodes} for n in engine.gm.graph.nodes}
         # the node order with the values each node is the last user of (freed right after it runs)
         self._order = [(n, tuple(self.user_to_last_uses.get(n, ()))) for n in engine.gm.graph.nodes]
         self.arm(None)
@@ -976,27 +977,29 @@ class _Runner(fx.Interpreter):
         self.new_caches[n.name] = base
         if count == 0:
             return base
-        orows = _rows_of(base)
-        if orows is None or not orows.is_contiguous():
+        # float32 (H·W, C) numpy views, remembered per tensor (the same caches recur every frame): a torch row
+        # view costs ~10 µs each, several per row op
+        on = self._memo_rows(("row", n.name), base)
+        if on is None:  # not a float32 channels-last map: run the node densely
             return None
         if ro.pool is not None:
-            xrows = _rows_of(self.env[n.args[0]])  # type: ignore[index]
-            if xrows is None or not xrows.is_contiguous() or xrows.dtype != torch.float32:
+            x = self.env[n.args[0]]  # type: ignore[index]
+            xrows = self._memo_rows(("pool", n.name), x)
+            if xrows is None:
                 return None
             k, s_, p, d = ro.window
-            hi, wi = self.env[n.args[0]].shape[-2:]  # type: ignore[index]
-            _ek.pool_rows(xrows.numpy(), hi, wi, np.flatnonzero(w), wo, k[0], k[1], s_[0], s_[1], p[0], p[1],
-                          d[0], d[1], isinstance(ro.pool, nn.MaxPool2d), orows.numpy())
+            hi, wi = x.shape[-2:]
+            _ek.pool_rows(xrows, hi, wi, np.flatnonzero(w), wo, k[0], k[1], s_[0], s_[1], p[0], p[1],
+                          d[0], d[1], isinstance(ro.pool, nn.MaxPool2d), on)
             return base
         pos = np.flatnonzero(w)
-        on = orows.numpy()
         if ro.cat:  # each input's rows straight into its channel slot
-            ins = {a.name: a for a in n.all_input_nodes}
+            ins = self._inputs[n.name]
             for name, col in ro.cat:
-                r = _rows_of(self.env[ins[name]])
-                if r is None or r.dtype != orows.dtype:
+                r = self._memo_rows(("cat", n.name, name), self.env[ins[name]])
+                if r is None:
                     return None
-                _ek.cat_rows(r.numpy(), pos, on, col)
+                _ek.cat_rows(r, pos, on, col)
             return base
         sub: dict[fx.Node, Any] = {}
         for a in n.all_input_nodes:
@@ -1015,10 +1018,7 @@ class _Runner(fx.Interpreter):
         kwargs = fx.map_arg(n.kwargs, lambda m: sub[m])
         r_out = getattr(self, n.op)(n.target, args, kwargs)
         yr = r_out.permute(0, 2, 3, 1).reshape(-1, r_out.shape[1])
-        if yr.dtype == orows.dtype:
-            _ek.put_rows(yr.numpy(), pos, on)
-        else:
-            orows.index_copy_(0, torch.from_numpy(pos), yr.to(orows.dtype))
+        _ek.put_rows(yr.numpy() if yr.dtype == torch.float32 else yr.to(torch.float32).numpy(), pos, on)
         return base
 
     # -- exact + fast convolution ------------------------------------------------------------------------
@@ -1142,9 +1142,9 @@ class _Runner(fx.Interpreter):
         )
         return y
 
-    def _memo_rows(self, key: tuple[str, str], t: torch.Tensor) -> np.ndarray | None:
-        """:func:`_np_rows` of ``t``, remembered per (side, conv): caches are updated in place, so most layers see
-        the very same input and output tensors every frame (the view costs ~5 µs, twice per conv and frame).
+    def _memo_rows(self, key: tuple[str, ...], t: torch.Tensor) -> np.ndarray | None:
+        """:func:`_np_rows` of ``t``, remembered per (role, node): caches are updated in place, so most layers and
+        row ops see the very same input and output tensors every frame (the view costs ~5 µs, twice per conv).
         An entry keeps its tensor alive, so a remembered view can never outlive its memory."""
         memo = self.engine._rows_memo
         hit = memo.get(key)

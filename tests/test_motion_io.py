@@ -165,3 +165,34 @@ def test_strict_composition_rejects_split_shards() -> None:
     assert not strict.source_inside()[:, 3].any()  # valid vector, but its source left the cached frame
     loose = compose(step, acc, strict=False)
     assert loose.valid[:, 1].all() and (loose.dx[:, 1] == 13).all()
+
+
+def test_tint_blocks_blends_only_the_masked_blocks() -> None:
+    from fluxshard.viz import tint_blocks
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)  # not a multiple of the block: edge blocks clip
+    mask = rng.random((3, 4)) < 0.5
+    out = tint_blocks(rgb, mask, 16, (255, 40, 40), alpha=0.35)
+    m = np.repeat(np.repeat(mask, 16, 0), 16, 1)[:40, :52]
+    ref = rgb.astype(np.float32)
+    ref[m] = ref[m] * 0.65 + np.array((255, 40, 40), np.float32) * 0.35
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and out.flags.writeable
+    assert np.array_equal(out[~m], rgb[~m])
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    assert np.array_equal(tint_blocks(rgb, np.zeros((3, 4), bool), 16, (0, 0, 0)), rgb)
+
+
+def test_writer_preset_is_passed_to_x264_only_when_asked(tmp_path: Path) -> None:
+    from fluxshard.video import VideoWriter
+    from fluxshard.video.encode import OVERLAY_PRESET
+
+    assert "preset" not in VideoWriter(tmp_path / "a.mp4").options  # generated clips keep x264's default
+    w = VideoWriter(tmp_path / "b.mp4", fps=10, preset=OVERLAY_PRESET)
+    assert w.options["preset"] == OVERLAY_PRESET
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    for k in range(5):
+        rgb[:, :, 0] = 40 * k
+        w.write(rgb)
+    w.close()
+    assert sum(1 for _ in open_video(tmp_path / "b.mp4")) == 5

@@ -62,6 +62,7 @@ def detect(
 
     from fluxshard.models import load_model
     from fluxshard.video import VideoWriter, open_video
+    from fluxshard.video.encode import OVERLAY_PRESET
     from fluxshard.viz import draw_results
 
     adapter = load_model(model)  # unknown name / unreadable weights fail here, before any output
@@ -79,7 +80,7 @@ def detect(
         total = max_frames
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     adapter.body.to(memory_format=fmt)
-    writer = VideoWriter(out, fps=info.fps) if out is not None else None
+    writer = VideoWriter(out, fps=info.fps, preset=OVERLAY_PRESET) if out is not None else None
     lines = jsonl.open("w") if jsonl is not None else None
     times: list[float] = []
     persons: list[int] = []

@@ -40,6 +40,7 @@ def run(
     from fluxshard.engine import EngineConfig
     from fluxshard.engine.run import run_clip
     from fluxshard.video import VideoWriter, open_video
+    from fluxshard.video.encode import OVERLAY_PRESET
     from fluxshard.viz import draw_results, tint_blocks
 
     if mode not in ("exact", "fast"):
@@ -63,7 +64,7 @@ def run(
     total = open_video(path).info.frames_expected
     if max_frames is not None:
         total = min(total or max_frames, max_frames)
-    writer = VideoWriter(out, fps=open_video(path).info.fps or 25) if out is not None else None
+    writer = VideoWriter(out, fps=open_video(path).info.fps or 25, preset=OVERLAY_PRESET) if out is not None else None
 
     with Progress(TextColumn("[bold]run[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:

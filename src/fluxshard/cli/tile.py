@@ -157,6 +157,7 @@ def tile(
     from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
     from fluxshard.tiling.evaluate import MODE_SHORT, run_clip
     from fluxshard.video import VideoWriter, open_video
+    from fluxshard.video.encode import OVERLAY_PRESET
 
     if mode not in MODES:
         raise TileCliError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -177,7 +178,7 @@ def tile(
                 if out is None:
                     return
                 if writer is None:
-                    writer = VideoWriter(out, fps=fps)
+                    writer = VideoWriter(out, fps=fps, preset=OVERLAY_PRESET)
                 writer.write(_draw(rgb, dets[key], runs[key], family.names, min_score))
 
             res = run_clip(path, family, prof, [slo], modes=[mode], baselines=False, camera=camera,

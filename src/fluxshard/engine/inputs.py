@@ -48,12 +48,21 @@ class InputMapper:
         (the layout the engine and the dense body run fastest in here: no per-frame re-layout on either side)."""
         f = self.factor
         h, w = self.scaled_hw
-        a = rgb[: h * f, : w * f].astype(np.float32)
-        if f > 1:
-            a = a.reshape(h, f, w, f, 3).mean(axis=(1, 3))
         hp, wp = self.input_hw
         out = torch.zeros((1, hp, wp, 3), dtype=torch.float32)  # allocated N×H×W×C: strides torch reads as NHWC
-        out.numpy()[0, :h, :w] = a / 255.0
+        dst = out.numpy()[0, :h, :w]
+        src = rgb[: h * f, : w * f]
+        if f == 1:
+            np.multiply(src, np.float32(1 / 255), out=dst)
+        else:
+            # f×f box sum as f² strided adds (exact: integers below 2^24), then one scale: ~10× faster than
+            # ``reshape(h, f, w, f, 3).mean(axis=(1, 3))`` (~25 ms for a 768×576 frame on this CPU)
+            np.copyto(dst, src[0::f, 0::f])
+            for i in range(f):
+                for j in range(f):
+                    if i or j:
+                        np.add(dst, src[i::f, j::f], out=dst)
+            dst *= np.float32(1 / (255 * f * f))
         return out.permute(0, 3, 1, 2)
 
     def field(self, fld: MotionField) -> MotionField:

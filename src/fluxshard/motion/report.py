@@ -71,9 +71,10 @@ def analyze_motion(
     writer = None
     if overlay is not None:
         from fluxshard.video import VideoWriter
+        from fluxshard.video.encode import OVERLAY_PRESET
         from fluxshard.viz import motion_overlay
 
-        writer = VideoWriter(overlay, fps=info.fps or 25)
+        writer = VideoWriter(overlay, fps=info.fps or 25, preset=OVERLAY_PRESET)
     res_mv: list[float] = []
     res_zero: list[float] = []
     motion: list[float] = []

@@ -12,12 +12,18 @@ import numpy as np
 
 from fluxshard.errors import VideoError
 
+#: x264 preset of annotated output videos (a view of the results, not data: speed over size).
+OVERLAY_PRESET = "veryfast"
+
 
 class VideoWriter:
     """Encode ``uint8`` RGB frames of one fixed size; the encoder's own options pass through.
 
     Codec options are x264/x265 private options (``{"bf": "2", "refs": "4"}`` via ``x264-params`` etc.),
     so tests can produce streams with B-frames, several reference frames or no motion vectors (HEVC).
+    ``preset`` (x264/x265): the CLIs' overlay videos use :data:`OVERLAY_PRESET` — on this CPU the default
+    ("medium") took ~26 ms per 768×576 frame, longer than the engine; generated test clips keep the default,
+    whose motion vectors the motion tests and profiles were made with.
     """
 
     def __init__(
@@ -28,6 +34,7 @@ class VideoWriter:
         crf: int | None = 20,
         options: dict[str, str] | None = None,
         pix_fmt: str = "yuv420p",
+        preset: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +43,8 @@ class VideoWriter:
         self.options = dict(options or {})
         if crf is not None and codec in ("libx264", "libx265"):
             self.options.setdefault("crf", str(crf))
+        if preset is not None and codec in ("libx264", "libx265"):
+            self.options.setdefault("preset", preset)
         self.pix_fmt = pix_fmt
         self._container: Any = None
         self._stream: Any = None

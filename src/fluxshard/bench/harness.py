@@ -195,6 +195,12 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         "naive-mv": dataclasses.replace(fast, rfap=False, shift_tolerance=1 << 20, carry_tolerance=0.0),
     }
     engines = {m: Engine(adapter.body, mapper.input_hw, configs[m]) for m in methods if m in ENGINE_METHODS}
+    # one measured cost model for every fast-mode method (the first to run a frame calibrates it): path choices
+    # then differ only by the methods' active sets, not by calibration noise (separately calibrated engines on
+    # this shared host can price the same layer differently and pick different paths for it)
+    fast_engines = [e for e in engines.values() if e.config.mode == "fast"]
+    for e in fast_engines[1:]:
+        e.share_calibration(fast_engines[0])
     scene = _SceneReuse(cfg.scene_threshold, cfg.scene_downsample)
     name = clip or Path(str(path)).stem
     res = ClipResult(name, str(path), mapper.input_hw, mapper.factor, "", {

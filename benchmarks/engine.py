@@ -9,8 +9,10 @@ the per-frame ratios dense / engine (each pair timed back to back on the same fr
 machine within a run cancels; the two agree on a quiet machine), active fraction (mean share of conv output
 positions recomputed), efficiency = speedup × active fraction (1.0 = the engine costs exactly its share of
 dense work), retention (mAP@0.5 of the engine's detections against dense detections), max |Δ| of the raw
-outputs. Each engine calibrates its executor's per-layer costs on its first (dense) frame, at the run's
-thread count (``--no-calibrate``: the default cost rule). ``fast-zero-mv`` runs fast mode with a zero field
+outputs. The first engine of each engine mode (exact, fast) calibrates its executor's per-layer costs on its
+first (dense) frame, at the run's thread count; the clip's later rows of that mode share them, so rows differ
+by what they reuse, not by calibration noise (``--no-calibrate``: the default cost rule). ``fast-zero-mv``
+runs fast mode with a zero field
 (the DeltaCNN assumption, with the delta baseline's own profile when shipped — same retention target — and
 the bin of the frame's real motion): on moving clips MV alignment must give a smaller active set than zero
 motion. ``+guard`` runs a mode with the engine's cost guard (frames run dense while incremental frames cost
@@ -82,12 +84,21 @@ def config_for(mode: str, model: str, calibrate: bool, guard: bool = False, prof
 
 
 def run_mode(adapter: Any, mapper: InputMapper, frames: list, mode: str, model: str,
-             calibrate: bool = True, profile: str | None = None) -> dict[str, Any]:
+             calibrate: bool = True, profile: str | None = None,
+             calibrated: dict[str, Engine] | None = None) -> dict[str, Any]:
+    """One mode over the frames. ``calibrated`` (per clip and input size, filled as modes run): engines of the
+    same engine mode share the first one's measured cost model, so modes differ by what they reuse, not by
+    calibration noise (each engine measuring its own on this shared host can pick other paths)."""
     guard = mode.endswith("+guard")
     base = mode.removesuffix("+guard")
     cfg = config_for(base, model, calibrate, guard, profile)
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     eng = Engine(adapter.body, mapper.input_hw, cfg)
+    if calibrated is not None and calibrate:
+        if cfg.mode in calibrated:
+            eng.share_calibration(calibrated[cfg.mode])
+        else:
+            calibrated[cfg.mode] = eng
     body = adapter.body
     eng_ms: list[float] = []
     dense_ms: list[float] = []
@@ -188,6 +199,7 @@ def main() -> None:
     for c in clips:
         for fac in factors:
             mapper, frames = load_frames(c, args.frames, fac)
+            calibrated: dict[str, Engine] = {}
             for m in modes:
                 prof = args.profile
                 if m == "fast-site":
@@ -195,7 +207,7 @@ def main() -> None:
                     if site is None:
                         continue
                     prof = str(site)
-                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate, prof)
+                r = run_mode(adapter, mapper, frames, m, args.model, not args.no_calibrate, prof, calibrated)
                 r.update(clip=Path(c).name, input_hw=list(mapper.input_hw))
                 rows.append(r)
                 ret = r["retention_map50"]

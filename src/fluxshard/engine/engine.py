@@ -972,7 +972,7 @@ class _Runner(fx.Interpreter):
                                    w, 1, 1, _NO_EXTRA)
         if count > ro.dense_above * ho * wo:
             return None
-        base = _move(cache, sy, sx, moves, eng._spare.pop(n.name, None))
+        base = _move(cache, sy, sx, moves, eng._spare, n.name)
         self.written[n.name] = w
         self.new_caches[n.name] = base
         if count == 0:
@@ -1074,7 +1074,7 @@ class _Runner(fx.Interpreter):
         tile_fraction = 1.0
         pg_path = pg.choose(active_fraction, moves.moved_fraction(), partial=True) if modelled else None
         if count == 0 and self.fast:  # nothing reaches this layer: its cache, moved, is its output
-            y, path = _move(cache, sy, sx, moves, eng._spare.pop(n.name, None)), "skip"
+            y, path = _move(cache, sy, sx, moves, eng._spare, n.name), "skip"
             self.changed[n.name] = np.zeros((ho, wo), np.bool_)
             self.written[n.name] = np.zeros((ho, wo), np.bool_)
             if eng.config.accumulate:
@@ -1108,7 +1108,7 @@ class _Runner(fx.Interpreter):
                     self.changed[n.name] = self._changed_dense(n.name, y, cache, sy, sx, moves)
                     self.written[n.name] = np.ones((ho, wo), np.bool_)
             elif eng._sparse is not None:
-                base = _move(cache, sy, sx, moves, eng._spare.pop(n.name, None))
+                base = _move(cache, sy, sx, moves, eng._spare, n.name)
                 if layout in ("gemm", "pgemm") and getattr(conv, "groups", 1) != 1:
                     layout = "batch"  # GEMM paths need groups == 1
                 y = None
@@ -1127,7 +1127,7 @@ class _Runner(fx.Interpreter):
                         self.changed[n.name] = self._truncate(n.name, y, base, st, moves)
                         self.written[n.name] = _written(st, (ho, wo))
             else:
-                base = _move(cache, sy, sx, moves, eng._spare.pop(n.name, None))
+                base = _move(cache, sy, sx, moves, eng._spare, n.name)
                 y = torch.where(torch.from_numpy(rec), _dense(conv, post, x), base)
                 path = "dense+select"
                 if self.fast:
@@ -1499,15 +1499,17 @@ class _Moves:
 
 
 def _move(cache: torch.Tensor, sy: np.ndarray, sx: np.ndarray, lazy: _Moves,
-          spare: torch.Tensor | None = None) -> torch.Tensor:
+          spares: dict[str, torch.Tensor] | None = None, name: str = "") -> torch.Tensor:
     """``out[..., i, j] = cache[..., i + sy[i, j], j + sx[i, j]]``. When few positions move, the moved rows
     are gathered first and written back into ``cache`` in place (a static camera with a few moving objects
-    costs only those rows); when most move (a moving camera), one compiled pass writes them into ``spare``
-    (a tensor of the same layout that nothing else uses) or a new tensor. Measured on a 1×32×240×320 map:
+    costs only those rows); when most move (a moving camera), one compiled pass writes them into
+    ``spares[name]`` (taken out of ``spares`` only then: a tensor of the same layout that nothing else uses,
+    see ``Engine._recycle``) or a new tensor. Measured on a 1×32×240×320 map:
     index arrays + ``index_select`` ~3 ms, the compiled pass ~1.3 ms into a spare; a fresh 10 MB tensor adds
     ~2–4 ms of page faults."""
     n, c, h, w = cache.shape
     if 2 * lazy.moved_fraction() >= 1.0 and (rows_in := _np_rows(cache)) is not None:
+        spare = spares.pop(name, None) if spares is not None else None
         usable = (spare is not None and spare.shape == cache.shape and spare.stride() == cache.stride()
                   and spare.dtype == cache.dtype and spare.data_ptr() != cache.data_ptr())
         out = spare if usable else torch.empty_like(cache)  # type: ignore[assignment]  # channels_last too

@@ -401,3 +401,57 @@ def test_updated_input_buffers_alternate() -> None:
         for (x, f), o in zip(frames, outs, strict=True):
             ref._upd_bufs = []  # fresh buffers every frame
             torch.testing.assert_close(ref.step(x, f)[0], o, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("taus", "residual"), [((0.0, 0.02), 1.0), ((0.02, 0.0), 0.0)])
+def test_tau_in_follows_the_frames_motion_bin(taus: tuple[float, float], residual: float) -> None:
+    """A profile may tighten τ_in in one motion bin: a uniform 0.01 change is residual everywhere under the
+    still bin's τ_in = 0 and nowhere under τ_in = 0.02, whatever the top-level τ_in says."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    x = torch.rand(1, 3, 64, 96)
+    f = MotionField.zero(64, 96, 16)
+    cfg = EngineConfig(mode="fast", tau_in=0.5, motion_bins=(0.5, 1e9), bin_thresholds=(({}, 0.0), ({}, 0.0)),
+                       bin_tau_in=taus)
+    assert cfg.tau_in_for(0.0) == taus[0] and cfg.tau_in_for(3.0) == taus[1]
+    eng = Engine(body, (64, 96), cfg)
+    with torch.inference_mode():
+        eng.step(x, None)
+        _, st = eng.step((x + 0.01).clamp(0, 1), f)
+    assert st.input_residual_fraction == pytest.approx(residual, abs=0.02)
+
+
+def test_bin_tau_in_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="tau_in values"):
+        EngineConfig(mode="fast", motion_bins=(1.0,), bin_thresholds=(({}, 0.0),), bin_tau_in=(0.0, 0.1))
+    with pytest.raises(EngineError, match="tau_in must be"):
+        EngineConfig(mode="fast", motion_bins=(1.0,), bin_thresholds=(({}, 0.0),), bin_tau_in=(float("nan"),))
+    p = tmp_path / "p.json"
+    bins = [{"max_motion": 1.0, "thresholds": {}, "tau_in": 0.005}, {"max_motion": 1e9, "thresholds": {}}]
+    p.write_text(json.dumps({"tau_in": 0.02, "bins": bins}))
+    assert EngineConfig.from_file(p).bin_tau_in == (0.005, 0.02)  # a bin without one keeps the profile's
+    bins[0]["tau_in"] = -0.1
+    p.write_text(json.dumps({"tau_in": 0.02, "bins": bins}))
+    with pytest.raises(EngineError, match=r"p\.json: malformed motion bins.*≥ 0"):
+        EngineConfig.from_file(p)
+
+
+def test_zero_shift_rescue_reuses_blocks_whose_vector_is_wrong() -> None:
+    """Static content that the field says moved by 1 px (a handheld camera's shake, a noisy vector): with
+    zero-shift rescue the blocks are taken unshifted and nothing is recomputed; without it, the 1 px shift
+    misaligns every block against a textured cache and almost everything is recomputed."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    x = torch.rand(1, 3, 64, 96)
+    f = MotionField.zero(64, 96, 16)
+    f.dx[:] = -1
+    f.dx[:, 0] = 0  # keep every source inside the frame
+    act = {}
+    for zr in (-1.0, 0.5):
+        eng = Engine(body, (64, 96), EngineConfig(mode="fast", tau_in=0.02, zero_rescue=zr))
+        with torch.inference_mode():
+            eng.step(x, None)
+            _, st = eng.step((x + 0.003).clamp(0, 1), f)
+        act[zr] = st.active_fraction
+        assert st.input_residual_fraction == (0.0 if zr >= 0 else pytest.approx(1.0, abs=0.2))
+    assert act[0.5] < 0.05 and act[-1.0] > 0.8, act

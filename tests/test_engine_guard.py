@@ -213,3 +213,28 @@ def test_guard_compares_each_incremental_frame_with_the_dense_frames_of_its_time
     eng._time(False, 140.0)
     eng._time(False, 140.0)
     assert eng._guard() == ""
+
+
+@pytest.mark.parametrize(("ratio", "refresh"), [(0.95, True), (0.5, False)])
+def test_guard_re_times_dense_near_parity(ratio: float, refresh: bool) -> None:
+    """Near parity the decision rests on the dense reference, so while incremental frames run it is re-timed
+    every ``guard_probe_max`` frames (two plain dense frames); far from parity it is left alone."""
+    eng = Engine(Net().eval(), (48, 64), EngineConfig(guard=True, guard_probe=4, guard_probe_max=8))
+    eng._time(True, 100.0)
+    eng._time(True, 100.0)
+    for _ in range(5):
+        eng._time(False, 100.0 * ratio)
+    decisions = [eng._guard() for _ in range(9)]
+    if not refresh:
+        assert decisions == [""] * 9
+        return
+    assert decisions == [""] * 8 + ["cost guard"] and len(eng._dense_ms) == 0
+    assert eng._guard() == "cost guard"  # the second plain frame of the re-timing
+    eng._time(True, 80.0)  # the machine is faster now: the new reference replaces the old one
+    eng._time(True, 80.0)
+    assert eng._since_dense == 0 and list(eng._dense_ms) == [80.0, 80.0]
+    assert eng._guard() == ""  # incremental again (ratios of the old reference until new frames come)
+    eng._time(False, 100.0)  # 1.25 of the new reference
+    eng._time(False, 100.0)
+    eng._time(False, 100.0)
+    assert eng._guard() == "cost guard"

@@ -81,7 +81,8 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
     dy, dx, valid = f.dy.copy(), f.dx.copy(), f.valid.copy()
     bad = np.zeros(f.shape, np.bool_)
     upd = np.full_like(cur, -1.0)
-    ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), 3, dy, dx, valid, b, tau, bad, upd.reshape(h, -1))
+    ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), 3, dy, dx, valid, b, tau, bad, upd.reshape(h, -1),
+                      -1.0)
     mad = np.empty(f.shape, np.float32)
     mk.shifted_diff(cur, ref, f.dy, f.dx, b, np.empty((h, w), np.float32), mad)
     zmad = np.empty(f.shape, np.float32)
@@ -105,9 +106,12 @@ def test_block_residual_matches_shifted_diff(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("nc", [1, 3])
-def test_block_residual_inplace_equals_two_buffer_update(seed: int, nc: int) -> None:
+@pytest.mark.parametrize("rescue_on", [False, True])
+def test_block_residual_inplace_equals_two_buffer_update(seed: int, nc: int, rescue_on: bool) -> None:
     """The in-place variant leaves in ``ref`` exactly what the two-buffer kernel writes to ``out_upd`` (and the
-    same decisions), with blocks moving onto each other's sources, partial edge blocks and invalid blocks."""
+    same decisions), with blocks moving onto each other's sources, partial edge blocks and invalid blocks —
+    with and without zero-shift rescue (at about the blocks' median unshifted difference: half rescued)."""
+    rescue = {1: 0.005, 3: 0.0075}[nc] if rescue_on else -1.0
     rng = np.random.default_rng(900 + seed)
     b, h, w = 8, 45, 61
     f = _field(rng, h, w, b)
@@ -119,16 +123,47 @@ def test_block_residual_inplace_equals_two_buffer_update(seed: int, nc: int) -> 
     f.dx[still] = 0
     a = (f.dy.copy(), f.dx.copy(), f.valid.copy(), np.zeros(f.shape, np.bool_))
     upd = np.full((h, w * nc), -1.0, np.float32)
-    ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), nc, a[0], a[1], a[2], b, 0.1, a[3], upd)
+    ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), nc, a[0], a[1], a[2], b, 0.1, a[3], upd, rescue)
     bm = (f.dy.copy(), f.dx.copy(), f.valid.copy(), np.zeros(f.shape, np.bool_))
     inplace = ref.reshape(h, -1).copy()
     ek.block_residual_inplace(cur.reshape(h, -1), inplace, nc, bm[0], bm[1], bm[2], b, 0.1, bm[3],
-                              np.full(h * w * nc, np.nan, np.float32))
+                              np.full(h * w * nc, np.nan, np.float32), rescue)
     for x, y in zip(a, bm, strict=True):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(inplace, upd)
     moved = (a[0] != 0) | (a[1] != 0)
     assert (moved & ~a[3]).any() and a[3].any() and (~moved & ~a[3]).any()  # every write branch exercised
+    if rescue_on:
+        assert (((f.dy != 0) | (f.dx != 0)) & f.valid & ~moved).any()  # some moving blocks were rescued
+
+
+@pytest.mark.parametrize("nc", [1, 3])
+def test_zero_shift_rescue_takes_only_blocks_whose_unshifted_cache_matches(nc: int) -> None:
+    """Zero-shift rescue: a valid block whose vector says it moved but whose *unshifted* cache differs by at
+    most ``rescue`` becomes a valid zero-motion block (reused as is, aligned at every stride); blocks whose
+    content really moved keep their vector; invalid blocks keep the old rule (τ_in); off (-1) = untouched."""
+    rng = np.random.default_rng(5)
+    b, h, w = 8, 32, 48
+    base = rng.random((h + 2, w + 2, nc)).astype(np.float32)
+    ref = base[1:-1, 1:-1].copy()
+    cur = base[1:-1, :-2].copy()  # the content moved 1 px right: cur[y, x] = ref[y, x - 1]
+    cur[:, : w // 2] = ref[:, : w // 2] + 0.003  # the left half did not move (a codec vector anyway)
+    f = MotionField.zero(h, w, b)
+    f.dx[:] = -1  # every block says "from 1 px to the left"
+    f.valid[0, 0] = False
+    for rescue, want_zero in ((-1.0, np.zeros(f.shape, bool)), (0.01, np.arange(f.shape[1]) < f.shape[1] // 2)):
+        dy, dx, valid = f.dy.copy(), f.dx.copy(), f.valid.copy()
+        bad = np.zeros(f.shape, np.bool_)
+        upd = np.empty((h, w * nc), np.float32)
+        ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), nc, dy, dx, valid, b, 0.02, bad, upd, rescue)
+        zero = np.broadcast_to(want_zero, f.shape).copy()
+        zero[0, 0] = True  # invalid, static within τ_in: the old rule makes it a zero-motion block
+        np.testing.assert_array_equal(dx == 0, zero)
+        assert valid.all()
+        assert not bad[:, w // b // 2:].any()  # moved content: its vector aligns it exactly (x ≥ 1 px inside)
+        if rescue >= 0:
+            assert not bad.any()
+            np.testing.assert_array_equal(upd.reshape(h, w, nc)[:, : w // 2], ref[:, : w // 2])  # kept as is
 
 
 def test_engine_updates_its_own_input_cache_in_place_only() -> None:
@@ -180,7 +215,7 @@ def test_updated_input_keeps_reused_blocks_from_the_cache() -> None:
     bad = np.zeros(z.shape, np.bool_)
     upd = np.empty_like(cur)
     ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), 3, z, z.copy(), np.ones(z.shape, np.bool_), b, 0.02,
-                      bad, upd.reshape(h, -1))
+                      bad, upd.reshape(h, -1), -1.0)
     assert bad[:, :2].all() and not bad[:, 2:].any()
     np.testing.assert_array_equal(upd[:, : w // 2], cur[:, : w // 2])
     np.testing.assert_array_equal(upd[:, w // 2:], ref[:, w // 2:])
@@ -263,7 +298,7 @@ def test_block_residual_any_channel_count(nc: int) -> None:
     ref[:, : w // 2] += (rng.random((h, w // 2, nc)) < 0.5).astype(np.float32) * 0.3
     bad = np.zeros(f.shape, np.bool_)
     ek.block_residual(cur.reshape(h, -1), ref.reshape(h, -1), nc, f.dy.copy(), f.dx.copy(), f.valid.copy(), b,
-                      0.05, bad, np.zeros((0, 0), np.float32))
+                      0.05, bad, np.zeros((0, 0), np.float32), -1.0)
     want = np.zeros(f.shape, np.bool_)
     for i in range(f.shape[0]):
         for j in range(f.shape[1]):

@@ -57,6 +57,33 @@ def test_search_keeps_largest_alpha_before_first_failure(monkeypatch: pytest.Mon
     assert calls == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, -1.0]  # stopped once every measured bin failed; final pass
 
 
+
+def test_bin_short_at_alpha_zero_tightens_its_tau_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bin that misses the target even with τ^l = 0 (bin 0 here, met only once τ_in ≤ 0.005) keeps α = 0
+    and steps τ_in down until it holds; the other bin keeps the profile's τ_in and its own α."""
+    def fake_per_bin(clips: Any, runs: Any, bins: Any) -> list[dict[str, Any]]:
+        cfg = runs[0][0][0]
+        ok0 = bool(cfg.bin_thresholds) and cfg.tau_in_for(0.0) <= 0.005  # only the final pass mixes bins
+        a1 = cfg.thresholds.get("c1", 0.0) if cfg.thresholds else cfg.bin_thresholds[1][0]["c1"]
+        return [{"frames": 20, "retention_map50": 1.0 if ok0 else 0.95, "reuse": 0.1},
+                {"frames": 20, "retention_map50": 1.0 if a1 <= 0.3 else 0.9, "reuse": 0.5}]
+
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
+    monkeypatch.setattr(profiler, "run_config", lambda adapter, clip, cfg: ([cfg], [0.0], [False]))
+    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
+    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, tau_in=0.02, bins=(1.0, math.inf),
+                            alphas=(0.0, 0.1, 0.3, 0.5))
+    assert [b["alpha"] for b in prof["bins"]] == [0.0, 0.3]
+    assert [b["tau_in"] for b in prof["bins"]] == [0.005, 0.02]
+    assert [b["target_met"] for b in prof["bins"]] == [True, True]
+    assert [r["tau_in"][0] for r in prof["repairs"]] == [0.02, 0.01]  # two tightening steps were needed
+    out = tmp_path / "p.json"  # the written profile loads with its per-bin τ_in
+    out.write_text(json.dumps(prof, default=str))
+    cfg = EngineConfig.from_file(out)
+    assert cfg.bin_tau_in == (0.005, 0.02) and cfg.tau_in_for(0.2) == 0.005 and cfg.tau_in_for(4.0) == 0.02
+
 def _field(dy: int, dx: int, n_valid: int = 4) -> MotionField:
     f = MotionField.zero(32, 32, 16)
     f.dy[:], f.dx[:] = dy, dx

@@ -187,8 +187,10 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     # MV-aligned caches would be far too loose for caches that are not aligned at all
     own = {m: dataclasses.replace(EngineConfig.from_file(p), calibrate=True)
            for m in ("delta", "global-warp") if (p := default_profile(cfg.model, m)) and cfg.fast_profile is None}
+    # the baselines' fields are theirs alone: no zero-shift rescue (a FluxShard input-stage step) for them
+    base = {m: dataclasses.replace(own.get(m, fast), zero_rescue=-1.0) for m in ("delta", "global-warp")}
     configs = {
-        "delta": own.get("delta", fast), "global-warp": own.get("global-warp", fast), "fluxshard-fast": fast,
+        "delta": base["delta"], "global-warp": base["global-warp"], "fluxshard-fast": fast,
         "fluxshard-exact": EngineConfig(calibrate=True),
         # no RFAP at all: no strict mask at the first conv, and shard shifts rounded to each layer's stride
         # however misaligned (RFAP's "displacement divisible by the stride" condition dropped)
@@ -208,7 +210,10 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         "motion_bins": list(fast.motion_bins),
         "bin_alpha_tau_mean": [float(np.mean(list(th.values()))) if th else d for th, d in fast.bin_thresholds],
         "own_profiles": {m: [float(np.mean(list(th.values()))) if th else d for th, d in c.bin_thresholds]
-                         for m, c in own.items()}})
+                         for m, c in own.items()},
+        # τ_in per bin: a profile tightens τ_in in a bin it cannot hold at τ^l = 0 (EngineConfig.bin_tau_in)
+        "own_tau_in": {m: list(c.bin_tau_in) if c.bin_tau_in else [c.tau_in]
+                       for m, c in {"fluxshard-fast": fast, **own}.items()}})
     body = adapter.body.eval()
     hw = mapper.input_hw
 

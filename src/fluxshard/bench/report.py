@@ -170,18 +170,18 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
         "share of frames whose whole result was reused.",
         "- **input residual** = mean input residual fraction over incrementally computed frames: `delta` "
         "measures it without MV alignment (zero field), `global-warp` with one global similarity, the "
-        "fluxshard methods with the per-block field; same τ_in everywhere.",
+        "fluxshard methods with the per-block field; each with its profile's τ_in (see Methods).",
         "- **max abs diff** = largest |body output − dense body output| over the clip.", "",
         "## Methods", "",
         "- Fast-mode thresholds (fluxshard-fast, naive-mv"
         + "".join(f", {m}" for m in ("delta", "global-warp") if m not in fast.get("own_profiles", {}))
-        + f"): τ_in = {fast.get('tau_in')}, "
+        + f"): τ_in = {fast.get('own_tau_in', {}).get('fluxshard-fast', fast.get('tau_in'))} (per bin when a list), "
         + (f"per-layer τ^l by motion bin (upper edges {fast.get('motion_bins')} engine-input px/frame, mean τ^l "
            f"{[round(v, 3) for v in fast.get('bin_alpha_tau_mean', [])]}), the bin chosen from the frame's real "
            f"motion for every method." if fast.get("motion_bins") else
            f"τ^l = {fast.get('default_threshold')} (per-layer overrides: {len(fast.get('thresholds', {}))})."),
-        *[f"- {m}: its own shipped profile (`fluxshard profile --method {m}`, same retention target and τ_in), "
-          f"mean τ^l per bin {[round(v, 3) for v in taus]}."
+        *[f"- {m}: its own shipped profile (`fluxshard profile --method {m}`, same retention target), "
+          f"mean τ^l per bin {[round(v, 3) for v in taus]}, τ_in per bin {fast.get('own_tau_in', {}).get(m, '?')}."
           for m, taus in fast.get("own_profiles", {}).items()],
         f"- scene-reuse: reuse the previous result when mean |Δ| of the 8×-downsampled luma vs the last computed "
         f"frame < {scene_threshold} grey levels, else recompute densely.",

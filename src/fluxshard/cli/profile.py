@@ -24,6 +24,9 @@ def profile(
     tau_in: Annotated[float, typer.Option(help="Input residual threshold (0..1).", min=0.0)] = 0.02,
     carry: Annotated[float, typer.Option(help="Carried sub-stride remainder tolerance, fraction of each stride "
                                               "(0 = off; fluxshard-fast only).", min=0.0, max=0.5)] = 0.0,
+    zero_rescue: Annotated[float | None, typer.Option(help="Zero-shift rescue, fraction of tau_in (< 0 = off; "
+                                                           "default: the engine's for fluxshard-fast, off for "
+                                                           "the baselines).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Profile JSON (default: MODEL_profile.json).")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the profile summary as one JSON object.")]
@@ -62,7 +65,7 @@ def profile(
         if carry and method != "fluxshard-fast":
             raise typer.BadParameter("--carry applies to the fluxshard-fast method only")
         prof = run_profile(adapter, model, loaded, target=target_retention, tau_in=tau_in, progress=step,
-                           method=method, carry_tolerance=carry)
+                           method=method, carry_tolerance=carry, zero_rescue=zero_rescue)
         bar.update(t2, completed=len(ALPHAS) + 1)
     suffix = "" if method == "fluxshard-fast" else f".{method}"
     path = out or Path(f"{model}{suffix}_profile.json")

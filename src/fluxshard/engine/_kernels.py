@@ -170,7 +170,8 @@ def mask_tiles(mask, th: int, tw: int, tiles) -> int:
 
 
 @njit(cache=True, nogil=True)
-def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, out_upd) -> None:
+def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, out_upd,
+                   rescue: float) -> None:
     """Fast-mode input residual per block: mean over the block of max-over-channels |cur − ref shifted by the
     block's vector|. ``cur``, ``ref`` and ``out_upd`` are (H, W·nc) rows of interleaved channels (numpy views of
     channels-last tensors): every inner loop runs over a 0-based row slice, so the differences and copies
@@ -179,7 +180,10 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
     ``out_bad`` = the block is residual (mean above ``tau``, source outside the frame, or invalid and not
     static). ``dy``/``dx``/``valid`` are updated in place: rescued blocks become valid zero-motion blocks.
     ``out_upd`` (empty = skip) receives fast mode's *updated input* (seed 000 Stage 4) in the same pass: per
-    block, the cached input shifted by the block's vector, or the current frame where the block is residual."""
+    block, the cached input shifted by the block's vector, or the current frame where the block is residual.
+    ``rescue`` ≥ 0 (zero-shift rescue): a valid block with a non-zero vector whose *unshifted* cache differs
+    by at most ``rescue`` becomes a zero-motion block — it is then aligned at every stride, where its vector
+    (a 1 px shake, say) would be aligned at none past the first."""
     height = cur.shape[0]
     width = cur.shape[1] // nc
     hb, wb = dy.shape
@@ -192,6 +196,13 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
             x0 = j * block
             x1 = min(x0 + block, width)
             n = (x1 - x0) * nc
+            if rescue >= 0.0 and valid[i, j] and (dy[i, j] != 0 or dx[i, j] != 0):
+                z = 0.0
+                for y in range(y0, y1):
+                    z += _row_maxabs(cur[y, x0 * nc:x1 * nc], ref[y, x0 * nc:x1 * nc], n, nc, d)
+                if z / ((y1 - y0) * (x1 - x0)) <= rescue:
+                    dy[i, j] = 0
+                    dx[i, j] = 0
             oy = dy[i, j] if valid[i, j] else 0
             ox = dx[i, j] if valid[i, j] else 0
             if y0 + oy < 0 or y1 + oy > height or x0 + ox < 0 or x1 + ox > width:
@@ -201,19 +212,8 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
                 continue
             acc = 0.0
             for y in range(y0, y1):
-                c = cur[y, x0 * nc:x1 * nc]
                 r = ref[y + oy, (x0 + ox) * nc:(x1 + ox) * nc]
-                for k in range(n):
-                    d[k] = abs(c[k] - r[k])
-                if nc == 3:
-                    for p in range(x1 - x0):
-                        acc += max(d[3 * p], max(d[3 * p + 1], d[3 * p + 2]))
-                else:
-                    for p in range(x1 - x0):
-                        m = d[p * nc]
-                        for q in range(1, nc):
-                            m = max(m, d[p * nc + q])
-                        acc += m
+                acc += _row_maxabs(cur[y, x0 * nc:x1 * nc], r, n, nc, d)
                 if upd:  # the shifted cache, overwritten below if the block is residual
                     u = out_upd[y, x0 * nc:x1 * nc]
                     for k in range(n):
@@ -229,7 +229,8 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
 
 
 @njit(cache=True, nogil=True)
-def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, side) -> None:
+def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out_bad, side,
+                           rescue: float) -> None:
     """:func:`block_residual` with the updated input written into ``ref`` itself: only blocks that move or are
     residual are written; a still, unchanged block — most of a static camera's frame — is not touched.
 
@@ -239,7 +240,7 @@ def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: fl
     non-residual blocks are then packed into ``side`` (flat, ≥ H·W·nc floats) before any block is written, so
     a block's write can never clobber what another block still has to read."""
     # decide (and rescue) every block exactly as the two-buffer kernel does, writing nothing
-    block_residual(cur, ref, nc, dy, dx, valid, block, tau, out_bad, np.empty((0, 1), np.float32))
+    block_residual(cur, ref, nc, dy, dx, valid, block, tau, out_bad, np.empty((0, 1), np.float32), rescue)
     height = cur.shape[0]
     width = cur.shape[1] // nc
     hb, wb = dy.shape
@@ -277,6 +278,25 @@ def block_residual_inplace(cur, ref, nc: int, dy, dx, valid, block: int, tau: fl
                     for k in range(n):
                         u[k] = sd[k]
                     o += n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_maxabs(c, r, n: int, nc: int, d) -> float:
+    """Sum over one row's pixels of max-over-channels |c − r| (``n`` = pixels × ``nc`` interleaved values;
+    ``d`` scratch). The difference runs as one flat loop so it vectorises."""
+    for k in range(n):
+        d[k] = abs(c[k] - r[k])
+    acc = 0.0
+    if nc == 3:
+        for p in range(n // 3):
+            acc += max(d[3 * p], max(d[3 * p + 1], d[3 * p + 2]))
+    else:
+        for p in range(n // nc):
+            m = d[p * nc]
+            for q in range(1, nc):
+                m = max(m, d[p * nc + q])
+            acc += m
+    return acc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -605,9 +625,9 @@ def warm() -> None:
     z = np.zeros((1, 1), np.int32)
     flat = img.reshape(16, 48)
     block_residual(flat, flat, 3, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0, np.zeros((1, 1), np.bool_),
-                   np.empty_like(flat))
+                   np.empty_like(flat), 0.0)
     block_residual_inplace(flat, flat.copy(), 3, z, z.copy(), np.ones((1, 1), np.bool_), 16, 0.0,
-                           np.zeros((1, 1), np.bool_), np.empty(flat.size, np.float32))
+                           np.zeros((1, 1), np.bool_), np.empty(flat.size, np.float32), 0.0)
     o = np.empty((8, 8), np.int32)
     block_reuse(np.zeros((1, 1), np.bool_), z, z, 16, 16, 16, 2, 1, 1, 1, 1, np.empty((8, 8), np.bool_), o, o.copy())
     f = np.zeros((2, 2, 4), np.float32)

@@ -71,11 +71,20 @@ class EngineConfig:
     # carry_tolerance × stride input px. A 4 px/frame pan then moves a stride-16 cache one position every
     # 4 frames instead of recomputing it every frame, and offsets never accumulate beyond the tolerance.
     carry_tolerance: float = 0.0
+    # fast mode, zero-shift rescue (fraction of τ_in; < 0 = off): a block whose vector says it moved but whose
+    # unshifted cached input differs by at most zero_rescue × τ_in becomes a zero-motion block. A handheld
+    # camera's 1 px shake then leaves smooth background reused at every stride instead of misaligned past the
+    # first (cup: active 0.55 → 0.43 at the same retention); stricter than τ_in because a slid texture is a
+    # structured error, not noise (at 1.0 × τ_in cup fell to 0.979). See docs/design.md.
+    zero_rescue: float = 0.5
     layout: str = "auto"  # executor path: auto (cost model) | batch | hw | gemm | pgemm | dense (tests, benchmarks)
     # truncation profile by motion (issue 5): upper bin edges in mean |MV| (engine-input px/frame) and, per
     # bin, (τ^l per conv, default τ); a frame uses the bin of its field's motion. Empty = ``thresholds``.
     motion_bins: tuple[float, ...] = ()
     bin_thresholds: tuple[tuple[dict[str, float], float], ...] = ()
+    # per bin, τ_in (empty = ``tau_in`` in every bin): the profiler tightens τ_in in a bin that misses the
+    # retention target even with τ^l = 0 (zero-motion baselines on slow pans: see docs/design.md)
+    bin_tau_in: tuple[float, ...] = ()
     # cost guard: while incremental frames (median of the last few) cost more than dense ones, run frames
     # densely and probe the incremental path every ``guard_probe`` frames, the interval doubling after each
     # probe that still does not pay, up to ``guard_probe_max`` (see Engine._guard). Off by default so library
@@ -108,10 +117,14 @@ class EngineConfig:
                               f"({self.guard_probe})")
         if len(self.motion_bins) != len(self.bin_thresholds):
             raise EngineError(f"{len(self.motion_bins)} motion bins but {len(self.bin_thresholds)} threshold sets")
+        if self.bin_tau_in and len(self.bin_tau_in) != len(self.motion_bins):
+            raise EngineError(f"{len(self.motion_bins)} motion bins but {len(self.bin_tau_in)} tau_in values")
+        if any(not t >= 0.0 for t in (self.tau_in, *self.bin_tau_in)):  # also NaN
+            raise EngineError(f"tau_in must be ≥ 0, got {[self.tau_in, *self.bin_tau_in]}")
         if list(self.motion_bins) != sorted(self.motion_bins):
             raise EngineError(f"motion bin edges must increase: {list(self.motion_bins)}")
         if self.mode == "exact" and (self.tau_in != 0 or self.thresholds or self.default_threshold != 0
-                                     or not self.rfap or self.motion_bins):
+                                     or not self.rfap or self.motion_bins or self.bin_tau_in):
             raise EngineError("exact mode takes no thresholds (tau_in = 0, no truncation) and always applies "
                               "RFAP; use mode='fast'")
 
@@ -129,7 +142,8 @@ class EngineConfig:
             raise EngineError(f"{path}: no engine thresholds in this file (expected 'bins' — a `fluxshard profile` "
                               f"output — or 'thresholds', 'tau_in', 'default_threshold')")
         kw = {k: data[k] for k in ("tau_in", "default_threshold", "thresholds", "refresh_every", "shift_tolerance",
-                                   "carry_tolerance", "guard", "guard_probe", "guard_probe_max", "accumulate")
+                                   "carry_tolerance", "guard", "guard_probe", "guard_probe_max", "accumulate",
+                                   "zero_rescue")
               if k in data}
         try:
             for k in ("tau_in", "default_threshold", "carry_tolerance"):
@@ -137,6 +151,10 @@ class EngineConfig:
                     kw[k] = float(kw[k])
                     if not kw[k] >= 0.0:  # also NaN
                         raise ValueError(f"{k} must be ≥ 0, got {kw[k]}")
+            if "zero_rescue" in kw:
+                kw["zero_rescue"] = float(kw["zero_rescue"])
+                if kw["zero_rescue"] != kw["zero_rescue"]:
+                    raise ValueError("zero_rescue must be a number (< 0 = off)")
             if "thresholds" in kw:
                 if not isinstance(kw["thresholds"], dict):
                     raise TypeError("'thresholds' must map conv node names to numbers")
@@ -149,9 +167,23 @@ class EngineConfig:
                 kw["motion_bins"] = tuple(float(b["max_motion"]) for b in bins)
                 kw["bin_thresholds"] = tuple(({str(k): float(v) for k, v in b["thresholds"].items()},
                                               float(b.get("default_threshold", 0.0))) for b in bins)
+                if any("tau_in" in b for b in bins):
+                    kw["bin_tau_in"] = tuple(float(b.get("tau_in", kw.get("tau_in", 0.0))) for b in bins)
+                    if not all(t >= 0.0 for t in kw["bin_tau_in"]):  # also NaN
+                        raise ValueError(f"a bin's tau_in must be ≥ 0, got {list(kw['bin_tau_in'])}")
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise EngineError(f"{path}: malformed motion bins ({exc!r})") from exc
         return cls(mode="fast", **{**kw, **overrides})
+
+    def _bin(self, motion: float) -> int:
+        for i, edge in enumerate(self.motion_bins):
+            if motion < edge:
+                return i
+        return len(self.motion_bins) - 1
+
+    def tau_in_for(self, motion: float) -> float:
+        """τ_in for a frame whose mean |MV| is ``motion`` px (engine input)."""
+        return self.bin_tau_in[self._bin(motion)] if self.bin_tau_in else self.tau_in
 
     def thresholds_for(self, motion: float) -> tuple[dict[str, float], float]:
         """(τ^l per conv, default τ) for a frame whose mean |MV| is ``motion`` px (engine input)."""
@@ -161,6 +193,11 @@ class EngineConfig:
         if self.bin_thresholds:
             return self.bin_thresholds[-1]
         return self.thresholds, self.default_threshold
+
+
+def _guard_clock() -> float:
+    """The cost guard's clock (seconds): thread CPU time when torch runs on this thread alone, else wall."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
 def field_motion(field: MotionField) -> float:
@@ -364,6 +401,7 @@ class Engine:
         # fast mode, carried remainders: per (stride, h, w), the offsets (y, x) of the caches' content, input px
         self._rem: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._tau_set = False
+        self._tau_in = self.config.tau_in  # τ_in of the current frame's motion bin (see EngineConfig.bin_tau_in)
         self._frames = 0
         self._since_refresh = 0
         # cost guard: recent dense frame times (ms) and incremental/dense cost ratios, each incremental frame
@@ -373,6 +411,7 @@ class Engine:
         self._ratios: collections.deque[float] = collections.deque(maxlen=5)
         self._pending_ms: collections.deque[float] = collections.deque(maxlen=5)
         self._since_probe = 0
+        self._since_dense = 0  # incremental frames since the last timed dense frame (see _guard)
         self._probe_every = self.config.guard_probe  # current probe interval (backs off, see _guard)
         self._stale = False  # the caches are older than the last frame (a guarded frame skipped the capture)
 
@@ -385,6 +424,7 @@ class Engine:
         px) picks the profile's threshold bin; default: measured on ``field`` (baselines that replace the
         field pass the frame's real motion so every method truncates alike)."""
         t0 = time.perf_counter()
+        c0 = _guard_clock()
         self._check(x, field)
         x = x.contiguous(memory_format=torch.channels_last)  # 2–4× faster convolutions on this CPU
         reason = self._dense_reason(field) or self._guard()
@@ -405,11 +445,13 @@ class Engine:
             self._since_refresh = 0
         else:
             assert field is not None and self._x_cache is not None
+            m = field_motion(field) if motion is None else motion
+            self._prev_tau = {name: self._tau_now(name) for name in self._conv_nodes} if self._tau_set else {}
+            self._tau = self.config.thresholds_for(m)
+            self._tau_in = self.config.tau_in_for(m)
+            self._tau_set = True
             maps, ref = self._input_maps(x, field)
             masks = self._exact_masks(maps) if self.config.mode == "exact" else {}
-            self._prev_tau = {name: self._tau_now(name) for name in self._conv_nodes} if self._tau_set else {}
-            self._tau = self.config.thresholds_for(field_motion(field) if motion is None else motion)
-            self._tau_set = True
             try:
                 out, layers, first = self._run_incremental(x, maps, masks)  # recomputed positions read the frame
             except BaseException:
@@ -424,15 +466,21 @@ class Engine:
         self._frames += 1
         stats.ms = (time.perf_counter() - t0) * 1e3
         if timed:  # first frames include calibration and warm-up: not a fair dense time
-            self._time(stats.dense, stats.ms)
+            self._time(stats.dense, (_guard_clock() - c0) * 1e3)
         return out, stats
 
     def _guard(self) -> str:
         """"cost guard" when this frame should run dense because incremental frames do not pay here.
 
-        The decision uses wall times this engine measured itself: the median of its last 5 incremental frames'
+        The decision uses times this engine measured itself (thread CPU time at one torch thread, where wall
+        time on a shared host also counts the time other jobs held the core — measured up to 2× on single
+        frames; wall time otherwise): the median of its last 5 incremental frames'
         cost ratios to the dense frames around them (see :meth:`_time`; a median, so one noisy frame does not
-        flip it). While incremental frames cost more than 1.05×
+        flip it). While incremental frames run, the dense reference is re-timed (two plain dense frames) every
+        ``guard_probe_max`` frames when the ratio is near parity (above 0.8): a reference timed once at the
+        start, if it happened to be slow, would keep a slower incremental path running for the whole stream
+        (cup, exact mode: 2 guarded frames of 60 and 0.90× dense in session 8). While incremental frames cost
+        more than 1.05×
         dense ones, frames run plain dense inference (no cache capture, except on the frame before a probe:
         capturing every layer's output cost guarded frames ~5–10 % over dense) and a probe runs the
         incremental path again, so a scene that becomes static is picked up. Probes back off: the interval
@@ -447,9 +495,14 @@ class Engine:
             return "cost guard"  # measure dense before comparing
         self._since_probe += 1
         # 5 % hysteresis: near parity, noise would flip frames to dense for nothing
-        if statistics.median(self._ratios) <= 1.05:
+        ratio = statistics.median(self._ratios)
+        if ratio <= 1.05:
             self._since_probe = 0
             self._probe_every = self.config.guard_probe
+            self._since_dense += 1
+            if self._since_dense > self.config.guard_probe_max and ratio > 0.8:
+                self._dense_ms.clear()  # re-time dense: this frame and the next run plain dense inference
+                return "cost guard"
             return ""
         if self._since_probe >= self._probe_every:
             self._since_probe = 0
@@ -463,6 +516,7 @@ class Engine:
         (a shared host drifts by 1.5× within a minute) does not flip the decision; incremental frames timed
         before two dense frames exist are converted when they do."""
         if dense:
+            self._since_dense = 0
             self._dense_ms.append(ms)
             if len(self._dense_ms) >= 2 and self._pending_ms:
                 ref = statistics.median(self._dense_ms)
@@ -501,11 +555,12 @@ class Engine:
         whole blocks whose mean difference (max over channels) exceeds τ_in (the seed's per-block residual
         set; per-pixel thresholds would scatter isolated noisy pixels over every tile); blocks the field leaves
         without a vector become zero-motion blocks when the unshifted cache matches them within τ_in (static
-        background the codec happened to intra-code). The next cache is the *updated input* of seed 000 Stage 4:
-        the shifted cache with the residual blocks filled in from ``x`` (the network itself reads ``x``, fresh
-        pixels for recomputed positions) — the next frame compares against what
-        the caches actually hold, so changes below τ_in accumulate until they count instead of drifting
-        unseen. Blocks whose source leaves the frame are residual in both modes."""
+        background the codec happened to intra-code), and so do blocks *with* a vector when it matches them
+        within ``zero_rescue`` × τ_in (zero-shift rescue: see EngineConfig). The next cache is the *updated
+        input* of seed 000 Stage 4: the shifted cache with the residual blocks filled in from ``x`` (the network
+        itself reads ``x``, fresh pixels for recomputed positions) — the next frame compares against what the
+        caches actually hold, so changes below τ_in accumulate until they count instead of drifting unseen.
+        Blocks whose source leaves the frame are residual in both modes."""
         assert self._x_cache is not None
         h, w = self.input_hw
         b = field.block
@@ -517,7 +572,9 @@ class Engine:
             nc = cur.shape[2]  # rows of interleaved channels (views: both are channels-last)
             cur_rows = np.ascontiguousarray(cur).reshape(h, -1)
             ref_rows = np.ascontiguousarray(ref).reshape(h, -1)
-            tau = float(self.config.tau_in)
+            tau = float(self._tau_in)
+            zr = self.config.zero_rescue
+            rescue = tau * zr if zr >= 0.0 else -1.0
             # in place only on the engine's own buffer, read as a view (a copy would take the writes)
             if (ref.flags.c_contiguous and any(self._x_cache is u for u in self._upd_bufs)
                     and np.count_nonzero(((field.dy != 0) | (field.dx != 0)) & field.valid) <= field.valid.size // 4):
@@ -526,11 +583,12 @@ class Engine:
                 side = self._side
                 if side.size < ref_rows.size:
                     side = self._side = np.empty(ref_rows.size, np.float32)
-                _ek.block_residual_inplace(cur_rows, ref_rows, nc, field.dy, field.dx, field.valid, b, tau, bad, side)
+                _ek.block_residual_inplace(cur_rows, ref_rows, nc, field.dy, field.dx, field.valid, b, tau, bad, side,
+                                           rescue)
                 return PixelMaps.blocks(field, bad), self._x_cache
             upd = self._input_buffer(x)
             _ek.block_residual(cur_rows, ref_rows, nc, field.dy, field.dx, field.valid, b, tau, bad,
-                               upd[0].permute(1, 2, 0).numpy().reshape(h, -1))
+                               upd[0].permute(1, 2, 0).numpy().reshape(h, -1), rescue)
             return PixelMaps.blocks(field, bad), upd
         pix = np.empty((h, w), np.float32)
         _kernels.shifted_diff(cur, ref, field.dy, field.dx, b, pix, np.empty(field.shape, np.float32))

@@ -15,14 +15,16 @@ Decisions (the seed gives the idea, not the numbers; see docs/design.md):
   ``MIN_BIN_FRAMES`` of them: the target holds per clip, not only on average (pooling let an easy clip
   hide a hard one: 0.972 on the PTZ clip under a profile whose pooled bins all met 0.99).
   Bins with too few frames take the smallest α of their measured neighbours.
-  A bin whose retention is below the target even at the first (tightest) α cannot reach it with this τ_in: it
-  keeps that α and the JSON says ``target_met: false`` (as does a bin the final mix leaves below the target
-  at the tightest α).
+  A bin whose retention is below the target even at the first (tightest) α cannot reach it with this τ_in
+  (zero-motion baselines on slow pans: τ_in lets a block whose content slid by 1 px count as unchanged, and
+  no τ^l undoes that). Such a bin keeps α = 0 and its τ_in steps down ``TAU_IN_STEPS`` (÷2, ÷4, then 0 =
+  every changed block is residual) in the final pass below until the target holds; the JSON gives each
+  bin's ``tau_in``. Only a bin still short at τ_in = 0 and α = 0 says ``target_met: false``.
   Frames of one bin are affected by the caches earlier frames left, so a final pass with the chosen per-bin
   thresholds measures what the profile actually achieves; that is what the JSON records. When that mix
   misses the target in a bin (pooled or in one clip), or on one clip over all its frames, the offending
-  bin — for a whole-clip miss, that clip's bin with the lowest retention — steps one grid value tighter,
-  and the mix is measured again.
+  bin — for a whole-clip miss, that clip's bin with the lowest retention — steps one value tighter (α down
+  the grid; at α = 0, τ_in down its steps), and the mix is measured again.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from fluxshard.errors import FluxShardError
 DEFAULT_BINS = (0.5, 2.0, 6.0, math.inf)
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.65, 1.0, 1.5, 2.2, 3.0, 4.5, 6.5, 10.0)
 MIN_BIN_FRAMES = 5
+TAU_IN_STEPS = (0.5, 0.25, 0.0)  # fractions of the profile's τ_in tried, in order, by a bin short at α = 0
 
 
 @dataclass
@@ -194,9 +197,12 @@ def per_clip(clips: Sequence[Clip], runs: Sequence[tuple[list[Any], list[float],
 def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.99, tau_in: float = 0.02,
             bins: Sequence[float] = DEFAULT_BINS, alphas: Sequence[float] = ALPHAS,
             progress: Callable[[str], None] | None = None, method: str = "fluxshard-fast",
-            carry_tolerance: float = 0.0) -> dict[str, Any]:
+            carry_tolerance: float = 0.0, zero_rescue: float | None = None) -> dict[str, Any]:
     """Search α per bin (see module docstring) and return the profile as a JSON-ready dict.
-    ``carry_tolerance`` is profiled as given (see ``EngineConfig.carry_tolerance``) and recorded."""
+    ``carry_tolerance`` and ``zero_rescue`` (default: the engine's for fluxshard-fast, off for the baselines,
+    whose fields are not the codec's) are profiled as given (see ``EngineConfig``) and recorded."""
+    if zero_rescue is None:
+        zero_rescue = EngineConfig.zero_rescue if method == "fluxshard-fast" else -1.0
     t0 = time.perf_counter()
     sigma = layer_scales(adapter, clips)
     best: list[float | None] = [None] * len(bins)
@@ -204,7 +210,8 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
     tried: list[dict[str, Any]] = []
     for a in alphas:
         th = {k: a * v for k, v in sigma.items()}
-        cfg = EngineConfig(mode="fast", tau_in=tau_in, thresholds=th, carry_tolerance=carry_tolerance)
+        cfg = EngineConfig(mode="fast", tau_in=tau_in, thresholds=th, carry_tolerance=carry_tolerance,
+                           zero_rescue=zero_rescue)
         runs = [run_config(adapter, c, cfg) for c in clips]
         stats = per_bin(clips, runs, bins)
         tried.append({"alpha": a, "bins": stats})
@@ -223,8 +230,8 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         if all(failed[b] or (best[b] is None and stats[b]["frames"] < MIN_BIN_FRAMES) for b in range(len(bins))):
             break
     # a bin that failed at the very first (tightest) alpha cannot meet the target with this tau_in: it gets
-    # that tightest alpha (and says so), never a looser neighbour's; bins with too few frames borrow the
-    # smallest measured alpha
+    # that tightest alpha (and says so), never a looser neighbour's, and the final pass tightens its tau_in;
+    # bins with too few frames borrow the smallest measured alpha
     unreachable = [failed[b] and best[b] is None for b in range(len(bins))]
     for b in range(len(bins)):
         if unreachable[b]:
@@ -233,19 +240,26 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
     known = [x for b, x in enumerate(best) if x is not None and not unreachable[b]]
     fallback = min(known) if known else alphas[0]
     alpha = [x if x is not None else fallback for x in best]
+    tau_step = [-1] * len(bins)  # index into TAU_IN_STEPS (-1: the profile's own tau_in)
+    tau_ins = [tau_in] * len(bins)
+
+    def steppable(b: int) -> bool:
+        return alpha[b] > alphas[0] or (tau_ins[b] > 0.0 and tau_step[b] + 1 < len(TAU_IN_STEPS))
+
     # The search runs one alpha for every bin; the profile mixes them, and frames of one bin inherit caches
-    # left by another's. So the mix is measured, and a bin that misses the target in it steps down the grid
-    # (tighter) until the mix holds or the bin is at the tightest alpha.
+    # left by another's. So the mix is measured, and a bin that misses the target in it steps tighter
+    # until the mix holds or the bin is at α = 0 and τ_in = 0.
     repairs: list[dict[str, Any]] = []
     while True:
         final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins), carry_tolerance=carry_tolerance,
-                                 bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha))
+                                 zero_rescue=zero_rescue,
+                                 bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha),
+                                 bin_tau_in=tuple(tau_ins) if any(t != tau_in for t in tau_ins) else ())
         runs = [run_config(adapter, c, final_cfg) for c in clips]
         final = per_bin(clips, runs, bins)
         clip_ret = per_clip(clips, runs)
 
-        can = [final[b]["frames"] >= MIN_BIN_FRAMES and not unreachable[b] and alpha[b] > alphas[0]
-               for b in range(len(bins))]
+        can = [final[b]["frames"] >= MIN_BIN_FRAMES and steppable(b) for b in range(len(bins))]
         short = [b for b in range(len(bins)) if can[b]
                  and final[b]["retention_map50"] is not None and final[b]["retention_map50"] < target]
         if not short:  # every bin holds: a clip may still miss over all its frames
@@ -253,19 +267,24 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
                 if r is None or r >= target:
                     continue
                 own = [(final[b]["per_clip"][ci], b) for b in range(len(bins))
-                       if alpha[b] > alphas[0] and not unreachable[b] and final[b]["per_clip"][ci] is not None]
+                       if can[b] and final[b]["per_clip"][ci] is not None]
                 if own:
                     b = min(own)[1]
                     if b not in short:
                         short.append(b)
         if not short:
             break
-        repairs.append({"alpha": list(alpha), "retention": [f["retention_map50"] for f in final],
-                        "clip_retention": clip_ret})
+        repairs.append({"alpha": list(alpha), "tau_in": list(tau_ins),
+                        "retention": [f["retention_map50"] for f in final], "clip_retention": clip_ret})
         for b in short:
-            alpha[b] = max(a for a in alphas if a < alpha[b])
+            if alpha[b] > alphas[0]:
+                alpha[b] = max(a for a in alphas if a < alpha[b])
+            else:
+                tau_step[b] += 1
+                tau_ins[b] = tau_in * TAU_IN_STEPS[tau_step[b]]
         if progress is not None:
-            progress("mix below target in bin(s) " + ", ".join(map(str, short)) + f": alpha now {alpha}")
+            progress("mix below target in bin(s) " + ", ".join(map(str, short))
+                     + f": alpha now {alpha}, tau_in {tau_ins}")
     overall = _retention([d for r in runs for d, dn in zip(r[0], r[2], strict=True) if not dn],
                          [d for c, r in zip(clips, runs, strict=True)
                           for d, dn in zip(c.dense_dets, r[2], strict=True) if not dn])
@@ -277,15 +296,17 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         "tau_in": tau_in,
         "accumulate": final_cfg.accumulate,
         "carry_tolerance": carry_tolerance,
+        "zero_rescue": zero_rescue,
         "clip_retention_map50": clip_ret,
         "schedule": "tau_l = alpha * sigma_l; sigma_l = std of conv l's dense output over the profiling frames",
         "motion_unit": "mean |MV| over valid blocks, engine-input px/frame",
         "sigma": sigma,
         "bins": [
-            {"max_motion": (edge if math.isfinite(edge) else 1e9), "alpha": a, "measured": m,
-             "target_met": not u and (f["retention_map50"] is None or f["retention_map50"] >= target),
+            {"max_motion": (edge if math.isfinite(edge) else 1e9), "alpha": a, "tau_in": t, "measured": m,
+             # a bin short of the target at the profile's τ_in is met only if tightening τ_in measured it so
+             "target_met": (not u or t < tau_in) and (f["retention_map50"] is None or f["retention_map50"] >= target),
              "thresholds": {k: a * v for k, v in sigma.items()}, "default_threshold": 0.0, **f}
-            for edge, a, m, u, f in zip(bins, alpha, measured, unreachable, final, strict=True)
+            for edge, a, t, m, u, f in zip(bins, alpha, tau_ins, measured, unreachable, final, strict=True)
         ],
         "retention_map50_all": overall,
         "search": tried,

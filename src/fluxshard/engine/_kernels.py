@@ -197,10 +197,13 @@ def block_residual(cur, ref, nc: int, dy, dx, valid, block: int, tau: float, out
             x1 = min(x0 + block, width)
             n = (x1 - x0) * nc
             if rescue >= 0.0 and valid[i, j] and (dy[i, j] != 0 or dx[i, j] != 0):
+                limit = rescue * ((y1 - y0) * (x1 - x0))
                 z = 0.0
                 for y in range(y0, y1):
                     z += _row_maxabs(cur[y, x0 * nc:x1 * nc], ref[y, x0 * nc:x1 * nc], n, nc, d)
-                if z / ((y1 - y0) * (x1 - x0)) <= rescue:
+                    if z > limit:  # content that really moved fails within a row or two: stop reading
+                        break
+                if z <= limit:
                     dy[i, j] = 0
                     dx[i, j] = 0
             oy = dy[i, j] if valid[i, j] else 0

@@ -31,7 +31,10 @@ of the same repeat, relative to ``plain``. Columns:
   drift too, but pessimistic (every frame's front-end work starts with caches the decoder just flushed, and
   nothing overlaps).
 
-The last lines name the worst H.264 clip for each measure. Usage:
+The last lines name the worst H.264 clip for each measure and give the verdict against the 10 % budget on
+``interleaved``: the only measure that covers the whole front-end (vector export included) *and* cancels the
+host's drift; ``wall``, ``cpu`` and ``own+dec`` swing by ±8 points between runs on this shared machine
+(session 9: bikes ``cpu`` 7.8 / 10.9 / 15.8 % in three runs, ``interleaved`` 8.8 % in all three). Usage:
 ``python benchmarks/motion_frontend.py [CLIP ...] [--repeats 7]`` (default: the bundled clips + a PTZ clip).
 """
 
@@ -163,6 +166,11 @@ def main() -> None:
                     worst[k] = (v, Path(c).name)
     if worst:
         print("worst H.264 clip: " + ", ".join(f"{k} {v:.1%} ({name})" for k, (v, name) in worst.items()))
+        v, name = worst["interleaved"]
+        # the verdict uses the one measure that covers the whole front-end (vector export included) and cancels
+        # the shared host's drift between passes; it is also the pessimistic one (no overlap, cold caches)
+        print(f"front-end cost on H.264 (interleaved: whole front-end incl. vector export, drift-free): worst "
+              f"{v:.1%} ({name}) -> {'within' if v <= 0.10 else 'OVER'} the 10 % budget")
     tmp.cleanup()
 
 

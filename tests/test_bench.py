@@ -119,3 +119,19 @@ def test_scene_reuse_test() -> None:
     assert sr.step(a + 1, compute)[1:] == ("dets1", True)  # mean |Δ| = 1 < 1.5: reused
     assert sr.step(a + 2, compute)[2] is False  # compared with the last *computed* frame: 2 ≥ 1.5
     assert len(calls) == 2
+
+
+def test_table_marks_retention_below_the_target() -> None:
+    """A method below the profiles' retention target is marked, with a note that its speed is not comparable;
+    the target comes from the profile the harness ran."""
+    from fluxshard.bench.harness import _target_of
+    from fluxshard.bench.report import markdown_table
+    from fluxshard.engine.engine import default_profile
+
+    row = {"clip": "c", "input_hw": (4, 8), "frames": 3, "speedup": 1.2, "ms_median": 9.0, "retention_map": 0.9,
+           "hit_ratio": 0.5, "input_residual_fraction": 0.1, "dense_frames": 1, "max_abs_diff": 0.1}
+    rows = [{**row, "method": "delta", "retention_map50": 0.967}, {**row, "method": "fast", "retention_map50": 0.995}]
+    marked = markdown_table(rows, 0.99)
+    assert "| 0.967 † |" in marked and "| 0.995 |" in marked and "† below the profiles' retention target" in marked
+    assert "†" not in markdown_table(rows) and "†" not in markdown_table(rows[1:], 0.99)
+    assert _target_of(default_profile("nanodet")) == 0.99 and _target_of(None) is None

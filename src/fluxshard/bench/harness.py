@@ -28,6 +28,7 @@ threads, wall time. The report names the timer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,17 @@ def fast_config(model: str, profile: str | Path | None = None) -> EngineConfig:
     return EngineConfig.from_file(p) if p else EngineConfig(mode="fast", **FALLBACK_FAST)  # type: ignore[arg-type]
 
 
+def _target_of(profile: str | Path | None) -> float | None:
+    """The retention target a profile was made for (None: not a `fluxshard profile` output)."""
+    if not profile:
+        return None
+    try:
+        t = json.loads(Path(profile).read_text()).get("target_retention")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(t) if isinstance(t, (int, float)) else None
+
+
 def _downsampled_luma(luma: np.ndarray, k: int) -> np.ndarray:
     """k×k block means of the luma plane (float32): cheap, and insensitive to single-pixel codec noise."""
     h, w = (luma.shape[0] // k) * k, (luma.shape[1] // k) * k
@@ -212,6 +224,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         "own_profiles": {m: [float(np.mean(list(th.values()))) if th else d for th, d in c.bin_thresholds]
                          for m, c in own.items()},
         # τ_in per bin: a profile tightens τ_in in a bin it cannot hold at τ^l = 0 (EngineConfig.bin_tau_in)
+        "target_retention": _target_of(cfg.fast_profile or default_profile(cfg.model)),
         "own_tau_in": {m: list(c.bin_tau_in) if c.bin_tau_in else [c.tau_in]
                        for m, c in {"fluxshard-fast": fast, **own}.items()}})
     body = adapter.body.eval()

@@ -69,7 +69,8 @@ def bench(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:
-        Console().print(markdown_table(summaries), markup=False, highlight=False)
+        target = results[0].fast_config.get("target_retention") if results else None
+        Console().print(markdown_table(summaries, target), markup=False, highlight=False)
         Console().print(f"wrote {csv_path}, {report} and {len(plots)} plots", markup=False)
     if errors:
         err.print("error: " + "; ".join(errors), markup=False, highlight=False)

@@ -430,6 +430,11 @@ def test_bin_tau_in_is_checked(tmp_path: Path) -> None:
     bins = [{"max_motion": 1.0, "thresholds": {}, "tau_in": 0.005}, {"max_motion": 1e9, "thresholds": {}}]
     p.write_text(json.dumps({"tau_in": 0.02, "bins": bins}))
     assert EngineConfig.from_file(p).bin_tau_in == (0.005, 0.02)  # a bin without one keeps the profile's
+    over = EngineConfig.from_file(p, tau_in=0.03)  # `fluxshard run --tau-in`: one value in every bin
+    assert over.bin_tau_in == () and over.tau_in_for(0.2) == 0.03
+    same = [{**b, "tau_in": 0.02} for b in bins]
+    p.write_text(json.dumps({"tau_in": 0.02, "bins": same}))
+    assert EngineConfig.from_file(p).bin_tau_in == ()  # nothing differs per bin
     bins[0]["tau_in"] = -0.1
     p.write_text(json.dumps({"tau_in": 0.02, "bins": bins}))
     with pytest.raises(EngineError, match=r"p\.json: malformed motion bins.*≥ 0"):

@@ -131,7 +131,8 @@ class EngineConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> EngineConfig:
         """Fast-mode thresholds from a JSON profile: ``{"tau_in": .., "default_threshold": ..,
-        "thresholds": {"conv_node": τ, ...}}``."""
+        "thresholds": {"conv_node": τ, ...}}`` or a `fluxshard profile` output (``bins``, each with its τ^l and
+        τ_in). ``overrides`` replace file values; a ``tau_in`` override replaces the per-bin τ_in too."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -167,10 +168,12 @@ class EngineConfig:
                 kw["motion_bins"] = tuple(float(b["max_motion"]) for b in bins)
                 kw["bin_thresholds"] = tuple(({str(k): float(v) for k, v in b["thresholds"].items()},
                                               float(b.get("default_threshold", 0.0))) for b in bins)
-                if any("tau_in" in b for b in bins):
-                    kw["bin_tau_in"] = tuple(float(b.get("tau_in", kw.get("tau_in", 0.0))) for b in bins)
-                    if not all(t >= 0.0 for t in kw["bin_tau_in"]):  # also NaN
-                        raise ValueError(f"a bin's tau_in must be ≥ 0, got {list(kw['bin_tau_in'])}")
+                taus = tuple(float(b.get("tau_in", kw.get("tau_in", 0.0))) for b in bins)
+                if not all(t >= 0.0 for t in taus):  # also NaN
+                    raise ValueError(f"a bin's tau_in must be ≥ 0, got {list(taus)}")
+                # per-bin values only where some bin differs; an explicit tau_in override applies everywhere
+                if any(t != kw.get("tau_in", 0.0) for t in taus) and "tau_in" not in overrides:
+                    kw["bin_tau_in"] = taus
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise EngineError(f"{path}: malformed motion bins ({exc!r})") from exc
         return cls(mode="fast", **{**kw, **overrides})

@@ -223,8 +223,8 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         "bin_alpha_tau_mean": [float(np.mean(list(th.values()))) if th else d for th, d in fast.bin_thresholds],
         "own_profiles": {m: [float(np.mean(list(th.values()))) if th else d for th, d in c.bin_thresholds]
                          for m, c in own.items()},
+        "target_retention": _target_of(cfg.fast_profile or default_profile(cfg.model)),  # marks † in the report
         # τ_in per bin: a profile tightens τ_in in a bin it cannot hold at τ^l = 0 (EngineConfig.bin_tau_in)
-        "target_retention": _target_of(cfg.fast_profile or default_profile(cfg.model)),
         "own_tau_in": {m: list(c.bin_tau_in) if c.bin_tau_in else [c.tau_in]
                        for m, c in {"fluxshard-fast": fast, **own}.items()}})
     body = adapter.body.eval()

@@ -179,6 +179,7 @@ class EngineConfig:
         return cls(mode="fast", **{**kw, **overrides})
 
     def _bin(self, motion: float) -> int:
+        """The profile bin of ``motion``: the first whose upper edge exceeds it, else the last."""
         for i, edge in enumerate(self.motion_bins):
             if motion < edge:
                 return i
@@ -190,11 +191,8 @@ class EngineConfig:
 
     def thresholds_for(self, motion: float) -> tuple[dict[str, float], float]:
         """(τ^l per conv, default τ) for a frame whose mean |MV| is ``motion`` px (engine input)."""
-        for edge, th in zip(self.motion_bins, self.bin_thresholds, strict=True):
-            if motion < edge:
-                return th
         if self.bin_thresholds:
-            return self.bin_thresholds[-1]
+            return self.bin_thresholds[self._bin(motion)]
         return self.thresholds, self.default_threshold
 
 

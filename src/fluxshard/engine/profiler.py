@@ -240,17 +240,20 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
     known = [x for b, x in enumerate(best) if x is not None and not unreachable[b]]
     fallback = min(known) if known else alphas[0]
     alpha = [x if x is not None else fallback for x in best]
-    tau_step = [-1] * len(bins)  # index into TAU_IN_STEPS (-1: the profile's own tau_in)
-    tau_ins = [tau_in] * len(bins)
+    tau_step = [-1] * len(bins)  # per bin, index into TAU_IN_STEPS (-1: the profile's own tau_in)
+
+    def bin_tau(b: int) -> float:
+        return tau_in if tau_step[b] < 0 else tau_in * TAU_IN_STEPS[tau_step[b]]
 
     def steppable(b: int) -> bool:
-        return alpha[b] > alphas[0] or (tau_ins[b] > 0.0 and tau_step[b] + 1 < len(TAU_IN_STEPS))
+        return alpha[b] > alphas[0] or (bin_tau(b) > 0.0 and tau_step[b] + 1 < len(TAU_IN_STEPS))
 
     # The search runs one alpha for every bin; the profile mixes them, and frames of one bin inherit caches
     # left by another's. So the mix is measured, and a bin that misses the target in it steps tighter
     # until the mix holds or the bin is at α = 0 and τ_in = 0.
     repairs: list[dict[str, Any]] = []
     while True:
+        tau_ins = [bin_tau(b) for b in range(len(bins))]
         final_cfg = EngineConfig(mode="fast", tau_in=tau_in, motion_bins=tuple(bins), carry_tolerance=carry_tolerance,
                                  zero_rescue=zero_rescue,
                                  bin_thresholds=tuple(({k: a * v for k, v in sigma.items()}, 0.0) for a in alpha),
@@ -281,10 +284,9 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
                 alpha[b] = max(a for a in alphas if a < alpha[b])
             else:
                 tau_step[b] += 1
-                tau_ins[b] = tau_in * TAU_IN_STEPS[tau_step[b]]
         if progress is not None:
             progress("mix below target in bin(s) " + ", ".join(map(str, short))
-                     + f": alpha now {alpha}, tau_in {tau_ins}")
+                     + f": alpha now {alpha}, tau_in {[bin_tau(b) for b in range(len(bins))]}")
     overall = _retention([d for r in runs for d, dn in zip(r[0], r[2], strict=True) if not dn],
                          [d for c, r in zip(clips, runs, strict=True)
                           for d, dn in zip(c.dense_dets, r[2], strict=True) if not dn])

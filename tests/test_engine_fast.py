@@ -460,3 +460,48 @@ def test_zero_shift_rescue_reuses_blocks_whose_vector_is_wrong() -> None:
         act[zr] = st.active_fraction
         assert st.input_residual_fraction == (0.0 if zr >= 0 else pytest.approx(1.0, abs=0.2))
     assert act[0.5] < 0.05 and act[-1.0] > 0.8, act
+
+
+@pytest.mark.parametrize("cin,cout,stride,bias", [(3, 8, 2, True), (16, 12, 1, False)])
+def test_pgemm_rows_in_chunks_match_the_dense_conv(cin: int, cout: int, stride: int, bias: bool) -> None:
+    """The fast path's im2col + GEMM runs in L2-sized chunks of positions (``_PgemmLayer.rows_np``); with
+    chunks far smaller than the position list, the rows returned — and the rows handed to a sink chunk by
+    chunk — are the dense convolution's at exactly those positions, in order."""
+    from fluxshard.engine.engine import _NO_EXTRA, _PgemmLayer
+    from fluxshard.engine.sparse import PlanCache
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias).eval()
+    x = torch.randn(1, cin, 40, 56).contiguous(memory_format=torch.channels_last)
+    pc = PlanCache()
+    _, plan, _ = pc.layer(conv, (40, 56), None)
+    table, valid = plan.pos_table()
+    pg = _PgemmLayer(table, _NO_EXTRA if valid is None else valid, pc.gemm_weight(conv).t().contiguous(),
+                     None if conv.bias is None else conv.bias.detach(), 9 * cin)
+    pg.CHUNK_BYTES = 64 * 4 * 9 * cin  # 64 positions per chunk
+    assert pg.chunk_rows() == 64
+    with torch.inference_mode():
+        ref = F.leaky_relu(conv(x), 0.1).permute(0, 2, 3, 1).reshape(-1, cout).numpy()
+    xr = x.permute(0, 2, 3, 1).reshape(-1, cin).numpy()
+    rng = np.random.default_rng(1)
+    pos = np.sort(rng.choice(ref.shape[0], 301, replace=False)).astype(np.int64)  # 4 full chunks + a partial one
+    rows = pg.rows_np(xr, pos, lambda t: F.leaky_relu(t, 0.1))
+    np.testing.assert_allclose(rows, ref[pos], atol=1e-5, rtol=1e-5)
+    got: list[tuple[np.ndarray, np.ndarray]] = []
+    assert pg.rows_np(xr, pos, None, sink=lambda r, p: got.append((r.copy(), p.copy()))) is None
+    assert [len(p) for _, p in got] == [64, 64, 64, 64, 45]
+    np.testing.assert_array_equal(np.concatenate([p for _, p in got]), pos)
+    with torch.inference_mode():
+        lin = conv(x).permute(0, 2, 3, 1).reshape(-1, cout).numpy()
+    np.testing.assert_allclose(np.concatenate([r for r, _ in got]), lin[pos], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_mode_exact_when_aligned_with_small_pgemm_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole fast engine through the chunked compiled path (64-position chunks) still equals dense
+    inference when nothing is approximated."""
+    from fluxshard.engine.engine import _PgemmLayer
+
+    monkeypatch.setattr(_PgemmLayer, "CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    stats = run_parity(ConvStack().eval(), sequence(5, 96, 128, (0, 8), (4, 4)), mode="fast", layout="pgemm")
+    assert np.mean([s.active_fraction for s in stats[1:]]) < 0.9

@@ -24,9 +24,10 @@ import collections
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -653,6 +654,7 @@ class Engine:
         clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         acc = np.zeros(n, np.float32)
         changed, written = np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+        orows_np = orows.numpy()
         td: list[float] = []
         tp: list[list[float]] = [[], []]
         for _ in range(reps):
@@ -661,8 +663,8 @@ class Engine:
             td.append(clock() - t0)
             for i, p in enumerate(pos):
                 t0 = clock()
-                yr = pg.rows(xrows, p, None if act else post)
-                _ek.finish_rows(yr.numpy(), p, orows.numpy(), 0.0, acc, True, changed, written, act, slope)
+                pg.rows_np(xrows.numpy(), p, None if act else post, sink=lambda yr, q: _ek.finish_rows(
+                    yr, q, orows_np, 0.0, acc, True, changed, written, act, slope))
                 tp[i].append(clock() - t0)
         m0, m1 = min(tp[0]) * 1e3, min(tp[1]) * 1e3
         b = max(0.0, (m1 - m0) / (fr[1] - fr[0]))
@@ -1227,13 +1229,17 @@ class _Runner(fx.Interpreter):
         pg = eng._pgemm_layer(cn, (int(x.shape[-2]), int(x.shape[-1])))
         n = orows.shape[0]
         act, slope = eng._post_act.get(name, _NO_ACT)
-        yr = pg.rows_np(xrows, positions, None if act else post)
         changed = np.zeros(n, np.bool_)
         written = np.zeros(n, np.bool_)
         ho, wo = base.shape[-2:]
         accumulate = eng.config.accumulate
         acc = self._acc_moved(name, moves, (ho, wo)).reshape(-1) if accumulate else _NO_ACC
-        _ek.finish_rows(yr, positions, orows, self._tau_of(name), acc, accumulate, changed, written, act, slope)
+        tau = self._tau_of(name)
+
+        def finish(yr: np.ndarray, pos: np.ndarray) -> None:  # each chunk's write-back while it is in cache
+            _ek.finish_rows(yr, pos, orows, tau, acc, accumulate, changed, written, act, slope)
+
+        pg.rows_np(xrows, positions, None if act else post, sink=finish)
         self.changed[name] = changed.reshape(ho, wo)
         self.written[name] = written.reshape(ho, wo)
         return base
@@ -1486,18 +1492,45 @@ class _PgemmLayer:
     cost: tuple[float, float, float] | None = None
     test_ms: float = 0.0  # a partial dense run's change test against the cache (measured)
     move_ms: float = 0.0  # moving the whole cache with the field before a partial pgemm run (measured)
+    CHUNK_BYTES: ClassVar[int] = 1 << 19  # im2col bytes per chunk: well inside this CPU's 2 MiB L2 per core
 
     def rows(self, xrows: torch.Tensor, positions: np.ndarray, post: Any) -> torch.Tensor:
         """The layer's output (activation applied) at ``positions``, one row each."""
         return torch.from_numpy(self.rows_np(xrows.numpy(), positions, post))
 
-    def rows_np(self, xrows: np.ndarray, positions: np.ndarray, post: Any) -> np.ndarray:
-        """:meth:`rows` on numpy row views (the fast path's form)."""
-        buf = np.empty((len(positions), self.k), np.float32)
-        _ek.im2col_rows(xrows, self.table, self.valid, positions, 0.0, buf)
-        g = torch.from_numpy(buf)
-        yr = g @ self.wt if self.bias is None else torch.addmm(self.bias, g, self.wt)
-        return (yr if post is None else post(yr)).numpy()
+    def rows_np(self, xrows: np.ndarray, positions: np.ndarray, post: Any,
+                sink: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray | None:
+        """:meth:`rows` on numpy row views (the fast path's form), in chunks of :meth:`chunk_rows` positions:
+        each chunk's im2col rows are multiplied while they are still in L2 instead of streaming the whole
+        im2col matrix (K floats per position, 9× the input row for a 3×3 conv) through memory and back.
+        Measured at 40 % of the positions of a 32→32 3×3 conv on a 120×160 map: 2.00 → 1.46 ms; 128→128 at
+        60×80: 5.2 → 4.1 ms. ``sink(rows, positions)``, when given, takes each chunk's output while it is
+        still cached (the caller's write-back) and nothing is returned; else all rows are returned."""
+        n = len(positions)
+        cs = self.chunk_rows()
+        nout = self.wt.shape[1]
+        g = np.empty((min(cs, n), self.k), np.float32)
+        gt = torch.from_numpy(g)
+        out = np.empty((n if sink is None else min(cs, n), nout), np.float32)
+        ot = torch.from_numpy(out)
+        for s in range(0, n, cs):
+            p = positions[s:s + cs]
+            m = len(p)
+            _ek.im2col_rows(xrows, self.table, self.valid, p, 0.0, g[:m])
+            yt = ot[:m] if sink is not None else ot[s:s + m]
+            if self.bias is None:
+                torch.mm(gt[:m], self.wt, out=yt)
+            else:
+                torch.addmm(self.bias, gt[:m], self.wt, out=yt)
+            if post is not None:
+                yt.copy_(post(yt))
+            if sink is not None:
+                sink(out[:m], p)
+        return None if sink is not None else out
+
+    def chunk_rows(self) -> int:
+        """Positions per chunk: about ``CHUNK_BYTES`` of im2col rows (a power of two, 64–8192)."""
+        return 1 << max(6, min(13, int(self.CHUNK_BYTES / (4 * self.k)).bit_length() - 1))
 
     def choose(self, f: float, moved: float = 0.0, partial: bool = False) -> str | None:
         """"pgemm" or "dense" at position fraction ``f`` by the measured model; None when not calibrated.

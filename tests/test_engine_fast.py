@@ -488,7 +488,7 @@ def test_pgemm_rows_in_chunks_match_the_dense_conv(cin: int, cout: int, stride: 
     rows = pg.rows_np(xr, pos, lambda t: F.leaky_relu(t, 0.1))
     np.testing.assert_allclose(rows, ref[pos], atol=1e-5, rtol=1e-5)
     got: list[tuple[np.ndarray, np.ndarray]] = []
-    assert pg.rows_np(xr, pos, None, sink=lambda r, p: got.append((r.copy(), p.copy()))) is None
+    pg.rows_each(xr, pos, None, lambda r, p: got.append((r.copy(), p.copy())))
     assert [len(p) for _, p in got] == [64, 64, 64, 64, 45]
     np.testing.assert_array_equal(np.concatenate([p for _, p in got]), pos)
     with torch.inference_mode():

@@ -663,7 +663,7 @@ class Engine:
             td.append(clock() - t0)
             for i, p in enumerate(pos):
                 t0 = clock()
-                pg.rows_np(xrows.numpy(), p, None if act else post, sink=lambda yr, q: _ek.finish_rows(
+                pg.rows_each(xrows.numpy(), p, None if act else post, lambda yr, q: _ek.finish_rows(
                     yr, q, orows_np, 0.0, acc, True, changed, written, act, slope))
                 tp[i].append(clock() - t0)
         m0, m1 = min(tp[0]) * 1e3, min(tp[1]) * 1e3
@@ -1239,7 +1239,7 @@ class _Runner(fx.Interpreter):
         def finish(yr: np.ndarray, pos: np.ndarray) -> None:  # each chunk's write-back while it is in cache
             _ek.finish_rows(yr, pos, orows, tau, acc, accumulate, changed, written, act, slope)
 
-        pg.rows_np(xrows, positions, None if act else post, sink=finish)
+        pg.rows_each(xrows, positions, None if act else post, finish)
         self.changed[name] = changed.reshape(ho, wo)
         self.written[name] = written.reshape(ho, wo)
         return base
@@ -1498,20 +1498,31 @@ class _PgemmLayer:
         """The layer's output (activation applied) at ``positions``, one row each."""
         return torch.from_numpy(self.rows_np(xrows.numpy(), positions, post))
 
-    def rows_np(self, xrows: np.ndarray, positions: np.ndarray, post: Any,
-                sink: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray | None:
-        """:meth:`rows` on numpy row views (the fast path's form), in chunks of :meth:`chunk_rows` positions:
-        each chunk's im2col rows are multiplied while they are still in L2 instead of streaming the whole
-        im2col matrix (K floats per position, 9× the input row for a 3×3 conv) through memory and back.
-        Measured at 40 % of the positions of a 32→32 3×3 conv on a 120×160 map: 2.00 → 1.46 ms; 128→128 at
-        60×80: 5.2 → 4.1 ms. ``sink(rows, positions)``, when given, takes each chunk's output while it is
-        still cached (the caller's write-back) and nothing is returned; else all rows are returned."""
+    def rows_np(self, xrows: np.ndarray, positions: np.ndarray, post: Any) -> np.ndarray:
+        """:meth:`rows` on numpy row views (the fast path's form)."""
+        out = np.empty((len(positions), self.wt.shape[1]), np.float32)
+        self._chunks(xrows, positions, post, None, out)
+        return out
+
+    def rows_each(self, xrows: np.ndarray, positions: np.ndarray, post: Any,
+                  sink: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """:meth:`rows_np` handing each chunk's rows to ``sink(rows, positions)`` while they are still in cache
+        (the caller's write-back) instead of returning them all."""
+        self._chunks(xrows, positions, post, sink, None)
+
+    def _chunks(self, xrows: np.ndarray, positions: np.ndarray, post: Any,
+                sink: Callable[[np.ndarray, np.ndarray], None] | None, out: np.ndarray | None) -> None:
+        """im2col + GEMM in chunks of :meth:`chunk_rows` positions: each chunk's im2col rows are multiplied
+        while they are still in L2, instead of streaming the whole im2col matrix (K floats per position, 9×
+        the input row for a 3×3 conv) through memory and back. Measured at 40 % of the positions of a 32→32
+        3×3 conv on a 120×160 map: 2.00 → 1.46 ms; 128→128 at 60×80: 5.2 → 4.1 ms. Rows go to ``out`` when
+        given, else through one chunk-sized buffer to ``sink``."""
         n = len(positions)
         cs = self.chunk_rows()
-        nout = self.wt.shape[1]
         g = np.empty((min(cs, n), self.k), np.float32)
         gt = torch.from_numpy(g)
-        out = np.empty((n if sink is None else min(cs, n), nout), np.float32)
+        if out is None:
+            out = np.empty((min(cs, n), self.wt.shape[1]), np.float32)
         ot = torch.from_numpy(out)
         for s in range(0, n, cs):
             p = positions[s:s + cs]
@@ -1526,7 +1537,6 @@ class _PgemmLayer:
                 yt.copy_(post(yt))
             if sink is not None:
                 sink(out[:m], p)
-        return None if sink is not None else out
 
     def chunk_rows(self) -> int:
         """Positions per chunk: about ``CHUNK_BYTES`` of im2col rows (a power of two, 64–8192)."""

@@ -44,8 +44,8 @@ def test_search_keeps_largest_alpha_before_first_failure(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 2.0, "c2": 0.5})
     monkeypatch.setattr(profiler, "run_config",
-                        lambda adapter, clip, cfg: ([cfg.thresholds.get("c1", 0.0) / 2.0 if cfg.thresholds
-                                                     else -1.0], [0.0], [True]))
+                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) / 2.0 if cfg.thresholds
+                                                         else -1.0], [0.0], [True]))
     monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
     monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
     clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
@@ -54,7 +54,8 @@ def test_search_keeps_largest_alpha_before_first_failure(monkeypatch: pytest.Mon
     assert alphas == [0.3, 0.05, 0.1, 0.05]  # bin 1 unmeasured → smallest measured alpha
     assert [b["measured"] for b in prof["bins"]] == [True, False, True, True]
     assert prof["bins"][0]["thresholds"] == {"c1": 0.6, "c2": 0.15}
-    assert calls == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, -1.0]  # stopped once every measured bin failed; final pass
+    # stopped once every measured bin failed; then the final pass, once per path regime
+    assert calls == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, -1.0, -1.0, -1.0]
 
 
 
@@ -69,7 +70,7 @@ def test_bin_short_at_alpha_zero_tightens_its_tau_in(monkeypatch: pytest.MonkeyP
                 {"frames": 20, "retention_map50": 1.0 if a1 <= 0.3 else 0.9, "reuse": 0.5}]
 
     monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
-    monkeypatch.setattr(profiler, "run_config", lambda adapter, clip, cfg: ([cfg], [0.0], [False]))
+    monkeypatch.setattr(profiler, "run_config", lambda adapter, clip, cfg, *_: ([cfg], [0.0], [False]))
     monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
     monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
     clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
@@ -179,8 +180,8 @@ def test_bin_failing_at_the_tightest_alpha_keeps_it_and_says_so(monkeypatch: pyt
 
     monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
     monkeypatch.setattr(profiler, "run_config",
-                        lambda adapter, clip, cfg: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds else -1.0],
-                                                    [0.0], [True]))
+                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds
+                                                         else -1.0], [0.0], [True]))
     monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
     monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
     clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
@@ -215,7 +216,8 @@ def test_repair_tightens_a_clip_that_misses_over_all_its_frames(monkeypatch: pyt
     a = _scored_clip("a", [0.0] * 10 + [3.0] * 30)
     b = _scored_clip("b", [0.0] * 10 + [3.0] * 3)
 
-    def run(adapter: Any, clip: profiler.Clip, cfg: EngineConfig) -> tuple[list[Any], list[float], list[bool]]:
+    def run(adapter: Any, clip: profiler.Clip, cfg: EngineConfig,
+            pgemm_scale: float = 1.0) -> tuple[list[Any], list[float], list[bool]]:
         dets = []
         for m in clip.motion:
             th = cfg.thresholds_for(m)[0] if cfg.bin_thresholds else cfg.thresholds
@@ -231,3 +233,60 @@ def test_repair_tightens_a_clip_that_misses_over_all_its_frames(monkeypatch: pyt
     assert prof["repairs"], "the whole-clip miss must trigger a repair"
     assert all(r is None or r >= 0.99 for r in prof["clip_retention_map50"])
     assert prof["bins"][1]["alpha"] < 0.5
+
+
+def test_final_pass_certifies_the_worst_path_regime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mix must hold under every path regime: here bin 1 holds with the calibrated paths at any α but
+    drops below target at α > 0.1 when the compiled path is priced 2× (other paths, other truncation flips),
+    so the profile keeps α = 0.1 there and records each regime's retention; the unmeasured fast bin follows."""
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c": 1.0})
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: float(np.mean(cand)) if cand else None)
+    a = _scored_clip("a", [0.0] * 10 + [3.0] * 30)
+    scales: list[float] = []
+
+    def run(adapter: Any, clip: profiler.Clip, cfg: EngineConfig,
+            pgemm_scale: float = 1.0) -> tuple[list[Any], list[float], list[bool]]:
+        scales.append(pgemm_scale)
+        dets = []
+        for m in clip.motion:
+            alpha = (cfg.thresholds_for(m)[0] if cfg.bin_thresholds else cfg.thresholds).get("c", 0.0)
+            fragile = m > 2.0 and pgemm_scale == 2.0 and alpha > 0.1
+            dets.append(0.9 if fragile else 1.0)
+        return dets, [0.0] * len(dets), [False] * len(dets)
+
+    monkeypatch.setattr(profiler, "run_config", run)
+    prof = profiler.profile(FakeAdapter(), "fake", [a], target=0.99, bins=(1.0, 5.0, math.inf),
+                            alphas=(0.0, 0.1, 0.2, 0.5))
+    # the last bin has no frames: it takes the smallest measured α, and follows bin 1 down in the repairs
+    assert [b["alpha"] for b in prof["bins"]] == [0.5, 0.1, 0.1]
+    assert [b["measured"] for b in prof["bins"]] == [True, True, False]
+    assert set(scales) == set(profiler.PATH_REGIMES) and 1.0 in scales and 2.0 in scales
+    assert prof["path_regimes"]["pgemm_scale"] == list(profiler.PATH_REGIMES)
+    assert all(r is None or r >= 0.99 for rs in prof["path_regimes"]["retention_map50"] for r in rs)
+    assert prof["repairs"] and prof["repairs"][0]["retention"][1] < 0.99  # the 2× regime forced the repair
+
+
+def test_share_calibration_prices_the_compiled_path_in_a_copy() -> None:
+    """``pgemm_scale`` scales the compiled path's measured cost (a, b) in the sharing engine only."""
+    import torch
+
+    from fluxshard.engine.engine import Engine
+    from test_engine_exact import ConvStack, sequence
+
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    donor = Engine(body, (96, 128), EngineConfig(mode="fast", calibrate=True))
+    with torch.inference_mode():
+        donor.step(sequence(1, 96, 128, (0, 8), (4, 4))[0][0], None)
+    costs = {k: v.cost for k, v in donor._pgemm_layers.items()}
+    assert costs and all(c is not None for c in costs.values())
+    eng = Engine(body, (96, 128), EngineConfig(mode="fast"))
+    eng.share_calibration(donor, 2.0)
+    for k, v in eng._pgemm_layers.items():
+        a, b, dense = costs[k]
+        assert v.cost == (2 * a, 2 * b, dense) and donor._pgemm_layers[k].cost == (a, b, dense)
+    same = Engine(body, (96, 128), EngineConfig(mode="fast"))
+    same.share_calibration(donor)
+    assert same._pgemm_layers is donor._pgemm_layers
+    with pytest.raises(EngineError, match="pgemm_scale"):
+        same.share_calibration(donor, 0.0)

@@ -21,6 +21,7 @@ valid, on a shape change, and every ``refresh_every`` frames if set.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import statistics
 import time
@@ -377,13 +378,24 @@ class Engine:
                               f"{', '.join(list(self._conv_nodes)[:3])}")
         self.reset()
 
-    def share_calibration(self, other: Engine) -> None:
+    def share_calibration(self, other: Engine, pgemm_scale: float = 1.0) -> None:
         """Use the executor costs ``other`` measured (same body, same input size) instead of measuring them
-        again on this engine's first frame: the profiler runs one model a dozen times per clip."""
+        again on this engine's first frame: the profiler runs one model a dozen times per clip.
+        ``pgemm_scale`` ≠ 1 prices fast mode's compiled path that many times its measured cost (in copies;
+        ``other`` keeps its own): the path choices a differently loaded machine would make, which the profiler
+        certifies a profile under too (paths differ in float summation order, and a truncation test that
+        flips on 1e-6 can change what later frames recompute)."""
         mods = {id(c.module) for c in self._conv_nodes.values()}
         if other.input_hw != self.input_hw or mods != {id(c.module) for c in other._conv_nodes.values()}:
             raise EngineError("share_calibration needs an engine of the same body and input size")
+        if not pgemm_scale > 0.0:
+            raise EngineError(f"pgemm_scale must be > 0, got {pgemm_scale}")
         self._plans, self._pgemm_layers, self._calibrated = other._plans, other._pgemm_layers, other._calibrated
+        if pgemm_scale != 1.0:
+            self._pgemm_layers = {
+                k: dataclasses.replace(v, cost=None if v.cost is None else
+                                       (v.cost[0] * pgemm_scale, v.cost[1] * pgemm_scale, v.cost[2]))
+                for k, v in other._pgemm_layers.items()}
 
     @property
     def barriers(self) -> list[str]:

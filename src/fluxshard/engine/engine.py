@@ -25,7 +25,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -181,11 +181,7 @@ class EngineConfig:
         return cls(mode="fast", **{**kw, **overrides})
 
     def _bin(self, motion: float) -> int:
-        """The profile bin of ``motion``: the first whose upper edge exceeds it, else the last."""
-        for i, edge in enumerate(self.motion_bins):
-            if motion < edge:
-                return i
-        return len(self.motion_bins) - 1
+        return bin_of(motion, self.motion_bins)
 
     def tau_in_for(self, motion: float) -> float:
         """τ_in for a frame whose mean |MV| is ``motion`` px (engine input)."""
@@ -196,6 +192,14 @@ class EngineConfig:
         if self.bin_thresholds:
             return self.bin_thresholds[self._bin(motion)]
         return self.thresholds, self.default_threshold
+
+
+def bin_of(motion: float, bins: Sequence[float]) -> int:
+    """The profile bin of ``motion``: the first whose upper edge exceeds it, else the last."""
+    for i, edge in enumerate(bins):
+        if motion < edge:
+            return i
+    return len(bins) - 1
 
 
 def _guard_clock() -> float:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fluxshard.engine.engine import Engine, EngineConfig, field_motion
+from fluxshard.engine.engine import Engine, EngineConfig, bin_of, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.errors import FluxShardError
 
@@ -123,13 +123,6 @@ def layer_scales(adapter: Any, clips: Sequence[Clip], frames_per_clip: int = 4) 
             for name in eng.info.convs:  # caches also hold fast mode's row ops, which take no threshold
                 acc.setdefault(name, []).append(float(eng._caches[name].float().std()))
     return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
-def bin_of(motion: float, bins: Sequence[float]) -> int:
-    for i, edge in enumerate(bins):
-        if motion < edge:
-            return i
-    return len(bins) - 1
 
 
 def _retention(cand: list[Any], ref: list[Any]) -> float | None:

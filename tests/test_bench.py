@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fluxshard.bench.harness import METHODS, _SceneReuse, parse_methods
-from fluxshard.bench.plots import PLOT_NAMES
+from fluxshard.bench.plots import MARKER_SIZE, PLOT_NAMES, dodge, plot_tradeoff, tradeoff_figure
 from fluxshard.data.fetch import clip_path
 from fluxshard.data.ptz import make_ptz_clip
 from fluxshard.errors import FluxShardError
@@ -135,3 +135,47 @@ def test_table_marks_retention_below_the_target() -> None:
     assert "| 0.967 † |" in marked and "| 0.995 |" in marked and "† below the profiles' retention target" in marked
     assert "†" not in markdown_table(rows) and "†" not in markdown_table(rows[1:], 0.99)
     assert _target_of(default_profile("nanodet")) == 0.99 and _target_of(None) is None
+
+
+def _trade_summaries() -> list[dict[str, Any]]:
+    # dense, scene-reuse and exact coincide at (1.0, 1.0) on a static clip; one method without a retention
+    rows = [("a", "dense", 1.0, 1.0), ("a", "scene-reuse", 1.0, 1.0), ("a", "fluxshard-exact", 1.001, 1.0),
+            ("a", "fluxshard-fast", 1.6, 0.96), ("b", "dense", 1.0, 1.0), ("b", "fluxshard-fast", 1.4, 0.97),
+            ("b", "naive-mv", 1.5, None)]
+    return [{"clip": c, "method": m, "speedup": x, "retention_map50": y} for c, m, x, y in rows]
+
+
+def test_tradeoff_plot_legend_target_and_distinct_points(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
+
+    fig = tradeoff_figure(_trade_summaries(), target=0.95)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert all(t.strip() and not t.startswith("_") for t in texts), texts
+    # only what is drawn: naive-mv has no retention, delta was not run
+    assert texts == ["retention target 0.95", "dense", "scene-reuse", "fluxshard-exact", "fluxshard-fast", "a", "b"]
+    assert any(list(ln.get_ydata()) == [0.95, 0.95] for ln in ax.get_lines())
+    pts = np.vstack([c.get_offset_transform().transform(c.get_offsets()) for c in ax.collections
+                     if isinstance(c, PathCollection) and len(c.get_offsets())])
+    assert len(pts) == 6
+    diameter = np.sqrt(MARKER_SIZE) * fig.dpi / 72
+    gaps = np.abs(pts[:, None, :] - pts[None, :, :]).max(axis=2) + np.eye(len(pts)) * 1e9
+    assert gaps.min() >= diameter, gaps.min()  # no marker covers another
+    plt.close(fig)
+    no_target = tradeoff_figure(_trade_summaries())
+    assert "retention target" not in " ".join(t.get_text() for t in no_target.axes[0].get_legend().get_texts())
+    plt.close(no_target)
+    out = plot_tradeoff(_trade_summaries(), tmp_path / "t.png", 0.95)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dodge_spreads_only_close_points() -> None:
+    pts = np.array([[100.0, 50.0], [101.0, 50.0], [300.0, 50.0], [100.0, 200.0]])
+    out = dodge(pts, 10.0)
+    assert np.allclose(out[2:], pts[2:])  # far points stay where they are
+    assert out[1, 0] - out[0, 0] == pytest.approx(10.0) and out[0, 1] == out[1, 1] == 50.0
+    assert out[:2, 0].mean() == pytest.approx(100.5)
+    chain = dodge(np.array([[0.0, 0.0], [8.0, 0.0], [16.0, 0.0]]), 10.0)  # spreading one pair hits the third
+    d = np.abs(chain[:, None, 0] - chain[None, :, 0]) + np.eye(3) * 1e9
+    assert d.min() >= 10.0 - 1e-9

@@ -7,7 +7,8 @@
 (d) ``layer_active_vs_depth.png`` — per-layer active fraction vs layer index, grouped by input residual
     fraction (seed 000 Fig. 5), from the fast-mode RFAP methods (delta, global-warp, fluxshard-fast);
 (e) ``hit_ratio.png`` — hit ratio per method per clip (seed 001 Table 3);
-(f) ``speedup_retention.png`` — speedup vs retention mAP@0.5, one point per clip × method.
+(f) ``speedup_retention.png`` — speedup vs retention mAP@0.5, one point per clip × method, with the fast
+    profile's retention target as a dashed line.
 """
 
 from __future__ import annotations
@@ -139,28 +140,96 @@ def plot_hit_ratio(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_tradeoff(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+MARKER_SIZE = 42.0  # scatter ``s`` (points²) of the trade-off plot's markers
+
+
+def dodge(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Spread points closer than ``spacing`` (display px) sideways into a row, so none hides another.
+
+    Points are grouped transitively (a chain of near neighbours is one group); a group keeps its mean x and
+    each member its own y, members sit ``spacing`` apart in input order. A spread group that lands on another
+    is merged with it and spread again, until no two points are closer than ``spacing`` along x or y.
+    """
+    pts = np.asarray(points, float).reshape(-1, 2)
+    out = pts.copy()
+    groups = [[i] for i in range(len(pts))]
+    for _ in range(len(pts)):
+        merged = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                d = np.abs(out[groups[a]][:, None, :] - out[groups[b]][None, :, :])
+                if np.any((d[..., 0] < spacing) & (d[..., 1] < spacing)):
+                    groups[a] = sorted(groups[a] + groups[b])
+                    del groups[b]
+                    merged = True
+                    break
+            if merged:
+                break
+        if not merged:
+            return out
+        g = groups[a]
+        cx = pts[g, 0].mean()
+        out[g, 0] = cx + (np.arange(len(g)) - (len(g) - 1) / 2) * spacing
+        out[g, 1] = pts[g, 1]
+    return out
+
+
+def tradeoff_figure(summaries: Sequence[dict[str, Any]], target: float | None = None) -> Any:
+    """Speedup vs retention, colour = method, marker = clip; coincident points (dense, exact and scene-reuse
+    all sit at retention 1.0 near speedup 1) are spread sideways by a marker width so each stays visible,
+    and the legend lists only what is drawn. ``target``: the profiles' retention target, a dashed line."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     markers = "osD^vP*X"
-    clips = list(dict.fromkeys(s["clip"] for s in summaries))
+    pts = [s for s in summaries if s.get("speedup") is not None and s.get("retention_map50") is not None]
+    clips = list(dict.fromkeys(s["clip"] for s in pts))
+    methods = [m for m in METHODS if any(s["method"] == m for s in pts)]
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    for s in summaries:
-        if s["speedup"] is None or s["retention_map50"] is None:
-            continue
-        ax.scatter(s["speedup"], s["retention_map50"], color=colors[s["method"]],
-                   marker=markers[clips.index(s["clip"]) % len(markers)])
-    for m in METHODS:
-        ax.scatter([], [], color=colors[m], label=m)
-    for i, c in enumerate(clips):
-        ax.scatter([], [], color="grey", marker=markers[i % len(markers)], label=c)
+    handles: list[Any] = []
+    if target is not None:
+        handles.append(ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"retention target {target:g}"))
     ax.axvline(1.0, color="grey", lw=0.5)
+    if not pts:
+        _empty(ax, "no method with both speedup and retention")
+    else:
+        xy = np.array([[s["speedup"], s["retention_map50"]] for s in pts], float)
+        xs = np.append(xy[:, 0], 1.0)
+        ys = np.append(xy[:, 1], [target] if target is not None else [])
+        ys = np.append(ys, 1.0)
+        padx = max(0.05, 0.08 * (xs.max() - xs.min()))
+        pady = max(0.01, 0.08 * (ys.max() - ys.min()))
+        ax.set(xlim=(xs.min() - padx, xs.max() + padx), ylim=(ys.min() - pady, ys.max() + pady))
+        for m in methods:
+            handles.append(ax.scatter([], [], s=MARKER_SIZE, color=colors[m], label=m))
+        for i, c in enumerate(clips):
+            handles.append(ax.scatter([], [], s=MARKER_SIZE, color="grey", marker=markers[i % len(markers)], label=c))
     ax.set(xlabel="speedup vs dense (same run)", ylabel="retention mAP@0.5 (vs dense)",
            title="Speedup–retention trade-off")
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()  # final axes size first: the spread below is in display pixels
+    if pts:
+        diameter = np.sqrt(MARKER_SIZE) * fig.dpi / 72
+        orig = ax.transData.transform(xy)
+        disp = dodge(orig, 1.15 * diameter)
+        data = ax.transData.inverted().transform(disp)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, data[:, 0].min() - padx / 2), max(hi, data[:, 0].max() + padx / 2))
+        if not np.allclose(disp, orig):
+            ax.text(0.99, 0.01, "overlapping points spread sideways", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=6, color="grey")
+        for s, (x, y) in zip(pts, data, strict=True):
+            ax.scatter([x], [y], s=MARKER_SIZE, color=colors[s["method"]], edgecolors="white", linewidths=0.5,
+                       marker=markers[clips.index(s["clip"]) % len(markers)], zorder=3)
+    return fig
+
+
+def plot_tradeoff(summaries: Sequence[dict[str, Any]], path: Path, target: float | None = None) -> Path:
+    return _save(tradeoff_figure(summaries, target), path)
 
 
 def make_plots(results: Sequence[ClipResult], summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Every plot into ``out``; the trade-off plot gets the fast profile's retention target (None: unknown)."""
     a, b, c, d, e, f = (out / n for n in PLOT_NAMES)
+    target = next((t for r in results if (t := r.fast_config.get("target_retention")) is not None), None)
     return [plot_reuse_vs_motion(results, a), plot_residual_alignment(results, b), plot_accuracy(summaries, c),
-            plot_layer_active(results, d), plot_hit_ratio(summaries, e), plot_tradeoff(summaries, f)]
+            plot_layer_active(results, d), plot_hit_ratio(summaries, e), plot_tradeoff(summaries, f, target)]

@@ -10,15 +10,25 @@ import sys
 
 import typer
 
+from fluxshard.cli._common import CONTEXT, MARKUP
 from fluxshard.errors import FluxShardError
 
 app = typer.Typer(
     name="fluxshard",
     help="Motion-aware incremental CNN inference on video.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
+    rich_markup_mode=MARKUP,
 )
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    # Bare `fluxshard` prints the help and succeeds: click's no_args_is_help exits 2, as for a usage error.
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 def _register() -> None:

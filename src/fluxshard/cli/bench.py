@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import err
+from fluxshard.cli._common import Command, err, print_text
 from fluxshard.data.fetch import clip_path
 
 
@@ -70,8 +69,8 @@ def bench(
         sys.stdout.write(json.dumps(data) + "\n")
     else:
         target = results[0].fast_config.get("target_retention") if results else None
-        Console().print(markdown_table(summaries, target), markup=False, highlight=False)
-        Console().print(f"wrote {csv_path}, {report} and {len(plots)} plots", markup=False)
+        print_text(markdown_table(summaries, target))
+        print_text(f"wrote {csv_path}, {report} and {len(plots)} plots")
     if errors:
         err.print("error: " + "; ".join(errors), markup=False, highlight=False)
         raise typer.Exit(1)
@@ -91,4 +90,4 @@ def _unique_names(results: list[Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    app.command("bench", cls=Command)(bench)

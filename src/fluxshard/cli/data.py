@@ -13,20 +13,30 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fluxshard.cli._common import CONTEXT, MARKUP, Command
 from fluxshard.errors import DataError
 
 app = typer.Typer(
     help="Test data: fetch sha256-verified real clips; make virtual pan-tilt-zoom clips with exact motion.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
+    rich_markup_mode=MARKUP,
 )
+
+
+@app.callback(invoke_without_command=True)
+def _group(ctx: typer.Context) -> None:
+    # Bare `fluxshard data` prints the help and succeeds (click's no_args_is_help exits 2).
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def fetch(
     names: Annotated[list[str] | None, typer.Argument(help="Clip names (default: all).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -38,7 +48,7 @@ def fetch(
         typer.echo(f"{name}\t{path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def path(name: Annotated[str, typer.Argument(help="Clip name.")]) -> None:
     """Print the cached path of a clip (fetching it first if needed)."""
     from fluxshard.data.fetch import CLIPS, clip_path
@@ -48,14 +58,14 @@ def path(name: Annotated[str, typer.Argument(help="Clip name.")]) -> None:
     typer.echo(clip_path(name, progress=True))
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_clips() -> None:
     """List known clips, their files, sizes and whether they are in the cache."""
     from fluxshard.data.fetch import CLIPS, cache_dir
 
     table = Table(title=f"clips in {cache_dir()}", title_justify="left")
     for col in ("name", "file", "size", "cached", "source", "content"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow terminal wraps cells instead of cutting them with "…"
     for spec in CLIPS.values():
         p = cache_dir() / spec.filename
         size = f"{p.stat().st_size / 1e6:.1f} MB" if p.is_file() else "-"
@@ -72,7 +82,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-@app.command()
+@app.command(cls=Command)
 def ptz(
     src: Annotated[str, typer.Argument(help="Source video: a clip name (e.g. vtest), file or URL.")],
     out: Annotated[Path, typer.Argument(help="Output video (.mp4); ground truth goes to the .json beside.")],

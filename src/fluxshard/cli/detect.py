@@ -13,9 +13,9 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import emit_summary, err
+from fluxshard.cli._common import Command, emit_summary, err
 from fluxshard.data.fetch import clip_path
-from fluxshard.errors import FluxShardError
+from fluxshard.errors import FluxShardError, VideoError
 
 
 class DetectError(FluxShardError):
@@ -67,7 +67,9 @@ def detect(
 
     adapter = load_model(model)  # unknown name / unreadable weights fail here, before any output
     path = clip_path(clip)
-    source = open_video(path, export_mvs=False, max_frames=None if max_frames is None else start + max_frames)
+    # problems are collected, not raised: the frames decoded before damage still get their summary
+    source = open_video(path, export_mvs=False, max_frames=None if max_frames is None else start + max_frames,
+                        on_error="collect")
     info = source.info
     total = info.frames_expected
     if total is not None and start >= total:
@@ -108,14 +110,17 @@ def detect(
                         lines.write(json.dumps(_frame_record(frame.index, frame.time, ms, adapter.task, results))
                                     + "\n")
                     if writer is not None:
-                        writer.write(_even(draw_results(rgb, results, min_score)))
+                        writer.write(_even(draw_results(rgb, results, min_score, legend=())))
                     progress.update(task, advance=1, rate=f"{statistics.median(times):.0f} ms/frame")
     finally:
         if writer is not None:
             writer.close()
         if lines is not None:
             lines.close()
+    error = source.problem_text() or None
     if not times:
+        if error:
+            raise VideoError(error, frames_decoded=source.frames_decoded)
         raise DetectError(f"{path}: no frames to run (start {start})")
     p = np.asarray(persons)
     summary: dict[str, Any] = {
@@ -139,8 +144,10 @@ def detect(
         summary["out"] = str(out)
     if jsonl is not None:
         summary["jsonl"] = str(jsonl)
-    emit_summary(f"detect: {path}", summary, as_json)
+    if error:
+        summary["error"] = error
+    emit_summary(f"detect: {path}", summary, as_json, error)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("detect")(detect)
+    app.command("detect", cls=Command)(detect)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import emit_summary, err
+from fluxshard.cli._common import Command, emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.motion.report import analyze_motion
 
@@ -21,7 +21,7 @@ def motion(
     source: Annotated[str, typer.Option(help="auto | codec | blockmatch")] = "auto",
     tau: Annotated[float, typer.Option(help="Residual threshold: mean |Δluma| per block.")] = 4.0,
     refresh: Annotated[int, typer.Option(help="Reference cache refreshed every N frames.")] = 1,
-    max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.", min=1)] = None,
 ) -> None:
     """Decode CLIP with its motion field; report the residual set with and without MV alignment."""
     if source not in ("auto", "codec", "blockmatch"):
@@ -48,4 +48,4 @@ def motion(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("motion")(motion)
+    app.command("motion", cls=Command)(motion)

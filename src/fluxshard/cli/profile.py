@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxshard.cli._common import Command
 from fluxshard.data.fetch import clip_path
 
 
@@ -82,4 +83,4 @@ def profile(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("profile")(profile)
+    app.command("profile", cls=Command)(profile)

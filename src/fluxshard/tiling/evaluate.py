@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from fluxshard.data.ptz import load_ptz_meta
-from fluxshard.errors import FluxShardError
+from fluxshard.errors import DataError, FluxShardError
 from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
 from fluxshard.models.base import Detections
 from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, plan_latencies, uniform_plan
@@ -160,6 +160,19 @@ def reprojection_error(history: np.ndarray, est: np.ndarray, truth: np.ndarray, 
     return float(np.linalg.norm(_centres(a[ka]) - _centres(b[kb]), axis=1).mean())
 
 
+def ptz_sidecar(clip: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The virtual-PTZ ground truth beside ``clip`` (its ``.json``): ``(meta, None)``; ``(None, None)`` when
+    there is no ``.json``; ``(None, why)`` when the ``.json`` is not PTZ metadata (any other tool's file may sit
+    beside a clip): callers then ignore it and estimate the camera from motion vectors, as without one."""
+    side = Path(clip).with_suffix(".json")
+    if not side.exists():
+        return None, None
+    try:
+        return load_ptz_meta(side), None
+    except DataError as exc:
+        return None, str(exc)
+
+
 def run_clip(
     clip: str | Path,
     family: DetectorFamily,
@@ -186,13 +199,12 @@ def run_clip(
     path = Path(clip)
     if not path.exists():
         raise TileBenchError(f"{path}: no such clip")
-    meta = None
-    if path.with_suffix(".json").exists():
-        meta = load_ptz_meta(path)
+    meta, sidecar_note = ptz_sidecar(path)
     if camera not in ("auto", "gt", "mv"):
         raise TileBenchError(f"camera must be auto, gt or mv, got {camera!r}")
     if camera == "gt" and meta is None:
-        raise TileBenchError(f"{path}: --camera gt needs the virtual-PTZ JSON {path.with_suffix('.json')}")
+        why = f" ({sidecar_note})" if sidecar_note else ""
+        raise TileBenchError(f"{path}: --camera gt needs the virtual-PTZ JSON {path.with_suffix('.json')}{why}")
     use_gt = meta is not None and camera != "mv"
     family.warmup()
 
@@ -356,6 +368,8 @@ def run_clip(
                 "merge_estimate_ms": round(merge_est, 3),
                 "remix_plans": {f"{k[0]}@{k[1]:g}": f"{v.plan.kind}:{len(v.plan.tiles)} tiles"
                                 for k, v in remix_plans.items()}}
+    if sidecar_note:
+        res.info["ignored_sidecar"] = sidecar_note
     return res
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fluxshard.errors import FluxShardError
+from fluxshard.files import write_text_atomic
 from fluxshard.tiling.bins import EDGES, N_BINS
 
 FORMAT = "fluxshard-tiling-profile"
@@ -194,14 +193,7 @@ class FamilyProfile:
 
     def save(self, path: str | Path) -> Path:
         """Atomic write (a crash never leaves half a profile that would later fail to load)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, p)
-        return p
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def geometry_key(tile_w: float, tile_h: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -139,7 +140,9 @@ class VideoSource:
         try:
             self._container = av.open(self.path, mode="r", timeout=10.0)
         except av.error.FFmpegError as exc:
-            raise VideoError(f"{self.path}: cannot open as video ({_msg(exc)})") from exc
+            hint = None if _is_url(self.path) else _mp4_problem(self.path)
+            detail = f": {hint}" if hint else f" ({_msg(exc)})"
+            raise VideoError(f"{self.path}: cannot open as video{detail}") from exc
         if not self._container.streams.video:
             self._container.close()
             raise VideoError(f"{self.path}: contains no video stream")
@@ -330,6 +333,38 @@ def _read_mvs(frame: Any) -> np.ndarray | None:
 def _msg(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc)
     return text.split(": '")[0].strip()
+
+
+def _mp4_problem(path: str) -> str | None:
+    """Why an MP4/MOV file cannot be opened, read from its top-level boxes; None if it is not one or looks whole.
+
+    FFmpeg only says "Invalid data found" when the index (``moov``) is missing, the usual state of a recording
+    that was cut off: its frames are in ``mdat``, but without the index nothing can be located."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(8)[4:8] != b"ftyp":
+                return None
+            off, kinds, cut = 0, [], False
+            while off + 8 <= size:
+                f.seek(off)
+                head = f.read(16)
+                n, kind = struct.unpack(">I4s", head[:8])
+                if n == 1 and len(head) == 16:
+                    n = struct.unpack(">Q", head[8:])[0]
+                elif n == 0:  # the box runs to the end of the file
+                    n = size - off
+                if n < 8:
+                    break
+                kinds.append(kind)
+                cut = off + n > size
+                off += n
+    except OSError:
+        return None
+    if b"moov" in kinds:
+        return None
+    where = f" (it ends inside its '{kinds[-1].decode('latin-1')}' box)" if cut and kinds else ""
+    return f"its MP4 index (moov atom) is missing — the file is truncated{where} or its recording was never finalised"
 
 
 def open_video(path: str | Path, **kwargs: Any) -> VideoSource:

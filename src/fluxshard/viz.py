@@ -1,9 +1,15 @@
-"""Drawing on frames (PIL): motion arrows, residual/reused block tints; shared by every CLI overlay."""
+"""Drawing on frames (PIL): motion arrows, residual/reused block tints, boxes with labels, and a legend box
+naming what each colour means; shared by every CLI overlay."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from fluxshard.motion.field import MotionField
 
@@ -11,6 +17,120 @@ RESIDUAL = (255, 40, 40)
 INVALID = (40, 90, 255)
 ARROW = (40, 255, 80)
 FILLED = (255, 220, 40)
+RECOMPUTED = (255, 60, 60)  # `fluxshard run --out`: first-convolution positions recomputed this frame
+TILE = (255, 255, 0)  # `fluxshard tile --out`: one tile run (a model on a crop)
+
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, x1/y1 exclusive
+
+
+@dataclass(frozen=True)
+class LegendItem:
+    """One line of an overlay's legend: a swatch drawn the way the overlay draws that thing, and its meaning."""
+
+    kind: Literal["tint", "arrow", "box", "dot", "line"]
+    color: tuple[int, int, int]
+    text: str
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's embedded font (>= 10.1): scalable, nothing to find or download.
+    return ImageFont.load_default(size=size)
+
+
+def font_for(height: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A label/legend font readable at this frame height without hiding the scene: 10 px up to 18 px."""
+    return _font(int(np.clip(round(height / 48), 10, 18)))
+
+
+def _text_box(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> tuple[int, int, int, int]:
+    return tuple(int(v) for v in ImageDraw.Draw(Image.new("1", (1, 1))).textbbox((0, 0), text, font=font))
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_rects(boxes: np.ndarray, sizes: Sequence[tuple[int, int]], frame_wh: tuple[int, int],
+                avoid: Sequence[Rect] = ()) -> list[Rect | None]:
+    """Where each box's label goes: greedily, in box order, the first of above the box, below it, inside its
+    top edge that covers no earlier label (nor ``avoid``, e.g. the legend), shifted into the frame so no
+    label is cut at an edge. None: every place would cover an earlier label, so that label is left out."""
+    fw, fh = frame_wh
+    taken: list[Rect] = list(avoid)
+    out: list[Rect | None] = []
+    for b, (w, h) in zip(np.asarray(boxes, float).reshape(-1, 4), sizes, strict=True):
+        x = int(np.clip(round(b[0]), 0, max(0, fw - w)))
+        chosen = None
+        for y in (b[1] - h, b[3], b[1]):
+            y = int(np.clip(round(y), 0, max(0, fh - h)))
+            r = (x, y, x + w, y + h)
+            if not any(_overlaps(r, t) for t in taken):
+                chosen = r
+                break
+        if chosen is not None:
+            taken.append(chosen)
+        out.append(chosen)
+    return out
+
+
+def legend_rect(items: Sequence[LegendItem], frame_wh: tuple[int, int],
+                corner: Literal["bottom-left", "top-left"] = "bottom-left") -> Rect:
+    """The frame rectangle the legend of ``items`` covers (labels keep out of it)."""
+    fw, fh = frame_wh
+    font = font_for(fh)
+    line = _text_box("Ag", font)[3] + 3
+    width = max((_text_box(it.text, font)[2] for it in items), default=0) + line + 6 + 8
+    height = len(items) * line + 6
+    y = 4 if corner == "top-left" else max(0, fh - 4 - height)
+    return 4, y, min(fw, 4 + width), min(fh, y + height)
+
+
+def draw_legend(rgb: np.ndarray, items: Sequence[LegendItem],
+                corner: Literal["bottom-left", "top-left"] = "bottom-left") -> np.ndarray:
+    """A compact, semi-transparent box in a corner naming each colour the overlay uses (new array)."""
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    if not items:
+        return np.asarray(img)
+    font = font_for(img.height)
+    x0, y0, x1, y1 = legend_rect(items, img.size, corner)
+    line = _text_box("Ag", font)[3] + 3
+    patch = img.crop((x0, y0, x1, y1)).convert("RGBA")
+    layer = Image.new("RGBA", patch.size, (0, 0, 0, 150))
+    d = ImageDraw.Draw(layer)
+    sw = line - 5  # swatch side
+    for k, it in enumerate(items):
+        sx, sy = 4, 3 + k * line + 2
+        c = (*it.color, 255)
+        if it.kind == "tint":
+            d.rectangle([sx, sy, sx + sw, sy + sw], fill=c)  # opaque: the key colour, not the frame's blend
+        elif it.kind == "box":
+            d.rectangle([sx, sy, sx + sw, sy + sw], outline=c, width=2)
+        elif it.kind == "dot":
+            d.ellipse([sx + sw / 4, sy + sw / 4, sx + 3 * sw / 4, sy + 3 * sw / 4], fill=c)
+        elif it.kind == "line":
+            d.line([(sx, sy + sw), (sx + sw, sy)], fill=c, width=2)
+        else:  # arrow: tail at the reference position, dot at the current one, as motion_overlay draws it
+            d.line([(sx, sy + sw), (sx + sw - 1, sy + 1)], fill=c, width=1)
+            d.ellipse([sx + sw - 3, sy - 1, sx + sw + 1, sy + 3], fill=c)
+        bx = _text_box(it.text, font)
+        d.text((sx + sw + 6 - bx[0], 3 + k * line), it.text, fill=(255, 255, 255, 255), font=font)
+    img.paste(Image.alpha_composite(patch, layer).convert("RGB"), (x0, y0))
+    return np.asarray(img)
+
+
+def motion_legend(field: MotionField) -> list[LegendItem]:
+    """What :func:`motion_overlay` draws; the filled-vector colour only where the field can have them."""
+    items = [LegendItem("tint", RESIDUAL, "residual: changed after MV alignment"),
+             LegendItem("tint", INVALID, "no motion vector (intra, I-frame, cut)"),
+             LegendItem("arrow", ARROW, "motion: reference position -> now")]
+    if field.filled is not None:
+        items.append(LegendItem("arrow", FILLED, "vector found by candidate filling"))
+    return items
+
+
+RUN_LEGEND = (LegendItem("tint", RECOMPUTED, "recomputed (all: dense frame)"),)
+TILE_LEGEND = (LegendItem("box", TILE, "tile run (label: model)"),)
 
 
 def tint_blocks(rgb: np.ndarray, mask: np.ndarray, block: int, color: tuple[int, int, int],
@@ -30,11 +150,13 @@ def tint_blocks(rgb: np.ndarray, mask: np.ndarray, block: int, color: tuple[int,
 
 
 def motion_overlay(rgb: np.ndarray, field: MotionField, residual: np.ndarray | None = None,
-                   arrow_step: int = 1) -> np.ndarray:
-    """Frame with residual blocks tinted red, invalid blocks blue, and an arrow per moving block.
+                   arrow_step: int = 1, legend: bool = True) -> np.ndarray:
+    """Frame with residual blocks tinted red, invalid blocks blue, an arrow per moving block, and a legend.
 
-    Arrows run from where the content was in the reference frame to where it is now (the opposite of the
-    stored displacement); vectors recovered by candidate filling are drawn yellow.
+    Red: a block with a vector whose content still differs from the cached frame after MV alignment (the
+    residual set, recomputed); blue: no trustworthy vector (intra blocks, I-frames, scene cuts). Arrows run
+    from where the content was in the reference frame to where it is now (the opposite of the stored
+    displacement), green; vectors recovered by candidate filling are drawn yellow.
     """
     b = field.block
     out = rgb
@@ -54,7 +176,7 @@ def motion_overlay(rgb: np.ndarray, field: MotionField, residual: np.ndarray | N
             color = FILLED if filled[i, j] else ARROW
             draw.line([(sx, sy), (cx, cy)], fill=color, width=1)
             draw.ellipse([cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5], fill=color)
-    return np.asarray(img)
+    return draw_legend(np.asarray(img), motion_legend(field)) if legend else np.asarray(img)
 
 
 # --- model results: boxes with labels, instance masks, pose skeletons ---------------------------------------
@@ -82,26 +204,29 @@ def draw_masks(rgb: np.ndarray, masks: np.ndarray, class_ids: np.ndarray, alpha:
     return out.astype(np.uint8)
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color: tuple[int, int, int]) -> None:
-    # PIL's built-in bitmap font: nothing to find or download.
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text)
-    w, h = x1 - x0 + 4, y1 - y0 + 4
-    x, y = xy
-    y = y - h if y - h >= 0 else y
-    draw.rectangle([x, y, x + w, y + h], fill=color)
-    draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255))
-
-
 def draw_boxes(rgb: np.ndarray, boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
-               class_names: tuple[str, ...] | None = None, width: int = 2) -> np.ndarray:
-    """Boxes (xyxy, frame pixels) with a ``"name 0.87"`` label each."""
+               class_names: tuple[str, ...] | None = None, width: int = 2, avoid: Sequence[Rect] = ()) -> np.ndarray:
+    """Boxes (xyxy, frame pixels) with a ``"name 0.87"`` label each, placed by :func:`label_rects` (kept
+    inside the frame, never over an earlier label nor ``avoid``)."""
     img = Image.fromarray(np.ascontiguousarray(rgb))
     draw = ImageDraw.Draw(img)
+    font = font_for(img.height)
+    texts, sizes, colors = [], [], []
     for b, s, c in zip(boxes, scores, class_ids, strict=True):
         color = class_color(int(c))
         draw.rectangle([float(b[0]), float(b[1]), float(b[2]), float(b[3])], outline=color, width=width)
         name = class_names[int(c)] if class_names is not None and int(c) < len(class_names) else str(int(c))
-        _label(draw, (float(b[0]), float(b[1])), f"{name} {float(s):.2f}", color)
+        texts.append(f"{name} {float(s):.2f}")
+        x0, y0, x1, y1 = _text_box(texts[-1], font)
+        sizes.append((x1 - x0 + 4, y1 - y0 + 4))
+        colors.append(color)
+    for text, color, r in zip(texts, colors, label_rects(boxes, sizes, img.size, avoid), strict=True):
+        if r is None:
+            continue
+        x0, y0, _, _ = _text_box(text, font)
+        draw.rectangle([r[0], r[1], r[2] - 1, r[3] - 1], fill=color)
+        draw.text((r[0] + 2 - x0, r[1] + 2 - y0), text, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255),
+                  font=font)
     return np.asarray(img)
 
 
@@ -121,21 +246,43 @@ def draw_skeletons(rgb: np.ndarray, keypoints: np.ndarray, skeleton: tuple[tuple
     return np.asarray(img)
 
 
-def draw_results(rgb: np.ndarray, results: object, min_score: float = 0.3) -> np.ndarray:
-    """Any typed model result (:mod:`fluxshard.models.base`): masks, then boxes + labels, then skeletons."""
+def results_legend(results: object) -> list[LegendItem]:
+    """Legend lines for what :func:`draw_results` draws for this kind of result."""
     from fluxshard.models.base import Detections, Keypoints, Segmentations
 
+    if isinstance(results, Keypoints):
+        return [LegendItem("box", class_color(0), "person (label: score)"), LegendItem("dot", KEYPOINT, "keypoint"),
+                LegendItem("line", LIMB, "limb")]
+    items = [LegendItem("box", class_color(0), "detection, colour = class (label: class score)")]
+    if isinstance(results, Segmentations):
+        items.append(LegendItem("tint", class_color(0), "instance mask, colour = class"))
+    return items if isinstance(results, Detections) else []
+
+
+def draw_results(rgb: np.ndarray, results: object, min_score: float = 0.3,
+                 legend: Sequence[LegendItem] | None = None) -> np.ndarray:
+    """Any typed model result (:mod:`fluxshard.models.base`): masks, then boxes + labels, then skeletons.
+
+    ``legend``: None draws none; otherwise a legend of these lines (what the caller drew before, e.g. a
+    tint) and the result's own (:func:`results_legend`), in the bottom-left corner, kept clear of labels.
+    """
+    from fluxshard.models.base import Detections, Keypoints, Segmentations
+
+    items = None if legend is None else [*legend, *results_legend(results)]
+    avoid = () if items is None else (legend_rect(items, (rgb.shape[1], rgb.shape[0])),)
     out = rgb
     if isinstance(results, Keypoints):
         keep = results.scores >= min_score
         boxes = results.boxes[keep]
         has_box = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         out = draw_boxes(out, boxes[has_box], results.scores[keep][has_box], np.zeros(int(has_box.sum()), int),
-                         ("person",))
-        return draw_skeletons(out, results.keypoints[keep], results.skeleton)
-    if isinstance(results, Detections):
+                         ("person",), avoid=avoid)
+        out = draw_skeletons(out, results.keypoints[keep], results.skeleton)
+    elif isinstance(results, Detections):
         res = results.filter(min_score)
         if isinstance(res, Segmentations) and len(res):
             out = draw_masks(out, res.masks, res.class_ids)
-        return draw_boxes(out, res.boxes, res.scores, res.class_ids, res.class_names)
-    raise TypeError(f"cannot draw {type(results).__name__}")
+        out = draw_boxes(out, res.boxes, res.scores, res.class_ids, res.class_names, avoid=avoid)
+    else:
+        raise TypeError(f"cannot draw {type(results).__name__}")
+    return out if items is None else draw_legend(out, items)

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from fluxshard.metrics import (
+    COCO_KPT_SIGMAS,
     DENSE_REFERENCE,
+    MIN_REFERENCE_OBJECTS,
     accuracy_retention,
     average_precision,
     iou_types_for,
+    keypoint_similarity,
+    oks,
 )
 from fluxshard.models.base import Detections, Keypoints, Segmentations
 
@@ -139,12 +143,12 @@ def perturb(frames: list[Detections], rng: np.random.Generator, jitter: float = 
 def test_dense_against_itself_is_one_and_perturbations_lower_it():
     rng = np.random.default_rng(1)
     dense = random_frames(10, rng)
-    rep = accuracy_retention(dense, dense)
+    rep = accuracy_retention(dense, dense, min_reference=0)  # AP mechanics: any count (minimum tested below)
     assert rep.reference == "dense_outputs"
     assert rep.retention["bbox"]["map"] == pytest.approx(1.0)
     assert rep.retention["bbox"]["map50"] == pytest.approx(1.0)
     for kw in ({"jitter": 4.0}, {"drop": 0.2}, {"shuffle": True}):
-        worse = accuracy_retention(perturb(dense, rng, **kw), dense).retention["bbox"]
+        worse = accuracy_retention(perturb(dense, rng, **kw), dense, min_reference=0).retention["bbox"]
         assert worse["map"] < 1.0 - 1e-3, kw
     d = rep.to_dict()
     assert d["reference"] == "dense_outputs" and d["frames"] == 10 and d["dense"] == {}
@@ -155,12 +159,13 @@ def test_retention_against_ground_truth_is_a_ratio():
     gt = random_frames(8, rng)
     dense = perturb(gt, rng, jitter=2.0)
     cand = perturb(dense, rng, jitter=3.0, drop=0.1)
-    rep = accuracy_retention(cand, dense, ground_truth=gt)
+    rep = accuracy_retention(cand, dense, ground_truth=gt, min_reference=0)
     assert rep.reference == "ground_truth"
     c, d = rep.candidate["bbox"], rep.dense["bbox"]
     assert rep.retention["bbox"]["map"] == pytest.approx(c.map / d.map)
     assert c.map < d.map <= 1.0
-    assert accuracy_retention(dense, dense, ground_truth=gt).retention["bbox"]["map"] == pytest.approx(1.0)
+    assert accuracy_retention(dense, dense, ground_truth=gt, min_reference=0).retention["bbox"]["map"] == \
+        pytest.approx(1.0)
 
 
 def test_mismatched_frame_counts_raise():
@@ -176,4 +181,72 @@ def test_real_detector_against_itself():
     frames = [z["image"][i] for i in range(min(2, len(z["image"])))]  # real video frames (NanoDet fixture)
     dense = [model(f) for f in frames]
     assert sum(len(d.filter(0.5)) for d in dense) > 0
-    assert accuracy_retention(dense, dense).retention["bbox"]["map"] == pytest.approx(1.0)
+    assert accuracy_retention(dense, dense, min_reference=0).retention["bbox"]["map"] == pytest.approx(1.0)
+
+
+def test_retention_needs_enough_reference_objects():
+    """5 confident reference objects (the handheld clip of issue 18): no retention, the count and a note."""
+    ref = [det([[10, 10, 60, 90]], [0.9]) if i < 5 else det([[10, 10, 60, 90]], [0.3]) for i in range(100)]
+    cand = [det([[12, 10, 60, 90]], [0.8]) for _ in range(100)]
+    rep = accuracy_retention(cand, ref)
+    assert rep.reference_objects == {"bbox": 5}
+    assert math.isnan(rep.retention["bbox"]["map50"]) and rep.value("bbox") is None
+    assert rep.notes["bbox"] == "n/a (only 5 reference objects ≥ score 0.5)"
+    d = rep.to_dict()
+    assert d["retention"]["bbox"] == {"map": None, "map50": None} and d["reference_objects"] == {"bbox": 5}
+    assert d["notes"]["bbox"].startswith("n/a (only 5") and d["min_reference_objects"] == MIN_REFERENCE_OBJECTS
+    # at the minimum the value is given (and no note)
+    many = [det([[10, 10, 60, 90]], [0.9]) for _ in range(MIN_REFERENCE_OBJECTS)]
+    ok = accuracy_retention(many, many)
+    assert ok.value("bbox") == pytest.approx(1.0) and ok.notes == {} and ok.reference_objects == {"bbox": 100}
+    # ground truth: the count is of ground-truth objects
+    gt = accuracy_retention(cand[:3], ref[:3], ground_truth=ref[:3])
+    assert gt.reference_objects == {"bbox": 3} and gt.notes["bbox"] == "n/a (only 3 ground-truth objects)"
+
+
+def line_pose(shift: float = 0.0, scores: float = 0.9) -> np.ndarray:
+    """17 keypoints spread over a 40×100 box (area 4000 px²), all with score ``scores``."""
+    xs = np.linspace(100, 140, 17)
+    ys = np.linspace(50, 150, 17)
+    return np.stack([xs + shift, ys, np.full(17, scores)], 1)
+
+
+def kp_frame(*poses: np.ndarray) -> Keypoints:
+    kps = np.asarray(poses, np.float32).reshape(-1, 17, 3)
+    return Keypoints(kps, kps[:, :, 2].mean(1) if len(kps) else np.zeros(0), np.zeros((len(kps), 4)))
+
+
+def test_oks_identical_is_one_and_shift_gives_the_analytic_value():
+    ref = line_pose()
+    assert oks(ref, ref) == pytest.approx(1.0)
+    # every keypoint 3 px off, scale s² = 40·100: OKS = mean_i exp(−9 / (2 · 4000 · (2σ_i)²))
+    want = float(np.mean(np.exp(-9.0 / (2 * 4000 * (2 * COCO_KPT_SIGMAS) ** 2))))
+    assert oks(line_pose(3.0), ref) == pytest.approx(want, rel=1e-9)
+    assert 0.0 < want < 1.0
+    # only visible reference keypoints count: moving the invisible ones changes nothing
+    hidden = ref.copy()
+    hidden[:5, 2] = 0.1
+    far = line_pose()
+    far[:5, :2] += 300
+    assert oks(far, hidden) == pytest.approx(1.0)
+    assert math.isnan(oks(ref, line_pose(scores=0.1)))  # nothing visible: undefined
+
+
+def test_keypoint_similarity_matches_and_needs_enough_persons():
+    ref = [kp_frame(line_pose()) for _ in range(10)]
+    cand = [kp_frame(line_pose(3.0)) for _ in range(9)] + [kp_frame()]  # last frame: the pose is lost
+    rep = keypoint_similarity(cand, ref, min_reference=0)
+    one = oks(line_pose(3.0), line_pose())
+    assert rep.persons == 10 and rep.oks_mean == pytest.approx(9 * one / 10)
+    assert rep.oks_retention == pytest.approx(0.9) and rep.note is None  # 3 px keeps OKS ≥ 0.5; the lost one not
+    # two people: each candidate goes to its own reference person whatever the order
+    two = keypoint_similarity([kp_frame(line_pose(200.0), line_pose())], [kp_frame(line_pose(), line_pose(200.0))],
+                              min_reference=0)
+    assert two.per_frame == [[pytest.approx(1.0), pytest.approx(1.0)]]
+    # below the minimum: mean OKS with its count, no retention, a note
+    few = keypoint_similarity(cand, ref)
+    assert few.oks_retention is None and few.persons == 10 and few.oks_mean == pytest.approx(rep.oks_mean)
+    assert few.note == "n/a (only 10 reference persons: keypoints ≥ score 0.3)"
+    assert few.to_dict()["oks_retention"] is None
+    with pytest.raises(ValueError, match="frames"):
+        keypoint_similarity(cand[:2], ref)

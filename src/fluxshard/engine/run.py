@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fluxshard.engine.engine import Engine, EngineConfig
-from fluxshard.engine.inputs import InputMapper, choose_factor
+from fluxshard.engine.engine import Engine, EngineConfig, default_profile
+from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.errors import FluxShardError
 from fluxshard.models import load_model
-from fluxshard.models.base import Detections
+from fluxshard.models.base import Detections, Keypoints, Results
 from fluxshard.motion import MotionStream
 
 
@@ -37,9 +37,16 @@ class RunSummary:
     dense_frames: int = 0
     guard_frames: int = 0  # dense frames the cost guard chose (incremental did not pay)
     max_abs_diff: float | None = None
-    retention_map50: float | None = None
+    retention_map50: float | None = None  # None: not verified, too few reference objects, or a pose model
     retention_map: float | None = None
     retention_reference: str | None = None
+    retention_reference_objects: int | None = None  # dense detections ≥ the reference score behind the retention
+    retention_note: str | None = None  # why a retention is n/a
+    # pose models (metrics.oks): mean OKS of the engine's poses against dense, the fraction with OKS ≥ 0.5
+    oks_mean: float | None = None
+    oks_retention: float | None = None
+    oks_persons: int | None = None
+    fast_thresholds: str | None = None  # fast mode: where the truncation thresholds came from
     barriers: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -68,14 +75,17 @@ def run_clip(
     adapter = load_model(model)
     if not hasattr(adapter, "postprocess_input"):
         raise FluxShardError(f"model {model!r} cannot run at native input resolution (engine needs "
-                             f"postprocess_input); available for: nanodet")
+                             f"postprocess_input); available for: nanodet, movenet")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     stream = MotionStream(path, block=16, max_frames=max_frames, on_error="collect")
     fh, fw = stream.info.height, stream.info.width
-    mapper = InputMapper((fh, fw), factor or choose_factor((fh, fw)))
+    try:
+        mapper = mapper_for(adapter, (fh, fw), factor)
+    except ValueError as exc:
+        raise FluxShardError(f"--factor {factor}: {exc}") from exc
     engine = Engine(adapter.body, mapper.input_hw, cfg)
     s = RunSummary(str(path), model, cfg.mode, input_hw=mapper.input_hw, factor=mapper.factor,
-                   barriers=engine.barriers)
+                   barriers=engine.barriers, fast_thresholds=thresholds_source(model, cfg))
     first = engine.info.convs[0] if engine.info.convs else None
     recompute_scale = mapper.factor * (engine.info.geoms[first].S if first else 1)
     eng_ms: list[float] = []
@@ -83,8 +93,8 @@ def run_clip(
     active: list[float] = []
     inc_active: list[float] = []
     diffs: list[float] = []
-    cand: list[Detections] = []
-    ref: list[Detections] = []
+    cand: list[Results] = []
+    ref: list[Results] = []
     with torch.inference_mode():
         for mf in stream:
             x = mapper.tensor(mf.frame.rgb)
@@ -118,25 +128,52 @@ def run_clip(
     s.active_fraction_mean = float(np.mean(active)) if active else 0.0
     s.incremental_active_fraction_mean = float(np.mean(inc_active)) if inc_active else None
     if verify and dense_ms:
-        from fluxshard.metrics import accuracy_retention
-
         s.dense_ms_median = float(np.median(dense_ms))
         s.speedup = s.dense_ms_median / s.engine_ms_median if s.engine_ms_median else None
         s.speedup_total = sum(dense_ms[1:]) / sum(eng_ms[1:]) if len(eng_ms) > 1 else None  # first: warm-up
         s.max_abs_diff = float(max(diffs))
-        rep = accuracy_retention(cand, ref, iou_types=["bbox"])
-        s.retention_reference = rep.reference
-        r = rep.retention.get("bbox", {})
-        s.retention_map50 = _finite(r.get("map50"))
-        s.retention_map = _finite(r.get("map"))
+        score_accuracy(s, cand, ref)
     s.error = stream.video.problem_text() or None
     return s
 
 
-def _finite(v: float | None) -> float | None:
-    return None if v is None or not np.isfinite(v) else float(v)
+def score_accuracy(s: RunSummary, cand: list[Results], ref: list[Results]) -> None:
+    """Retention against dense: box mAP for detectors, OKS for pose models; n/a with a note (and the count)
+    when the reference holds too few objects to mean anything (metrics.retention.MIN_REFERENCE_OBJECTS)."""
+    from fluxshard.metrics import accuracy_retention, keypoint_similarity
+
+    s.retention_reference = "dense_outputs"
+    if ref and isinstance(ref[0], Keypoints):
+        rep = keypoint_similarity(cand, ref)  # type: ignore[arg-type]
+        s.oks_mean, s.oks_retention, s.oks_persons = rep.oks_mean, rep.oks_retention, rep.persons
+        s.retention_note = (f"pose model: oks_retention {rep.note}" if rep.note else
+                            f"pose model: accuracy as OKS (oks_retention = share of dense poses kept at OKS ≥ "
+                            f"{rep.threshold:g})")
+        return
+    rep = accuracy_retention(cand, ref, iou_types=["bbox"])
+    s.retention_reference = rep.reference
+    s.retention_map50 = rep.value("bbox", "map50")
+    s.retention_map = rep.value("bbox", "map")
+    s.retention_reference_objects = rep.reference_objects.get("bbox")
+    s.retention_note = rep.notes.get("bbox")
 
 
-def _to_frame(d: Detections, mapper: InputMapper) -> Detections:
+def thresholds_source(model: str, cfg: EngineConfig) -> str | None:
+    """Fast mode: "profile" when per-layer or per-bin thresholds are set, else a note that the run uses flat,
+    uncertified thresholds (no shipped profile, e.g. movenet: `fluxshard profile` makes one)."""
+    if cfg.mode != "fast":
+        return None
+    if cfg.thresholds or cfg.motion_bins:
+        return "profile"
+    shipped = default_profile(model) is not None
+    return (f"flat τ_in {cfg.tau_in:g}, τ^l {cfg.default_threshold:g} in every layer, not certified by the profiler"
+            + ("" if shipped else f" (no profile shipped for {model!r})"))
+
+
+def _to_frame(d: Results, mapper: InputMapper) -> Results:
+    if isinstance(d, Keypoints):
+        kp = d.keypoints.copy()
+        kp[..., :2] = mapper.points_to_frame(kp[..., :2])
+        return Keypoints(kp, d.scores, mapper.boxes_to_frame(d.boxes) if len(d) else d.boxes, d.names, d.skeleton)
     boxes = mapper.boxes_to_frame(d.boxes) if len(d) else d.boxes
     return Detections(boxes, d.scores, d.class_ids, d.class_names)

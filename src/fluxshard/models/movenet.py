@@ -65,6 +65,24 @@ class SameConv(nn.Module):
         self.explicit = stride > 1 and k > 1
         self.conv = nn.Conv2d(cin, cout, k, stride, 0 if self.explicit else k // 2, groups=groups, bias=bias)
 
+    def fold_padding(self) -> None:
+        """Replace the explicit 'SAME' pad of a stride-2 k×k conv by a symmetric-padded (k+1)×(k+1) conv whose
+        first row and column are zero: on an even-sized input ``out[o] = Σ w[i]·x[2o + i]`` either way (the
+        zero tap reads the pad pixel at ``2o − 1``). The body then is a plain conv net: ``torch.fx`` traces it
+        symbolically and the engine's window rules cover every layer (an ``F.pad`` would be a barrier).
+        Exact only for even input sizes: :class:`MoveNetBody` inputs have sides that are multiples of 32."""
+        if not self.explicit:
+            return
+        c = self.conv
+        k = self.k
+        conv = nn.Conv2d(c.in_channels, c.out_channels, k + 1, self.stride, 1, groups=c.groups, bias=c.bias is not None)
+        w = torch.zeros_like(conv.weight)
+        w[:, :, 1:, 1:] = c.weight.detach()
+        conv.weight = nn.Parameter(w, requires_grad=False)
+        if c.bias is not None:
+            conv.bias = nn.Parameter(c.bias.detach().clone(), requires_grad=False)
+        self.conv, self.explicit = conv, False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.explicit:
             x = same_pad(x, self.k, self.stride)
@@ -119,9 +137,22 @@ class MoveNetBody(nn.Module):
         self.lateral8 = SameConv(56, 32, 1)
         self.lateral4 = SameConv(40, 24, 1)
         self.fpn = nn.ModuleList([SeparableConv(64, 32), SeparableConv(32, 24), SeparableConv(24, 24)])
+        self.folded = False
         self.heads = nn.ModuleDict()
         for name, cout, *_ in _HEADS:
             self.heads[name] = nn.Sequential(SeparableConv(24, 96), SameConv(96, cout, 1))
+
+    def fold_padding(self) -> MoveNetBody:
+        """Every stride-2 'SAME' conv as a symmetric-padded conv (see :meth:`SameConv.fold_padding`); after it the
+        body needs input sides that are multiples of 32 (256 = the model's own input) and no longer loads
+        the converted weights (fold after loading)."""
+        for m in self.modules():
+            if isinstance(m, SameConv):
+                m.fold_padding()
+        if not self.folded:
+            self.register_forward_pre_hook(_check_folded_input)
+        self.folded = True
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.conv1(x)
@@ -136,6 +167,13 @@ class MoveNetBody(nn.Module):
             lat = lateral(feat)
             f = sep(F.interpolate(f, size=lat.shape[2:], mode="bilinear", align_corners=False) + lat)
         return tuple(self.heads[name](f) for name, *_ in _HEADS)
+
+
+def _check_folded_input(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Eager calls of a folded body: odd-sized maps would make the folded convs differ from TF 'SAME'."""
+    h, w = args[0].shape[-2:]
+    if h % 32 or w % 32:
+        raise ValueError(f"MoveNet body input must have sides that are multiples of 32, got {h}x{w}")
 
 
 def graph_name_map() -> dict[str, str]:
@@ -200,17 +238,23 @@ class MoveNet(ModelAdapter):
     name = "movenet"
     task = "pose"
     input_size = (INPUT_SIZE, INPUT_SIZE)
+    # the engine's input mapping (fluxshard.engine.inputs.mapper_for): letterbox into the fixed 256² input (the
+    # decoding's centre weighting is a fixed 64×64 map), the graph's own scaling, integer grey levels
+    engine_canvas = (INPUT_SIZE, INPUT_SIZE)
+    engine_integer_input = True
 
     def __init__(self, weights=None, box_min_score: float = 0.2) -> None:
         self.body = MoveNetBody().eval()
         self.weights = WEIGHTS_DIR / "movenet.npz" if weights is None else weights
         extra = load_npz_weights(self.body, self.weights, "movenet")
+        self.body.fold_padding()  # a plain conv net the engine captures without barriers (see SameConv)
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.center_weight = torch.from_numpy(extra["center_weight"].astype(np.float32))
         self.dist_offset = float(extra["dist_offset"])
         self.input_scale = float(extra["input_scale"])
         self.box_min_score = box_min_score
+        self.engine_input_affine = (self.input_scale, -1.0)
 
     def to_model_input(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """uint8 frame -> the graph's int32-valued 256×256×3 input (as uint8) and the padding meta."""
@@ -233,6 +277,14 @@ class MoveNet(ModelAdapter):
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
         img, meta = self.to_model_input(rgb)
         return self.body_input(img), meta
+
+    def postprocess_input(self, outputs: Sequence[torch.Tensor], input_hw: tuple[int, int]) -> Keypoints:
+        """Keypoints in body-input pixels (the engine maps them to the frame); the input must be the model's
+        own 256×256 (the engine letterboxes into it)."""
+        if tuple(input_hw) != self.input_size:
+            raise ValueError(f"MoveNet decodes only its {INPUT_SIZE}x{INPUT_SIZE} input, "
+                             f"got {input_hw[1]}x{input_hw[0]}")
+        return self.postprocess(outputs, {"side": INPUT_SIZE, "top": 0, "left": 0})
 
     def postprocess(self, outputs: Sequence[torch.Tensor], meta: dict[str, Any]) -> Keypoints:
         yxs = decode(outputs, self.center_weight, self.dist_offset)

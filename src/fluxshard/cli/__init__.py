@@ -51,6 +51,13 @@ def _register() -> None:
 
 
 def main() -> None:
+    from fluxshard import cpu
+
+    try:
+        cpu.configure()  # before anything imports torch: libgomp reads OMP_WAIT_POLICY once, when it loads
+    except FluxShardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     _register()
     try:
         app()

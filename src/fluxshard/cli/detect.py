@@ -13,6 +13,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxshard import cpu
 from fluxshard.cli._common import Command, emit_summary, err
 from fluxshard.data.fetch import clip_path
 from fluxshard.errors import FluxShardError, VideoError
@@ -99,6 +100,7 @@ def detect(
                     if frame.index < start:
                         continue
                     rgb = frame.rgb
+                    cpu.tick()  # thread count follows the CPU left free by other processes (auto policy)
                     t0 = time.perf_counter()
                     x, meta = adapter.preprocess(rgb)
                     results = adapter.postprocess(adapter.body(x.contiguous(memory_format=fmt)), meta)

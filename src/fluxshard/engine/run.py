@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxshard import cpu
 from fluxshard.engine.engine import Engine, EngineConfig, default_profile
 from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.errors import FluxShardError
@@ -97,6 +98,7 @@ def run_clip(
     ref: list[Results] = []
     with torch.inference_mode():
         for mf in stream:
+            cpu.tick()  # thread count follows the CPU left free by other processes (auto policy)
             x = mapper.tensor(mf.frame.rgb)
             fld = mapper.field(mf.field)
             t0 = time.perf_counter()

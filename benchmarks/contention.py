@@ -1,0 +1,123 @@
+"""Per-frame time with 0 and 1 competing busy processes: `fluxshard detect` and `fluxshard run` under the old
+thread behaviour (FLUXSHARD_THREADS=off: libgomp's spinning waits, torch's static thread count) and the new one
+(the default: passive waits + the thread governor of ``fluxshard.cpu``). Target: loaded ≤ 2.5× quiet.
+
+    OMP_NUM_THREADS= python benchmarks/contention.py --frames 40 --repeats 3
+
+Each cell is the median over ``--repeats`` of each run's median per-frame ms (detect: ms_per_frame_median; run:
+engine_ms_median). Runs are interleaved (repeat-major) so that slow drifts of the machine's background load hit
+every cell alike; ``bg`` is the other processes' CPU use (cores) measured for 1 s before each run, printed so a
+noisy neighbour shows. A competitor is ``python -c 'while True: pass'``, started 1 s before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+VARIANTS = {"old": {"FLUXSHARD_THREADS": "off"}, "new": {}}
+CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "FLUXSHARD_THREADS")
+TARGET = 2.5
+
+
+def _busy_cores(seconds: float) -> float:
+    """Cores' worth of CPU used by all processes over ``seconds`` (this script sleeps meanwhile)."""
+
+    def busy() -> float:
+        with open("/proc/stat") as fh:
+            f = [int(v) for v in fh.readline().split()[1:]]
+        return (f[0] + f[1] + f[2] + sum(f[5:8])) / os.sysconf("SC_CLK_TCK")
+
+    b0, t0 = busy(), time.monotonic()
+    time.sleep(seconds)
+    return (busy() - b0) / (time.monotonic() - t0)
+
+
+def _command(cmd: str, clip: str, frames: int) -> list[str]:
+    base = [sys.executable, "-m", "fluxshard"]
+    if cmd == "detect":
+        return [*base, "detect", clip, "--max-frames", str(frames), "--json"]
+    return [*base, "run", clip, "--mode", "fast", "--max-frames", str(frames), "--json"]
+
+
+def _ms(cmd: str, data: dict[str, Any]) -> float:
+    return float(data["ms_per_frame_median"] if cmd == "detect" else data["engine_ms_median"])
+
+
+def measure(cmd: str, variant: str, competitors: int, clip: str, frames: int, timeout: float) -> dict[str, Any]:
+    """One run of ``cmd`` beside ``competitors`` busy processes (each killed by its own pid afterwards)."""
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(VARIANTS[variant])
+    bg = _busy_cores(1.0)
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+    try:
+        if procs:
+            time.sleep(1.0)
+        t0 = time.monotonic()
+        out = subprocess.run(_command(cmd, clip, frames), env=env, capture_output=True, text=True, timeout=timeout)
+        wall = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    if out.returncode != 0:
+        raise SystemExit(f"error: {cmd} ({variant}, {competitors} competitors) failed: {out.stderr.strip()[-500:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"cmd": cmd, "variant": variant, "competitors": competitors, "ms": _ms(cmd, data), "wall_s": wall,
+            "threads": data.get("threads"), "bg_cores": round(bg, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clip", default="vtest")
+    ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--commands", default="detect,run")
+    ap.add_argument("--variants", default="old,new")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--json", type=str, default=None, help="also write every run to this JSON file")
+    a = ap.parse_args()
+    cmds = [c for c in a.commands.split(",") if c]
+    variants = [v for v in a.variants.split(",") if v]
+    for c in cmds:
+        if c not in ("detect", "run"):
+            raise SystemExit(f"error: --commands: unknown command {c!r} (detect, run)")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"error: --variants: unknown variant {v!r} (old, new)")
+    print(f"cpus {len(os.sched_getaffinity(0))}, frames {a.frames}, repeats {a.repeats}, clip {a.clip}",
+          file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    for r in range(a.repeats):
+        for cmd in cmds:
+            for v in variants:
+                for n in (0, 1):
+                    m = measure(cmd, v, n, a.clip, a.frames, a.timeout)
+                    runs.append(m)
+                    print(f"[{r + 1}/{a.repeats}] {cmd:6s} {v:3s} competitors={n}: {m['ms']:8.1f} ms/frame "
+                          f"(threads at end {m['threads']}, bg {m['bg_cores']} cores, {m['wall_s']:.1f} s)",
+                          file=sys.stderr, flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(runs, fh, indent=1)
+    print(f"| command | policy | quiet ms/frame | 1 competitor ms/frame | ratio | ≤ {TARGET}× |")
+    print("|---|---|---:|---:|---:|:---:|")
+    for cmd in cmds:
+        for v in variants:
+            q = statistics.median(m["ms"] for m in runs if (m["cmd"], m["variant"], m["competitors"]) == (cmd, v, 0))
+            ld = statistics.median(m["ms"] for m in runs if (m["cmd"], m["variant"], m["competitors"]) == (cmd, v, 1))
+            ratio = ld / q
+            print(f"| {cmd} | {v} | {q:.1f} | {ld:.1f} | {ratio:.2f}× | {'yes' if ratio <= TARGET else 'no'} |")
+    bg = [m["bg_cores"] for m in runs]
+    print(f"\nbackground CPU before runs (other processes, cores): median {statistics.median(bg):.2f}, "
+          f"max {max(bg):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxshard import cpu
 from fluxshard.engine import baselines
 from fluxshard.engine.engine import Engine, EngineConfig, StepStats, default_profile, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
@@ -234,6 +235,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
         out = body(x.contiguous(memory_format=torch.channels_last))
         return out, _to_frame(adapter.postprocess_input(out, hw), mapper)
 
+    cpu.settle()  # one thread-count decision per clip (CLI's auto policy): the clock below must hold for all frames
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     res.timer = "thread CPU" if torch.get_num_threads() == 1 else "wall"
     with torch.inference_mode():

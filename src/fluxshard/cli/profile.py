@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxshard import cpu
 from fluxshard.cli._common import Command
 from fluxshard.data.fetch import clip_path
 
@@ -46,6 +47,7 @@ def profile(
     if method not in METHODS:
         raise typer.BadParameter(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    cpu.settle()  # one thread-count decision (CLI's auto policy), then fixed: the profiler prices paths with it
     adapter = load_model(model)
     if not hasattr(adapter, "postprocess_input"):
         raise typer.BadParameter(f"model {model!r} cannot be profiled (the engine needs postprocess_input)")

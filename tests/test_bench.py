@@ -142,7 +142,7 @@ def _trade_summaries() -> list[dict[str, Any]]:
     rows = [("a", "dense", 1.0, 1.0), ("a", "scene-reuse", 1.0, 1.0), ("a", "fluxshard-exact", 1.001, 1.0),
             ("a", "fluxshard-fast", 1.6, 0.96), ("b", "dense", 1.0, 1.0), ("b", "fluxshard-fast", 1.4, 0.97),
             ("b", "naive-mv", 1.5, None)]
-    return [{"clip": c, "method": m, "speedup": x, "retention_map50": y} for c, m, x, y in rows]
+    return [{"clip": c, "method": m, "speedup": x, "retention_map50": y, "hit_ratio": 0.5} for c, m, x, y in rows]
 
 
 def test_tradeoff_plot_legend_target_and_distinct_points(tmp_path: Path) -> None:
@@ -179,3 +179,17 @@ def test_dodge_spreads_only_close_points() -> None:
     chain = dodge(np.array([[0.0, 0.0], [8.0, 0.0], [16.0, 0.0]]), 10.0)  # spreading one pair hits the third
     d = np.abs(chain[:, None, 0] - chain[None, :, 0]) + np.eye(3) * 1e9
     assert d.min() >= 10.0 - 1e-9
+
+
+def test_make_plots_passes_the_profile_target_to_the_tradeoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              recwarn: pytest.WarningsRecorder) -> None:
+    import fluxshard.bench.plots as plots
+    from fluxshard.bench.harness import ClipResult
+
+    seen: list[float | None] = []
+    real = plots.plot_tradeoff
+    monkeypatch.setattr(plots, "plot_tradeoff", lambda s, p, t=None: (seen.append(t), real(s, p, t))[1])
+    results = [ClipResult("a", "a.mp4", (64, 64), 1, "codec", {"target_retention": 0.95})]
+    paths = plots.make_plots(results, _trade_summaries(), tmp_path)
+    assert seen == [0.95] and all(p.is_file() for p in paths)
+    assert not [w for w in recwarn if "legend" in str(w.message)]  # no empty legend on a plot without data

@@ -17,7 +17,8 @@ RESIDUAL = (255, 40, 40)
 INVALID = (40, 90, 255)
 ARROW = (40, 255, 80)
 FILLED = (255, 220, 40)
-RECOMPUTED = (255, 60, 60)  # `fluxshard run --out`: first-convolution positions recomputed this frame
+# `fluxshard run --out`: first-convolution positions recomputed this frame; blue, not the red of person boxes
+RECOMPUTED = (40, 110, 255)
 TILE = (255, 255, 0)  # `fluxshard tile --out`: one tile run (a model on a crop)
 
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, x1/y1 exclusive
@@ -129,7 +130,7 @@ def motion_legend(field: MotionField) -> list[LegendItem]:
     return items
 
 
-RUN_LEGEND = (LegendItem("tint", RECOMPUTED, "recomputed (all: dense frame)"),)
+RUN_LEGEND = (LegendItem("tint", RECOMPUTED, "recomputed (whole frame when dense)"),)
 TILE_LEGEND = (LegendItem("box", TILE, "tile run (label: model)"),)
 
 

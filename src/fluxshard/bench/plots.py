@@ -51,6 +51,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _legend(ax: Any, **kw: Any) -> None:
+    """A legend only when something labelled was drawn: an empty one is a stray box (and a warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
@@ -84,7 +90,7 @@ def plot_residual_alignment(results: Sequence[ClipResult], path: Path) -> Path:
     ax.set_xticks(xs, labels)
     ax.set(xlabel="mean motion (px/frame)", ylabel="input residual fraction", ylim=(0, 1),
            title="Residual set without vs with MV alignment")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, path)
 
 
@@ -120,7 +126,7 @@ def plot_layer_active(results: Sequence[ClipResult], path: Path) -> Path:
         _empty(ax, "no incremental frames")
     ax.set(xlabel="convolution index (execution order)", ylabel="active fraction", ylim=(0, 1.05),
            title="Per-layer active fraction vs depth")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(fig, path)
 
 

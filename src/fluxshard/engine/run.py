@@ -47,6 +47,7 @@ class RunSummary:
     oks_mean: float | None = None
     oks_retention: float | None = None
     oks_persons: int | None = None
+    oks_note: str | None = None  # why oks_retention is n/a
     fast_thresholds: str | None = None  # fast mode: where the truncation thresholds came from
     barriers: list[str] = field(default_factory=list)
     error: str | None = None
@@ -57,6 +58,19 @@ class RunSummary:
             if isinstance(v, float):
                 d[k] = round(v, 5)
         d["input_hw"] = list(self.input_hw)
+        return d
+
+    def display_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for the table: an undefined retention reads as its reason ("n/a (only 5 reference
+        objects ≥ score 0.5)") instead of None; JSON keeps null and the reason in ``*_note``."""
+        d = self.to_dict()
+        for k, note in (("retention_map50", self.retention_note), ("retention_map", self.retention_note),
+                        ("oks_retention", self.oks_note)):
+            if d[k] is None and note:
+                d[k] = note
+        if self.oks_persons is None:  # not a verified pose run: no OKS rows
+            for k in ("oks_mean", "oks_retention", "oks_persons", "oks_note"):
+                d.pop(k)
         return d
 
 
@@ -148,9 +162,9 @@ def score_accuracy(s: RunSummary, cand: list[Results], ref: list[Results]) -> No
     if ref and isinstance(ref[0], Keypoints):
         rep = keypoint_similarity(cand, ref)  # type: ignore[arg-type]
         s.oks_mean, s.oks_retention, s.oks_persons = rep.oks_mean, rep.oks_retention, rep.persons
-        s.retention_note = (f"pose model: oks_retention {rep.note}" if rep.note else
-                            f"pose model: accuracy as OKS (oks_retention = share of dense poses kept at OKS ≥ "
-                            f"{rep.threshold:g})")
+        s.oks_note = rep.note
+        s.retention_note = (f"n/a for a pose model: see oks_mean / oks_retention (share of dense poses kept at OKS "
+                            f"≥ {rep.threshold:g})")
         return
     rep = accuracy_retention(cand, ref, iou_types=["bbox"])
     s.retention_reference = rep.reference

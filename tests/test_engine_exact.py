@@ -14,6 +14,7 @@ from torch import nn
 from fluxshard.engine.engine import Engine, EngineConfig, EngineError
 from fluxshard.engine.graph import BIG, trace
 from fluxshard.motion.field import MotionField
+from parity import DenseReference, assert_exact, verdict
 
 
 class ConvStack(nn.Module):
@@ -82,24 +83,20 @@ def sequence(n: int, h: int, w: int, shift: tuple[int, int], obj_v: tuple[int, i
     return frames
 
 
-def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], rel: float = 1e-5,
-               **cfg: object) -> list:
-    """Engine vs dense on every frame. ``rel`` allows float summation-order differences relative to the
-    output's magnitude (GEMM vs direct convolution, thread timing: ~1e-6 of it; the acceptance bound is 1e-4).
-    The executor layout defaults to ``pgemm`` (forced sparse: ``auto`` may choose dense layers or frames,
-    which are exact for the wrong reason); pass ``layout="auto"`` to test the production choice."""
+def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], **cfg: object) -> list:
+    """Engine vs dense on every frame, judged against float64 inference of the same body: the engine's float32
+    error may be at most a few times dense float32's own (tests/parity.py, docs/design.md "Parity
+    tolerance"), whatever kernels this CPU has. The executor layout defaults to ``pgemm`` (forced sparse:
+    ``auto`` may choose dense layers or frames, which are exact for the wrong reason); pass
+    ``layout="auto"`` to test the production choice."""
     cfg.setdefault("layout", "pgemm")  # every frame incremental, reused positions read from the moved cache
     eng = Engine(body, tuple(frames[0][0].shape[-2:]), EngineConfig(**cfg))  # type: ignore[arg-type]
+    reference = DenseReference(body)
     stats = []
     with torch.inference_mode():
         for x, f in frames:
             out, st = eng.step(x, f)
-            ref = body(x)
-            outs = out if isinstance(out, tuple) else (out,)
-            refs = ref if isinstance(ref, tuple) else (ref,)
-            for a, b in zip(outs, refs, strict=True):
-                atol = max(1e-5, rel * float(b.abs().max()))
-                torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+            assert_exact(out, *reference(x))
             stats.append(st)
     return stats
 
@@ -227,3 +224,23 @@ def test_nanodet_exact_on_100_real_frames(clip: str, tmp_path: Path) -> None:
     inc = [s for s in stats if not s.dense]
     assert len(inc) >= 90
     assert np.mean([s.layers[0].reuse_fraction for s in inc]) > 0.05
+
+
+def test_parity_catches_a_wrong_reuse() -> None:
+    """The float32-derived bound (tests/parity.py) has teeth: cached features off by 0.1 % of the layer's
+    magnitude (one row of background, away from the moving object), reused on the next frame, fail it, while
+    the untouched engine passes on the same frames."""
+    torch.manual_seed(0)
+    body = ConvStack().eval()
+    frames = sequence(3, 96, 128, (0, 8), (0, 0))
+    reference = DenseReference(body)
+    eng = Engine(body, (96, 128), EngineConfig(layout="pgemm"))
+    with torch.inference_mode():
+        for x, f in frames[:2]:
+            assert_exact(eng.step(x, f)[0], *reference(x))
+        cache = eng._caches["c2"]
+        cache[0, :, 40, 8:56] += 1e-3 * float(cache.abs().max())  # stale values where the field says "reuse"
+        out, st = eng.step(*frames[2])
+        v = verdict(out, *reference(frames[2][0]))
+    assert not st.dense and not v.ok, v
+    assert v.engine_err > 10 * v.bound, v

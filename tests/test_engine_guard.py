@@ -238,3 +238,43 @@ def test_guard_re_times_dense_near_parity(ratio: float, refresh: bool) -> None:
     eng._time(False, 100.0)
     eng._time(False, 100.0)
     assert eng._guard() == "cost guard"
+
+
+def _fast_run(body: nn.Module, frames: list, clock: object, monkeypatch: pytest.MonkeyPatch, **cfg: object,
+              ) -> tuple[list[str], list[torch.Tensor]]:
+    import fluxshard.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_guard_clock", clock)
+    eng = Engine(body, (48, 64), EngineConfig(mode="fast", guard=True, guard_probe=2, guard_probe_max=4,
+                                              tau_in=0.0, **cfg))  # type: ignore[arg-type]
+    reasons, outs = [], []
+    with torch.inference_mode():
+        for x, f in frames:
+            out, st = eng.step(x, f)
+            reasons.append(st.reason)
+            outs.append(out[0].clone())
+    assert not eng._dense_ms  # fast mode never times a frame for the guard
+    return reasons, outs
+
+
+def test_fast_mode_guard_decides_from_work_not_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast mode: which frames run dense is a function of the frames (active fraction over
+    ``guard_active``), not of timings — two runs under wildly different clocks make the same decisions and
+    the same outputs; a crossover above the work done never guards, one below it does."""
+    torch.manual_seed(0)
+    body = Net().eval()
+    frames = _frames(3, 16, 48, 64, 16, (0, 3), 0.3)  # 3 px pan, wrong vectors: much recomputed
+    rng = np.random.default_rng(0)
+    ticks = itertools.count()
+    slow, slow_out = _fast_run(body, frames, lambda: float(rng.random() * 100), monkeypatch, guard_active=0.05)
+    fast, fast_out = _fast_run(body, frames, lambda: next(ticks) * 1e-9, monkeypatch, guard_active=0.05)
+    assert slow == fast and "cost guard" in slow, slow
+    assert all(torch.equal(a, b) for a, b in zip(slow_out, fast_out, strict=True))
+    never, _ = _fast_run(body, frames, lambda: float(rng.random()), monkeypatch, guard_active=1.0)
+    assert "cost guard" not in never, never
+
+
+def test_guard_active_must_be_a_fraction() -> None:
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(EngineError, match="guard_active"):
+            EngineConfig(mode="fast", guard=True, guard_active=bad)

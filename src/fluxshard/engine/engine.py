@@ -21,6 +21,7 @@ valid, on a shape change, and every ``refresh_every`` frames if set.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -36,9 +37,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fluxshard.engine import _kernels as _ek
+from fluxshard.engine import calibration as _cal
 from fluxshard.engine.graph import _POINTWISE_FUNCS, _POINTWISE_MODULES, GraphInfo, tensor_args, trace
 from fluxshard.engine.rfap import PixelMaps, reuse_mask
-from fluxshard.engine.sparse import PlanCache, _rows, choose_path, sparse_conv2d
+from fluxshard.engine.sparse import LayerCost, PlanCache, _rows, choose_path, sparse_conv2d
 from fluxshard.errors import FluxShardError
 from fluxshard.motion import _kernels
 from fluxshard.motion.field import MotionField
@@ -94,6 +96,13 @@ class EngineConfig:
     guard: bool = False
     guard_probe: int = 8
     guard_probe_max: int = 32
+    # fast mode's cost guard decides from work, not time: an incremental frame "costs more than dense" when
+    # its mean active fraction exceeds this (measured crossover: docs/design.md). Timed decisions differ
+    # between identical runs, and in fast mode which frames run dense changes every later output.
+    guard_active: float = 0.75
+    # directory of persisted executor calibrations (engine/calibration.py): the first run on this machine
+    # measures and stores, later runs read, so path choices (and fast-mode outputs) repeat exactly
+    calibration_dir: str | None = None
     # fast mode: accumulated truncation — a recomputed position's change is added to what it accumulated
     # since it last propagated, so sub-τ^l changes that persist still reach downstream layers (bounded drift;
     # False = compare with the previous frame only, which drifted to 0.93 mAP@0.5 by frame 300 on vtest)
@@ -112,6 +121,8 @@ class EngineConfig:
             raise EngineError(f"full_above is a fraction in (0, 1], got {self.full_above}")
         if not 0.0 <= self.carry_tolerance <= 0.5:
             raise EngineError(f"carry_tolerance is a fraction of the stride in [0, 0.5], got {self.carry_tolerance}")
+        if not 0.0 < self.guard_active <= 1.0:
+            raise EngineError(f"guard_active is a fraction in (0, 1], got {self.guard_active}")
         if self.guard_probe < 2:
             raise EngineError(f"guard_probe must be at least 2 frames, got {self.guard_probe}")
         if self.guard_probe_max < self.guard_probe:
@@ -380,6 +391,11 @@ class Engine:
             raise EngineError(f"the thresholds name none of this model's convolutions ({some}, …): a profile made "
                               f"for another model? This one's first convolutions: "
                               f"{', '.join(list(self._conv_nodes)[:3])}")
+        self._cal_saved = False
+        if self.config.calibration_dir and self.config.calibrate and self._plans is not None:
+            stored = _cal.load(self.config.calibration_dir, self.calibration_key())
+            if stored is not None:
+                self.load_calibration(stored)
         self.reset()
 
     def share_calibration(self, other: Engine, pgemm_scale: float = 1.0) -> None:
@@ -400,6 +416,57 @@ class Engine:
                 k: dataclasses.replace(v, cost=None if v.cost is None else
                                        (v.cost[0] * pgemm_scale, v.cost[1] * pgemm_scale, v.cost[2]))
                 for k, v in other._pgemm_layers.items()}
+
+    def calibration_key(self) -> str:
+        """File key of this engine's calibration: machine, model convolutions, input size, executor settings."""
+        c = self.config
+        convs = [(name, str(cn.module)) for name, cn in self._conv_nodes.items()]
+        return _cal.key_of({**_cal.machine_key(), "input_hw": list(self.input_hw), "mode": c.mode,
+                            "tile": c.tile, "layout": c.layout, "fuse": c.fuse, "convs": convs})
+
+    def calibration(self) -> dict[str, Any]:
+        """The executor costs this engine measured, as plain JSON-able data (see :meth:`load_calibration`)."""
+        by_module = {id(cn.module): name for name, cn in self._conv_nodes.items()}
+        plans = [] if self._plans is None else [
+            {"sig": _cal.jsonable(sig), "dense": lc.dense, "paths": {p: list(ab) for p, ab in lc.paths.items()}}
+            for sig, lc in self._plans.costs.items() if lc.measured]
+        pgemm = {}
+        for (mid, h, w), pg in self._pgemm_layers.items():
+            name = by_module.get(mid)
+            if name is not None and pg.cost is not None:
+                pgemm[name] = {"in_hw": [h, w], "cost": list(pg.cost), "test_ms": pg.test_ms, "move_ms": pg.move_ms}
+        return {"layers": sorted(self._calibrated), "plans": plans, "pgemm": pgemm}
+
+    def load_calibration(self, data: dict[str, Any]) -> None:
+        """Use stored executor costs instead of measuring them on the first frame. Malformed data is an error
+        (a stored file is checked by key and version before it gets here)."""
+        if self._plans is None:
+            return
+        try:
+            for item in data["plans"]:
+                lc = LayerCost(float(item["dense"]), {str(p): (float(ab[0]), float(ab[1]))
+                                                      for p, ab in item["paths"].items()}, measured=True)
+                self._plans.set_cost(_cal.tuplify(item["sig"]), lc)
+            for name, d in data["pgemm"].items():
+                cn = self._conv_nodes.get(name)
+                if cn is None:
+                    continue
+                pg = self._pgemm_layer(cn, (int(d["in_hw"][0]), int(d["in_hw"][1])))
+                a, b, dense = (float(v) for v in d["cost"])
+                pg.cost, pg.test_ms, pg.move_ms = (a, b, dense), float(d["test_ms"]), float(d["move_ms"])
+            self._calibrated = set(data["layers"]) & set(self._conv_nodes)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise EngineError(f"malformed engine calibration ({exc!r})") from exc
+        self._cal_saved = True  # nothing new to store
+
+    def _store_calibration(self) -> None:
+        """After the first frame measured every layer: store the costs for the next run (see calibration.py)."""
+        if (self._cal_saved or not self.config.calibration_dir
+                or len(self._calibrated) < len(self._conv_nodes)):
+            return
+        self._cal_saved = True
+        with contextlib.suppress(OSError):  # a read-only cache costs the next run ~2 s of measuring, no more
+            _cal.save(self.config.calibration_dir, self.calibration_key(), self.calibration(), _cal.machine_key())
 
     @property
     def barriers(self) -> list[str]:
@@ -483,33 +550,39 @@ class Engine:
         self._x_cache = x
         self._frames += 1
         stats.ms = (time.perf_counter() - t0) * 1e3
-        if timed:  # first frames include calibration and warm-up: not a fair dense time
+        if self.config.mode == "fast":
+            if not stats.dense:  # fast mode's guard: the work done, as a ratio to the crossover
+                self._ratios.append(stats.active_fraction / self.config.guard_active)
+        elif timed:  # first frames include calibration and warm-up: not a fair dense time
             self._time(stats.dense, (_guard_clock() - c0) * 1e3)
         return out, stats
 
     def _guard(self) -> str:
         """"cost guard" when this frame should run dense because incremental frames do not pay here.
 
-        The decision uses times this engine measured itself (thread CPU time at one torch thread, where wall
-        time on a shared host also counts the time other jobs held the core — measured up to 2× on single
-        frames; wall time otherwise): the median of its last 5 incremental frames'
-        cost ratios to the dense frames around them (see :meth:`_time`; a median, so one noisy frame does not
-        flip it). While incremental frames run, the dense reference is re-timed (two plain dense frames) every
-        ``guard_probe_max`` frames when the ratio is near parity (above 0.8): a reference timed once at the
-        start, if it happened to be slow, would keep a slower incremental path running for the whole stream
-        (cup, exact mode: 2 guarded frames of 60 and 0.90× dense in session 8). While incremental frames cost
-        more than 1.05×
-        dense ones, frames run plain dense inference (no cache capture, except on the frame before a probe:
-        capturing every layer's output cost guarded frames ~5–10 % over dense) and a probe runs the
-        incremental path again, so a scene that becomes static is picked up. Probes back off: the interval
-        starts at ``guard_probe`` frames and doubles after each probe that still does not pay, up to
-        ``guard_probe_max``; a probe that pays resets it. Worst case ≈ (p − 1 + r) / p of dense time for an
-        incremental cost ratio r and the current interval p; exactness is unaffected (a dense frame is exact)."""
+        The signal is the median of the last 5 incremental frames' cost ratios to dense (a median, so one noisy
+        frame does not flip it), with 5 % hysteresis:
+
+        * exact mode: times this engine measured itself (thread CPU time at one torch thread, wall time
+          otherwise), each incremental frame against the dense frames around it (:meth:`_time`); the dense
+          reference is re-timed every ``guard_probe_max`` frames near parity, so one slow reference cannot keep
+          a slower path running. Output is unaffected: a dense frame is exact.
+        * fast mode: work, not time — the frame's mean active fraction over ``guard_active`` (the measured
+          crossover). Which frames run dense changes every later fast-mode output (a dense frame resets the
+          caches and the accumulated truncation), so a timed guard made identical runs differ (retention
+          0.990–0.999 on four demo runs); a work signal makes the dense frames, and the outputs, repeat.
+
+        While guarded, frames run plain dense inference (no cache capture, except on the frame before a probe)
+        and a probe runs the incremental path again, so a scene that becomes static is picked up. Probes back
+        off: the interval starts at ``guard_probe`` frames and doubles after each probe that still does not
+        pay, up to ``guard_probe_max``; a probe that pays resets it. Worst case ≈ (p − 1 + r) / p of dense
+        time for an incremental cost ratio r and the current interval p."""
         if not self.config.guard:
             return ""
+        work = self.config.mode == "fast"  # decided from work (deterministic), see EngineConfig.guard_active
         if len(self._ratios) + len(self._pending_ms) < 3:
             return ""
-        if len(self._dense_ms) < 2:
+        if not work and len(self._dense_ms) < 2:
             return "cost guard"  # measure dense before comparing
         self._since_probe += 1
         # 5 % hysteresis: near parity, noise would flip frames to dense for nothing
@@ -518,7 +591,7 @@ class Engine:
             self._since_probe = 0
             self._probe_every = self.config.guard_probe
             self._since_dense += 1
-            if self._since_dense > self.config.guard_probe_max and ratio > 0.8:
+            if not work and self._since_dense > self.config.guard_probe_max and ratio > 0.8:
                 self._dense_ms.clear()  # re-time dense: this frame and the next run plain dense inference
                 return "cost guard"
             return ""
@@ -720,6 +793,7 @@ class Engine:
             out = runner.run(x)
             self._caches = runner.new_caches
             self._acc, self._rem = {}, {}
+            self._store_calibration()
             return out
         self._acc, self._rem = {}, {}  # every cache is exact (and aligned) again
         if self._capture is None:

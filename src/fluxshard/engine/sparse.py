@@ -414,6 +414,11 @@ class PlanCache:
             self._gemm_w[key] = m
         return m
 
+    def set_cost(self, sig: tuple[Any, ...], lc: LayerCost) -> None:
+        """Install a cost model (e.g. a stored calibration) for a layer signature."""
+        self.costs[sig] = lc
+        self._calls.clear()
+
     def cost(self, sig: tuple[Any, ...], make: Callable[[], LayerCost]) -> LayerCost:
         c = self.costs.get(sig)
         if c is None:

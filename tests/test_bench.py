@@ -57,9 +57,16 @@ def test_csv_has_every_method_and_frame(bench_run: tuple[Path, dict[str, Any], l
 def test_dense_and_exact_retention(bench_run: tuple[Path, dict[str, Any], list[dict[str, str]]]) -> None:
     _, data, _ = bench_run
     dense = _summary(data, "dense")
-    assert dense["retention_map50"] == 1.0 and dense["retention_map"] == 1.0 and dense["max_abs_diff"] == 0.0
     exact = _summary(data, "fluxshard-exact")
-    assert exact["retention_map50"] == 1.0 and exact["retention_map"] == 1.0
+    assert dense["max_abs_diff"] == 0.0
+    n = dense["retention_reference_objects"]
+    for s in (dense, exact):  # 1.0 against itself, or n/a with the count when the clip holds too few objects
+        assert s["retention_reference_objects"] == n
+        if n >= 100:
+            assert s["retention_map50"] == 1.0 and s["retention_map"] == 1.0 and s["retention_note"] is None
+        else:
+            assert s["retention_map50"] is None and s["retention_map"] is None
+            assert s["retention_note"] == f"n/a (only {n} reference objects ≥ score 0.5)"
     assert exact["max_abs_diff"] <= 1e-4
     assert exact["dense_frames"] >= 1 and exact["frames"] == FRAMES
     assert dense["retention_reference"] == "dense_outputs"
@@ -135,6 +142,32 @@ def test_table_marks_retention_below_the_target() -> None:
     assert "| 0.967 † |" in marked and "| 0.995 |" in marked and "† below the profiles' retention target" in marked
     assert "†" not in markdown_table(rows) and "†" not in markdown_table(rows[1:], 0.99)
     assert _target_of(default_profile("nanodet")) == 0.99 and _target_of(None) is None
+
+
+def test_too_few_reference_objects_read_na_with_the_count(tmp_path: Path) -> None:
+    """A clip whose dense run holds 5 confident objects: the table, the summary CSV and the means over clips
+    give no retention for it, only the count and the reason."""
+    import csv as csv_mod
+
+    from fluxshard.bench.report import markdown_table, mean_retention, write_summary_csv
+
+    row = {"input_hw": (4, 8), "frames": 100, "speedup": 1.2, "ms_median": 9.0, "hit_ratio": 0.5,
+           "input_residual_fraction": 0.1, "dense_frames": 1, "max_abs_diff": 0.1, "method": "fluxshard-fast"}
+    few = {**row, "clip": "handheld", "retention_map50": None, "retention_map": None,
+           "retention_reference_objects": 5, "retention_note": "n/a (only 5 reference objects ≥ score 0.5)"}
+    ok = {**row, "clip": "vtest", "retention_map50": 0.98, "retention_map": 0.9, "retention_reference_objects": 812,
+          "retention_note": None}
+    table = markdown_table([few, ok])
+    assert "| n/a (only 5 reference objects ≥ score 0.5) | n/a | 5 |" in table
+    assert "| 0.980 | 0.900 | 812 |" in table and "fewer than 100 detections with score ≥ 0.5" in table
+    assert "fewer than" not in markdown_table([ok])
+    assert mean_retention([few, ok], "fluxshard-fast") == pytest.approx(0.98)  # skipped, not averaged as 0
+    assert mean_retention([few], "fluxshard-fast") is None
+    with write_summary_csv([few, ok], tmp_path / "summary.csv").open() as fh:
+        rows = list(csv_mod.DictReader(fh))
+    assert (rows[0]["retention_map50"], rows[0]["retention_reference_objects"]) == ("n/a", "5")
+    assert rows[0]["retention_note"].startswith("n/a (only 5")
+    assert (rows[1]["retention_map50"], rows[1]["retention_reference_objects"]) == ("0.98", "812")
 
 
 def _trade_summaries() -> list[dict[str, Any]]:

@@ -52,8 +52,8 @@ METHODS: tuple[str, ...] = ("dense", "scene-reuse", "delta", "global-warp", "flu
                             "naive-mv")
 ENGINE_METHODS = frozenset({"delta", "global-warp", "fluxshard-exact", "fluxshard-fast", "naive-mv"})
 
-# Fallback when the model ships no profile (same values as the NanoDet profile).
-FALLBACK_FAST = {"tau_in": 0.02, "default_threshold": 0.1}
+# Fallback when the model ships no profile: the flat thresholds `fluxshard run` falls back to (uncertified).
+FALLBACK_FAST = {"tau_in": 0.01, "default_threshold": 0.05}
 
 
 @dataclass

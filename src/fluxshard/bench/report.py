@@ -6,6 +6,8 @@ Definitions (also written into the report, so a reader of the file alone knows t
   same-run ratios mean anything);
 * **retention** = mAP@0.5 and mAP@[.5:.95] of the method's detections scored against the dense run's
   detections (reference = dense outputs, not ground truth), via :func:`fluxshard.metrics.accuracy_retention`;
+  n/a, with the count, when the dense run holds fewer than ``MIN_REFERENCE_OBJECTS`` confident detections
+  (a retention over a near-empty reference is noise: see :mod:`fluxshard.metrics.retention`);
 * **hit ratio** = 1 − mean active fraction over all frames (dense frames count as 0 hits): the share of
   convolution output positions taken from the cache; for ``scene-reuse`` the share of frames reused;
 * **input residual** = mean input residual fraction over frames computed incrementally (dense frames excluded).
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fluxshard.bench.harness import METHODS, ClipResult, FrameRow
-from fluxshard.metrics import accuracy_retention
+from fluxshard.metrics import DENSE_REFERENCE, MIN_REFERENCE_OBJECTS, accuracy_retention
 
 # Motion bins (mean |MV| of the frame field over valid blocks, px/frame at frame resolution): static camera
 # codec jitter stays under 0.5 px; slow pans 0.5-2, the virtual PTZ pans 2-4, fast motion above.
@@ -63,6 +65,8 @@ def summarize(res: ClipResult) -> list[dict[str, Any]]:
             "speedup": round(dense_ms / ms, 4) if ms > 0 else None,
             "retention_map50": _finite(ret.get("map50")), "retention_map": _finite(ret.get("map")),
             "retention_reference": rep.reference,
+            "retention_reference_objects": rep.reference_objects.get("bbox", 0),
+            "retention_note": rep.notes.get("bbox"),
             "hit_ratio": round(1.0 - float(np.mean([r.active_fraction for r in rows])), 4),
             "incremental_hit_ratio": round(1.0 - float(np.mean(inc_act)), 4) if inc_act else None,
             "input_residual_fraction": round(float(np.mean(inc)), 4) if inc and m != "scene-reuse" else None,
@@ -133,22 +137,34 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _retention_cell(s: dict[str, Any], key: str) -> str:
+    """A retention, or why there is none: ``n/a (only N reference objects ≥ score s)``."""
+    v = s.get(key)
+    if v is None and s.get("retention_note"):
+        return str(s["retention_note"])
+    return _fmt(v)
+
+
 def markdown_table(summaries: Sequence[dict[str, Any]], target: float | None = None) -> str:
     """The table of means; with ``target`` (the profiles' retention target), a retention below it is marked †
-    and a note follows: speed bought with accuracy is not comparable with speed at the target."""
+    and a note follows: speed bought with accuracy is not comparable with speed at the target. A retention
+    over too few reference objects reads "n/a (only N …)" and a note gives the minimum."""
     head = ("| clip (input) | method | frames | speedup vs dense | ms (median) | retention mAP@0.5 | retention mAP "
-            "| hit ratio | input residual | dense frames | max abs diff |")
-    lines = [head, "|" + "---|" * 11]
-    short = False
+            "| reference objects | hit ratio | input residual | dense frames | max abs diff |")
+    lines = [head, "|" + "---|" * 12]
+    short = few = False
     for s in summaries:
         hw = s["input_hw"]
         r = s["retention_map50"]
         mark = ""
         if target is not None and r is not None and np.isfinite(r) and r < target:
             mark, short = " †", True
+        few |= r is None and bool(s.get("retention_note"))
         lines.append(
             f"| {s['clip']} ({hw[1]}×{hw[0]}) | {s['method']} | {s['frames']} | {_fmt(s['speedup'], 2)} "
-            f"| {_fmt(s['ms_median'], 1)} | {_fmt(r)}{mark} | {_fmt(s['retention_map'])} "
+            f"| {_fmt(s['ms_median'], 1)} | {_retention_cell(s, 'retention_map50')}{mark} "
+            f"| {'n/a' if s.get('retention_map') is None and s.get('retention_note') else _fmt(s['retention_map'])} "
+            f"| {_fmt(s.get('retention_reference_objects'))} "
             f"| {_fmt(s['hit_ratio'])} | {_fmt(s['input_residual_fraction'])} | {s['dense_frames']} "
             f"| {s['max_abs_diff']:.2g} |"
         )
@@ -156,17 +172,48 @@ def markdown_table(summaries: Sequence[dict[str, Any]], target: float | None = N
         lines += ["", f"† below the profiles' retention target ({target:g} mAP@0.5 against dense): that method's "
                       f"speed and hit ratio are bought with accuracy and not comparable with those of methods at the "
                       f"target."]
+    if few:
+        lines += ["", f"n/a: the dense run holds fewer than {MIN_REFERENCE_OBJECTS} detections with score ≥ "
+                      f"{DENSE_REFERENCE.min_score:g} on that clip; one miss among so few moves mAP by more than the "
+                      f"1 % the retention target allows, so no retention is given."]
     return "\n".join(lines)
+
+
+def mean_retention(summaries: Sequence[dict[str, Any]], method: str, key: str = "retention_map50") -> float | None:
+    """Mean of one method's retention over the clips that define it (clips with too few reference objects
+    are skipped, not counted as 0 or 1); None when no clip does."""
+    vals = [s[key] for s in summaries if s["method"] == method and s.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+SUMMARY_CSV_FIELDS = ("clip", "method", "frames", "speedup", "ms_median", "dense_ms_median", "retention_map50",
+                      "retention_map", "retention_reference_objects", "retention_note", "hit_ratio",
+                      "incremental_hit_ratio", "input_residual_fraction", "dense_frames", "max_abs_diff")
+
+
+def write_summary_csv(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The table of means as CSV: an undefined retention is ``n/a`` next to its reference-object count."""
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for s in summaries:
+            row = {k: s.get(k) for k in SUMMARY_CSV_FIELDS}
+            for k in ("retention_map50", "retention_map"):
+                if row[k] is None:
+                    row[k] = "n/a"
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+    return path
 
 
 def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, Any]], plots: Sequence[Path],
                  path: Path, scene_threshold: float, model: str) -> Path:
+    """``report.md`` at ``path`` and the table of means as ``summary.csv`` beside it."""
     fast = results[0].fast_config if results else {}
     parts = [
         "# fluxshard bench report", "",
         f"Model: {model}. Clips: "
         + ", ".join(f"{r.clip} ({r.path}, MV source {r.mv_source}, timer {r.timer})" for r in results) + ".", "",
-        "## Table of means (per clip × method)", "",
+        "## Table of means (per clip × method; also `summary.csv`)", "",
         markdown_table(summaries, fast.get("target_retention")), "",
         "## By motion bin (all clips pooled, incrementally computed frames)", "",
         motion_bin_markdown(motion_bin_table(results)), "",
@@ -175,7 +222,9 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
         "interleaved, method order rotated per frame). The machine is shared and noisy: only these same-run "
         "ratios are meaningful, not absolute ms.",
         "- **retention** = mAP@0.5 / mAP@[.5:.95] of the method's detections scored against the **dense "
-        "outputs** (reference = dense run's detections, not ground truth); dense is 1.0 by construction.",
+        "outputs** (reference = dense run's detections, not ground truth); dense is 1.0 by construction. "
+        f"**reference objects** = the dense detections with score ≥ {DENSE_REFERENCE.min_score:g} it is scored "
+        f"against; below {MIN_REFERENCE_OBJECTS} the retention is n/a (one miss would move it by more than 1 %).",
         "- **hit ratio** = 1 − mean active fraction over all frames: share of convolution output positions "
         "reused from the cache (mean over convolutions, dense frames count as 0 hits); for scene-reuse, the "
         "share of frames whose whole result was reused.",
@@ -202,4 +251,5 @@ def write_report(results: Sequence[ClipResult], summaries: Sequence[dict[str, An
     ]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(parts) + "\n")
+    write_summary_csv(summaries, path.with_name("summary.csv"))
     return path

@@ -141,14 +141,61 @@ def test_profile_cli_runs_on_a_short_clip(tmp_path: Path) -> None:
     assert cfg.mode == "fast" and len(cfg.bin_thresholds) == 4
 
 
-def test_retention_counts_detections_where_dense_has_none() -> None:
+def test_retention_needs_enough_reference_objects() -> None:
+    """Below ``MIN_REFERENCE_OBJECTS`` dense detections a retention is undefined (None), whatever the
+    candidate found: such frames neither certify nor fail a bin."""
+    from fluxshard.metrics import MIN_REFERENCE_OBJECTS
     from fluxshard.models.base import Detections
 
     empty = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
     one = Detections([[10, 10, 50, 80]], [0.9], [0])
     assert profiler._retention([empty, empty], [empty, empty]) is None  # nothing to find, nothing found
-    assert profiler._retention([one, empty], [empty, empty]) == 0.0  # false positives only: a failure
-    assert profiler._retention([one], [one]) == pytest.approx(1.0)
+    assert profiler._retention([one, empty], [empty, empty]) is None  # false positives only: no reference
+    assert profiler._retention([one] * 5, [one] * 5) is None  # 5 objects: one miss would be 20 %
+    n = MIN_REFERENCE_OBJECTS
+    assert profiler._retention([one] * n, [one] * n) == pytest.approx(1.0)
+    assert profiler.reference_objects([one, empty, Detections([[0, 0, 5, 5]], [0.3], [0])]) == 1
+
+
+def test_bin_with_too_few_reference_objects_is_not_certified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bin 1 has frames but its retention is undefined (too few reference objects): it must not keep the
+    loosest α as if it held the target, but take the smallest measured α like a bin without frames."""
+    def fake_per_bin(clips: Any, runs: Any, bins: Any) -> list[dict[str, Any]]:
+        a = runs[0][0][0]
+        return [{"frames": 20, "retention_map50": 1.0 if a <= 0.2 else 0.9, "reuse": a},
+                {"frames": 20, "retention_map50": None, "reuse": a},  # 20 frames, too few objects
+                {"frames": 20, "retention_map50": 1.0 if a <= 0.1 else 0.9, "reuse": a}]
+
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
+    monkeypatch.setattr(profiler, "run_config",
+                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds
+                                                         else -1.0], [0.0], [True]))
+    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
+    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, bins=(1.0, 2.0, math.inf),
+                            alphas=(0.0, 0.1, 0.2, 0.3, 0.5))
+    assert [b["alpha"] for b in prof["bins"]] == [0.2, 0.1, 0.1]
+    assert [b["measured"] for b in prof["bins"]] == [True, False, True]
+
+
+def test_per_bin_counts_reference_objects_and_drops_sparse_clips() -> None:
+    """A clip whose frames in a bin hold too few reference objects gets no per-clip value there (it cannot
+    pull the bin's worst), and the counts are recorded."""
+    from fluxshard.metrics import MIN_REFERENCE_OBJECTS
+    from fluxshard.models.base import Detections
+
+    obj = Detections([[10, 10, 50, 80]], [0.9], [0])
+    miss = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    n = MIN_REFERENCE_OBJECTS
+    a = profiler.Clip("a", type("M", (), {"input_hw": (8, 8)})(), [], [0.0] * n, [obj] * n)  # type: ignore[arg-type]
+    b = profiler.Clip("b", type("M", (), {"input_hw": (8, 8)})(), [], [0.0] * 6, [obj] * 6)  # type: ignore[arg-type]
+    runs = [([obj] * n, [0.5] * n, [False] * n), ([miss] * 6, [0.5] * 6, [False] * 6)]  # b misses everything
+    (st,) = profiler.per_bin([a, b], runs, (math.inf,))
+    assert st["per_clip"][0] == pytest.approx(1.0) and st["per_clip"][1] is None
+    assert st["per_clip_reference_objects"] == [n, 6] and st["reference_objects"] == n + 6
+    # the pool (106 objects) still counts b's misses: 100 of 106 found
+    assert st["pooled"] < 1.0 and st["retention_map50"] == st["pooled"]
 
 
 def test_baseline_methods_get_their_own_fields_but_codec_motion_bins() -> None:

@@ -15,7 +15,11 @@ Decisions (the seed gives the idea, not the numbers; see docs/design.md):
   ``MIN_BIN_FRAMES`` of them: the target holds per clip, not only on average (pooling let an easy clip
   hide a hard one: 0.972 on the PTZ clip under a profile whose pooled bins all met 0.99).
   Bins with too few frames take the smallest α of the measured bins (and follow them down in the repairs
-  below).
+  below), and so do bins whose frames hold too few reference objects: a retention over fewer than
+  ``metrics.MIN_REFERENCE_OBJECTS`` dense detections is undefined (one miss would move it by more than the
+  1 % a 0.99 target allows), so such frames never certify a bin — a clip's per-bin value is left out of the
+  bin's worst, and a bin whose pooled frames are that sparse is unmeasured. Every bin records its count
+  (``reference_objects``, ``per_clip_reference_objects``).
   A bin whose retention is below the target even at the first (tightest) α cannot reach it with this τ_in
   (zero-motion baselines on slow pans: τ_in lets a block whose content slid by 1 px count as unchanged, and
   no τ^l undoes that). Such a bin keeps α = 0 and its τ_in steps down ``TAU_IN_STEPS`` (÷2, ÷4, then 0 =
@@ -126,15 +130,20 @@ def layer_scales(adapter: Any, clips: Sequence[Clip], frames_per_clip: int = 4) 
 
 
 def _retention(cand: list[Any], ref: list[Any]) -> float | None:
-    """mAP@0.5 of ``cand`` against ``ref``; None only when neither holds a detection. Detections where dense
-    has none (AP undefined) count as a failure (0.0): false positives are accuracy lost too."""
+    """mAP@0.5 of ``cand`` against ``ref``; None when ``ref`` holds fewer than ``MIN_REFERENCE_OBJECTS``
+    confident detections (false positives on frames without reference objects are not counted as a failure
+    any more: a value over so few objects is noise, and would certify or fail a bin by chance)."""
     from fluxshard.metrics import accuracy_retention
 
-    if not any(len(r) for r in ref):
-        return 0.0 if any(len(c) for c in cand) else None
-    rep = accuracy_retention(cand, ref, iou_types=["bbox"])
-    v = rep.retention.get("bbox", {}).get("map50")
-    return None if v is None or not np.isfinite(v) else float(v)
+    return accuracy_retention(cand, ref, iou_types=["bbox"]).value("bbox", "map50")
+
+
+def reference_objects(ref: Sequence[Any]) -> int:
+    """Dense detections a retention over ``ref`` is scored against (score ≥ the dense reference's minimum)."""
+    from fluxshard.metrics import DENSE_REFERENCE
+    from fluxshard.models.base import Detections
+
+    return sum(int(np.count_nonzero(r.scores >= DENSE_REFERENCE.min_score)) for r in ref if isinstance(r, Detections))
 
 
 _CALIBRATED: dict[tuple[int, tuple[int, int]], tuple[Any, Engine]] = {}
@@ -175,12 +184,14 @@ def per_bin(clips: Sequence[Clip], runs: Sequence[tuple[list[Any], list[float], 
             bins: Sequence[float]) -> list[dict[str, Any]]:
     """Retention and reuse per bin over the incrementally computed frames of all clips. ``retention_map50``
     is the worst of the pooled value and each clip's own (clips with at least ``MIN_BIN_FRAMES`` frames in
-    the bin); ``pooled`` and ``per_clip`` (every clip with a frame in the bin) give the parts."""
+    the bin); ``pooled`` and ``per_clip`` (every clip with a frame in the bin) give the parts, None where the
+    frames hold too few reference objects (counts in ``reference_objects`` and ``per_clip_reference_objects``)."""
     out = []
     for b in range(len(bins)):
         cand, ref, act = [], [], []
         worst: float | None = None
         per_clip: list[float | None] = []
+        per_clip_n: list[int] = []
         for c, (dets, active, dense) in zip(clips, runs, strict=True):
             idx = [i for i, m in enumerate(c.motion) if not dense[i] and bin_of(m, bins) == b]
             cand += [dets[i] for i in idx]
@@ -188,14 +199,21 @@ def per_bin(clips: Sequence[Clip], runs: Sequence[tuple[list[Any], list[float], 
             act += [active[i] for i in idx]
             own = _retention([dets[i] for i in idx], [c.dense_dets[i] for i in idx]) if idx else None
             per_clip.append(own)
+            per_clip_n.append(reference_objects([c.dense_dets[i] for i in idx]))
             if own is not None and len(idx) >= MIN_BIN_FRAMES:
                 worst = own if worst is None else min(worst, own)
         pooled = _retention(cand, ref) if cand else None
         if pooled is not None:
             worst = pooled if worst is None else min(worst, pooled)
         out.append({"frames": len(cand), "retention_map50": worst, "pooled": pooled, "per_clip": per_clip,
+                    "reference_objects": reference_objects(ref), "per_clip_reference_objects": per_clip_n,
                     "reuse": float(1.0 - np.mean(act)) if act else None})
     return out
+
+
+def _measurable(stats: dict[str, Any]) -> bool:
+    """A bin the search may certify or fail: enough frames, and a defined retention (enough reference objects)."""
+    return stats["frames"] >= MIN_BIN_FRAMES and stats["retention_map50"] is not None
 
 
 def _worst(values: Sequence[Sequence[float | None]]) -> list[float | None]:
@@ -250,10 +268,9 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
         stats = per_bin(clips, runs, bins)
         tried.append({"alpha": a, "bins": stats})
         for b, s in enumerate(stats):
-            if failed[b] or s["frames"] < MIN_BIN_FRAMES:
+            if failed[b] or not _measurable(s):
                 continue
-            ok = s["retention_map50"] is None or s["retention_map50"] >= target
-            if ok:
+            if s["retention_map50"] >= target:
                 best[b] = a
             else:
                 failed[b] = True
@@ -261,7 +278,7 @@ def profile(adapter: Any, model: str, clips: Sequence[Clip], target: float = 0.9
             progress(f"alpha {a:g}: " + ", ".join(
                 f"bin{b} ret {s['retention_map50'] if s['retention_map50'] is None else round(s['retention_map50'], 3)}"
                 for b, s in enumerate(stats)))
-        if all(failed[b] or (best[b] is None and stats[b]["frames"] < MIN_BIN_FRAMES) for b in range(len(bins))):
+        if all(failed[b] or (best[b] is None and not _measurable(stats[b])) for b in range(len(bins))):
             break
     # a bin that failed at the very first (tightest) alpha cannot meet the target with this tau_in: it gets
     # that tightest alpha (and says so), never a looser neighbour's, and the final pass tightens its tau_in;

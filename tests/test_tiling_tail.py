@@ -149,6 +149,24 @@ def _result(lat: dict[tuple[str, float | None], list[float]], hits: dict[tuple[s
     return ClipResult("c.mp4", (100, 100), n, "gt", 1, 0.0, 0, records, dets, ref, [])
 
 
+def test_map_over_too_few_reference_objects_is_na_with_the_count() -> None:
+    """5 reference objects: no mAP for any method (one miss would move it by 20 %), the count and the note, in
+    the rows and the markdown report."""
+    from fluxshard.tiling.report import markdown_tables
+
+    slo = 100.0
+    lat = {("uirapuru-c", slo): [50.0] * 5, ("ds-m320", None): [50.0] * 5, ("ut-m320", None): [50.0] * 5}
+    hits = dict.fromkeys(lat, 3)
+    mean = (np.array([40.0, 80.0]), np.array([60.0, 90.0]))
+    rows = summarise(_result(lat, hits, n=5), _Fam(), [slo], mean, mean)  # type: ignore[arg-type]
+    assert rows and all(r["map"] is None and r["map50"] is None and r["map_on_time"] is None for r in rows)
+    assert all(r["reference_objects"] == 5 and r["map_note"] == "n/a (only 5 reference objects ≥ score 0.5)"
+               for r in rows)
+    assert "mAP n/a ('-' below): n/a (only 5 reference objects ≥ score 0.5)" in markdown_tables(rows)
+    full = summarise(_result(lat | {k: [50.0] * 100 for k in lat}, hits, n=100), _Fam(), [slo], mean, mean)  # type: ignore[arg-type]
+    assert all(r["map"] is not None and r["map_note"] is None and r["reference_objects"] == 100 for r in full)
+
+
 def test_uc_is_compared_with_baselines_that_met_the_miss_bar() -> None:
     slo = 100.0
     fast, slow = [50.0] * 100, [150.0] * 5 + [50.0] * 95  # 0 % and 5 % misses at 100 ms

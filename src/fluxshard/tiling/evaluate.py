@@ -73,6 +73,7 @@ import numpy as np
 from fluxshard.data.ptz import load_ptz_meta
 from fluxshard.errors import DataError, FluxShardError
 from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
+from fluxshard.metrics.retention import MIN_REFERENCE_OBJECTS, too_few_note
 from fluxshard.models.base import Detections
 from fluxshard.tiling.baselines import RemixPlanner, downsample_plan, plan_latencies, uniform_plan
 from fluxshard.tiling.camera import CameraTracker, ptz_global_to_view, reproject_boxes
@@ -412,7 +413,11 @@ def _row(res: ClipResult, name: str, key: tuple[str, float | None], slo: float |
         "uniform_share": round(float(np.mean([r.kind == "uniform" for r in recs])), 4),
         "fallback_share": round(float(np.mean([r.kind == "fallback" for r in recs])), 4),
         "tiles_mean": round(float(np.mean([r.n_tiles for r in recs])), 2),
+        "reference_objects": ap.num_reference, "map_note": None,
     }
+    if ap.num_reference < MIN_REFERENCE_OBJECTS:  # mAP against a near-empty reference is noise: n/a, with the count
+        row.update(map=None, map50=None, map_plain_ref=None, map_on_time=None,
+                   map_note=too_few_note(ap.num_reference, DENSE_REFERENCE.min_score))
     for part in ("preprocess", "dpdp", "uniform", "inference", "merge"):
         row[f"{part}_ms"] = round(float(np.mean([r.breakdown.get(part, 0.0) for r in recs])), 3)
     return row

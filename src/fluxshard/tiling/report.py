@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fluxshard.metrics.retention import MIN_REFERENCE_OBJECTS
 from fluxshard.tiling.evaluate import MISS_BAR, ClipResult, comparison
 
 SLO_METHODS = ("uirapuru-c", "uirapuru-nc", "remix", "remix-c", "ds", "ut", "ds-c", "ut-c")
@@ -69,6 +70,10 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
         methods = [m for m in SLO_METHODS if any(r["method"] == m for r in rs)]
         get = {(r["method"], r["slo_ms"]): r for r in rs}
         out.append(f"### {clip}\n")
+        notes = sorted({r["map_note"] for r in rows if r["clip"] == clip and r.get("map_note")})
+        if notes:  # metrics.retention.MIN_REFERENCE_OBJECTS: too few reference objects for a meaningful mAP
+            out.append(f"mAP n/a ('-' below): {'; '.join(notes)} — fewer than {MIN_REFERENCE_OBJECTS} reference "
+                       "objects, where one miss moves mAP by more than 1 %\n")
         out.append("mAP@[.5:.95] vs the reference (uniform tiling with the reference member, plus half-cell-shifted "
                    "cells unless --reference plain); DS/UT = the best member whose profiled mean latency fits the "
                    f"SLO, DS-c/UT-c = the best member whose measured miss rate is <= {100 * MISS_BAR:g} % (in "

@@ -29,7 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_run_exact_verify_matches_dense(ptz_clip: Path, tmp_path: Path) -> None:
     ov = tmp_path / "ov.mp4"
-    r = run_cli(str(ptz_clip), "--verify", "--json", "--out", str(ov))
+    r = run_cli(str(ptz_clip), "--mode", "exact", "--verify", "--json", "--out", str(ov))
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     for k in ("frames", "mode", "dense_ms_median", "engine_ms_median", "speedup", "active_fraction_mean",
@@ -48,8 +48,8 @@ def test_run_exact_verify_matches_dense(ptz_clip: Path, tmp_path: Path) -> None:
     assert len(list(open_video(ov))) == 10
 
 
-def test_run_fast_reports_retention(ptz_clip: Path) -> None:
-    r = run_cli(str(ptz_clip), "--mode", "fast", "--verify", "--json", "--max-frames", "6")
+def test_run_fast_is_the_default_and_reports_retention(ptz_clip: Path) -> None:
+    r = run_cli(str(ptz_clip), "--verify", "--json", "--max-frames", "6")  # no --mode: fast
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["mode"] == "fast" and s["frames"] == 6 and s["max_abs_diff"] is not None
@@ -57,8 +57,8 @@ def test_run_fast_reports_retention(ptz_clip: Path) -> None:
 
 def test_run_rejects_bad_options(ptz_clip: Path) -> None:
     r = run_cli(str(ptz_clip), "--mode", "turbo")
-    assert r.returncode != 0 and "exact or fast" in r.stderr
-    r = run_cli(str(ptz_clip), "--tau", "0.1")
+    assert r.returncode != 0 and "fast or exact" in r.stderr
+    r = run_cli(str(ptz_clip), "--mode", "exact", "--tau", "0.1")
     assert r.returncode != 0 and "only apply to --mode fast" in r.stderr
     r = run_cli(str(ptz_clip.with_name("missing.mp4")))
     assert r.returncode != 0 and "missing.mp4: no such file" in r.stderr

@@ -195,6 +195,8 @@ def test_tradeoff_plot_legend_target_and_distinct_points(tmp_path: Path) -> None
     diameter = np.sqrt(MARKER_SIZE) * fig.dpi / 72
     gaps = np.abs(pts[:, None, :] - pts[None, :, :]).max(axis=2) + np.eye(len(pts)) * 1e9
     assert gaps.min() >= diameter, gaps.min()  # no marker covers another
+    notes = " ".join(t.get_text() for t in ax.texts)
+    assert "b: naive-mv" in notes and "spread sideways" in notes  # what is not drawn, and what was moved, is said
     plt.close(fig)
     no_target = tradeoff_figure(_trade_summaries())
     assert "retention target" not in " ".join(t.get_text() for t in no_target.axes[0].get_legend().get_texts())

@@ -180,6 +180,17 @@ def dodge(points: np.ndarray, spacing: float) -> np.ndarray:
     return out
 
 
+def _left_out(summaries: Sequence[dict[str, Any]], drawn: Sequence[dict[str, Any]]) -> str:
+    """``"cup; bikes: delta, naive-mv"``: clips (or clip: methods) without a point, so no absence is silent."""
+    parts = []
+    for c in dict.fromkeys(s["clip"] for s in summaries):
+        missing = [s["method"] for s in summaries if s["clip"] == c and not any(d is s for d in drawn)]
+        if missing:
+            every = len(missing) == sum(s["clip"] == c for s in summaries)
+            parts.append(str(c) if every else f"{c}: {', '.join(missing)}")
+    return "; ".join(parts)
+
+
 def tradeoff_figure(summaries: Sequence[dict[str, Any]], target: float | None = None) -> Any:
     """Speedup vs retention, colour = method, marker = clip; coincident points (dense, exact and scene-reuse
     all sit at retention 1.0 near speedup 1) are spread sideways by a marker width so each stays visible,
@@ -194,8 +205,11 @@ def tradeoff_figure(summaries: Sequence[dict[str, Any]], target: float | None = 
     if target is not None:
         handles.append(ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"retention target {target:g}"))
     ax.axvline(1.0, color="grey", lw=0.5)
+    left_out = _left_out(summaries, pts)
+    notes = [f"not drawn (no speedup or retention): {left_out}"] if left_out else []
     if not pts:
         _empty(ax, "no method with both speedup and retention")
+        ax.set_ylim(0, 1.05)
     else:
         xy = np.array([[s["speedup"], s["retention_map50"]] for s in pts], float)
         xs = np.append(xy[:, 0], 1.0)
@@ -221,11 +235,12 @@ def tradeoff_figure(summaries: Sequence[dict[str, Any]], target: float | None = 
         lo, hi = ax.get_xlim()
         ax.set_xlim(min(lo, data[:, 0].min() - padx / 2), max(hi, data[:, 0].max() + padx / 2))
         if not np.allclose(disp, orig):
-            ax.text(0.99, 0.01, "overlapping points spread sideways", transform=ax.transAxes, ha="right",
-                    va="bottom", fontsize=6, color="grey")
+            notes.append("overlapping points spread sideways")
         for s, (x, y) in zip(pts, data, strict=True):
             ax.scatter([x], [y], s=MARKER_SIZE, color=colors[s["method"]], edgecolors="white", linewidths=0.5,
                        marker=markers[clips.index(s["clip"]) % len(markers)], zorder=3)
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=6, color="grey", va="bottom")
     return fig
 
 

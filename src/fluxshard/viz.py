@@ -45,7 +45,8 @@ def font_for(height: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _text_box(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> tuple[int, int, int, int]:
-    return tuple(int(v) for v in ImageDraw.Draw(Image.new("1", (1, 1))).textbbox((0, 0), text, font=font))
+    x0, y0, x1, y1 = ImageDraw.Draw(Image.new("1", (1, 1))).textbbox((0, 0), text, font=font)
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def _overlaps(a: Rect, b: Rect) -> bool:

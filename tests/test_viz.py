@@ -151,3 +151,12 @@ def test_results_legend_per_kind() -> None:
 @pytest.mark.parametrize(("height", "size"), [(120, 10), (576, 12), (2160, 18)])
 def test_font_scales_with_frame_height(height: int, size: int) -> None:
     assert font_for(height).size == size
+
+
+def test_legend_on_a_frame_smaller_than_it_is_clipped_not_an_error() -> None:
+    items = motion_legend(_field(filled=True))
+    tiny = np.full((30, 40, 3), 128, np.uint8)
+    out = draw_legend(tiny, items)
+    r = legend_rect(items, (40, 30))
+    assert out.shape == tiny.shape and 0 <= r[0] < r[2] <= 40 and 0 <= r[1] < r[3] <= 30
+    assert (out != 128).any() and (tiny == 128).all()  # drawn on a copy

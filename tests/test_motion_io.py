@@ -71,6 +71,39 @@ def test_cli_truncated_exits_nonzero_with_one_line(mkv_clip: SynthClip, tmp_path
     assert len(err_lines) == 1 and "cut.mkv" in err_lines[0]
 
 
+def test_cli_detect_truncated_reports_frames_before_damage(mkv_clip: SynthClip, tmp_path: Path) -> None:
+    """Like `run` and `motion`: the frames decoded before the damage are analysed and summarised, then one
+    error line and a non-zero exit."""
+    data = mkv_clip.path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    decoded = analyze_motion(cut).frames
+    r = run_cli("detect", str(cut), "--json")
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out["frames"] == decoded > 0 and "truncated" in out["error"] and "cut.mkv" in out["error"]
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert err_lines == [f"error: {out['error']}"]  # one line, however long the path
+
+
+def test_truncated_mp4_names_its_missing_index(clip_p: SynthClip, tmp_path: Path) -> None:
+    """An MP4 cut before its index (moov, written last) cannot be opened at all: say why, not "invalid data"."""
+    data = clip_p.path.read_bytes()
+    assert data.find(b"moov") > len(data) // 2  # the index is at the end, as after any non-faststart encode
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match=r"cut\.mp4: cannot open as video: its MP4 index \(moov atom\) is missing "
+                                         r"— the file is truncated \(it ends inside its 'mdat' box\)"):
+        open_video(cut)
+    r = run_cli("motion", str(cut))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "moov" in r.stderr
+    junk = tmp_path / "junk.mp4"  # an MP4 signature with garbage after it is not blamed on a missing index
+    junk.write_bytes(data[:32] + np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError, match="cannot open as video") as exc:
+        open_video(junk)
+    assert "moov" in str(exc.value) or "Invalid data" in str(exc.value)
+
+
 @pytest.mark.parametrize("name", ["missing.mp4", "empty.mp4"])
 def test_cli_missing_or_empty(tmp_path: Path, name: str) -> None:
     p = tmp_path / name

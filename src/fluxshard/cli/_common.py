@@ -53,6 +53,13 @@ def print_text(text: str) -> None:
     sys.stdout.flush()
 
 
+def print_line(text: str) -> None:
+    """One ``error:`` / ``warning:`` line on stderr, never wrapped (a rich console wraps at 80 columns when
+    stderr is not a terminal, and scripts read the first line)."""
+    sys.stderr.write(text.replace("\n", " ") + "\n")
+    sys.stderr.flush()
+
+
 def emit_summary(title: str, data: dict[str, Any], as_json: bool, error: str | None = None) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
@@ -64,5 +71,5 @@ def emit_summary(title: str, data: dict[str, Any], as_json: bool, error: str | N
             table.add_row(Text(k), Text(str(v)))
         Console().print(table)
     if error:
-        err.print(f"error: {error}", markup=False, highlight=False)
+        print_line(f"error: {error}")
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import Command, err, print_text
+from fluxshard.cli._common import Command, err, print_line, print_text
 from fluxshard.data.fetch import clip_path
 
 
@@ -72,7 +72,7 @@ def bench(
         print_text(markdown_table(summaries, target))
         print_text(f"wrote {csv_path}, {report} and {len(plots)} plots")
     if errors:
-        err.print("error: " + "; ".join(errors), markup=False, highlight=False)
+        print_line("error: " + "; ".join(errors))
         raise typer.Exit(1)
 
 

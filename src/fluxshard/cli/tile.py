@@ -12,7 +12,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxshard.cli._common import Command, emit_summary, err, print_text
+from fluxshard.cli._common import Command, emit_summary, err, print_line, print_text
 from fluxshard.data.fetch import clip_path
 from fluxshard.errors import FluxShardError
 from fluxshard.tiling.profile import PLAN_TAIL_QUANTILE
@@ -130,8 +130,7 @@ def _warn_sidecar(path: Path, camera: str) -> None:
 
     _, why = ptz_sidecar(path)
     if why and camera != "gt":
-        err.print(f"warning: {why}; ignored, the camera is estimated from motion vectors", markup=False,
-                  highlight=False)
+        print_line(f"warning: {why}; ignored, the camera is estimated from motion vectors")
 
 
 def _draw(rgb: np.ndarray, det: Any, runs: list[Any], names: list[str], min_score: float) -> np.ndarray:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +63,44 @@ def test_tile_motion_vectors_without_json(ptz_clip: Path, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["camera"] == "motion vectors" and s["reprojection_error_px"] is None and s["frames"] == 4
+
+
+def test_ptz_sidecar_ignores_unrelated_json(ptz_clip: Path, tmp_path: Path) -> None:
+    """A .json beside a clip that is not virtual-PTZ metadata (another tool's file) is ignored with a reason;
+    only --camera gt, which needs the ground truth, fails on it. The PTZ JSON itself is readable by all."""
+    from fluxshard.tiling.evaluate import TileBenchError, ptz_sidecar, run_clip
+
+    meta, why = ptz_sidecar(ptz_clip)
+    assert meta is not None and why is None
+    assert stat.S_IMODE(ptz_clip.with_suffix(".json").stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0600
+    clip = tmp_path / "street.mp4"
+    shutil.copy(ptz_clip, clip)
+    assert ptz_sidecar(clip) == (None, None)
+    clip.with_suffix(".json").write_text(json.dumps({"labels": ["car", "person"]}))
+    meta, why = ptz_sidecar(clip)
+    assert meta is None and why is not None and "not a PTZ metadata file" in why and "street.json" in why
+    with pytest.raises(TileBenchError, match=r"--camera gt needs the virtual-PTZ JSON .*not a PTZ metadata file"):
+        run_clip(clip, None, None, [50.0], camera="gt")  # type: ignore[arg-type]  # fails before any model runs
+
+
+def test_tile_with_unrelated_json_warns_and_finishes_its_bars(ptz_clip: Path, tmp_path: Path) -> None:
+    clip = tmp_path / "street.mp4"
+    shutil.copy(ptz_clip, clip)
+    clip.with_suffix(".json").write_text("[1, 2, 3]\n")
+    r = cli("tile", str(clip), "--slo", "150", "--profile", "shipped", "--history", "1", "--max-frames", "2",
+            "--views", "0")
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "street.json" in warnings[0] and "motion vectors" in warnings[0]
+    assert "motion vectors" in r.stdout and "…" not in r.stdout
+    counts = re.findall(r"(\d+)/(\d+)", r.stderr)  # the bars as left on screen: every one finished
+    assert counts and all(a == b for a, b in counts), r.stderr
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:

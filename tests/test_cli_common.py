@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 from rich.progress import Progress
 
 from fluxshard.cli._common import emit_summary, print_text
+from synth import SynthClip
 
 COMMANDS = [("motion", "CLIP"), ("detect", "CLIP"), ("run", "CLIP"), ("bench", "CLIPS..."),
             ("profile", "CLIPS..."), ("tile", "CLIP"), ("tile-bench", "CLIPS..."), ("data", "COMMAND [ARGS]..."),
@@ -84,6 +86,14 @@ def test_print_text_does_not_wrap(capsys: pytest.CaptureFixture[str]) -> None:
     row = "| " + " | ".join(f"method-{i}" for i in range(20)) + " |"
     print_text(f"{row}\n{row}")
     assert capsys.readouterr().out == f"{row}\n{row}\n"
+
+
+def test_bench_markdown_is_not_wrapped_when_piped(clip_p: SynthClip, tmp_path: Path) -> None:
+    r = fluxshard("bench", str(clip_p.path), "--methods", "dense", "--max-frames", "2", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    assert len(rows) >= 3 and all(ln.endswith("|") for ln in rows)  # header, rule, one row per method
+    assert max(len(ln) for ln in rows) > 80  # wider than the 80 columns rich assumed for a pipe
 
 
 def test_tile_stages_end_finished() -> None:

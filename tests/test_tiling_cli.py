@@ -55,6 +55,7 @@ def test_tile_json(ptz_clip: Path, tmp_path: Path) -> None:
     assert ov.exists() and ov.stat().st_size > 0
 
 
+@pytest.mark.slow  # --views 1 measures a deployment profile (minutes; the tests' own cache is empty)
 def test_tile_motion_vectors_without_json(ptz_clip: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare.mp4"
     shutil.copy(ptz_clip, bare)  # no JSON beside it: camera from motion vectors, history from the clip
@@ -103,6 +104,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow  # --views 1 measures a deployment profile (minutes; the tests' own cache is empty)
 def test_tile_bench_outputs(ptz_clip: Path, tmp_path: Path) -> None:
     out = tmp_path / "tb"
     r = cli("tile-bench", str(ptz_clip), "--slo", "60,200", "--json", "--profile", "shipped", "--history", "2",

@@ -96,3 +96,19 @@ def test_unwritable_directory_costs_nothing_but_time(tmp_path: Path) -> None:
     with torch.inference_mode():
         eng.step(torch.rand(1, 3, 48, 64), None)
     assert eng._calibrated
+
+
+def test_run_stores_calibrations_in_the_cache_and_recalibrate_clears_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fluxshard.cli.run import engine_config
+
+    monkeypatch.setenv("FLUXSHARD_CACHE", str(tmp_path))
+    cfg = engine_config("nanodet", "fast")
+    assert cfg.calibration_dir == str(tmp_path / "calibration") == str(calibration.default_dir())
+    assert engine_config("nanodet", "exact", calibrate=False).calibration_dir is None
+    d = tmp_path / "calibration"
+    d.mkdir()
+    (d / "a.json").write_text("{}")
+    (d / "b.json").write_text("{}")
+    engine_config("nanodet", "fast", recalibrate=True)
+    assert not list(d.glob("*.json"))

@@ -14,7 +14,7 @@ from torch import nn
 from fluxshard.engine.engine import Engine, EngineConfig, EngineError
 from fluxshard.engine.graph import BIG, trace
 from fluxshard.motion.field import MotionField
-from parity import DenseReference, assert_exact, verdict
+from parity import DenseReference, SequenceParity, assert_exact, verdict
 
 
 class ConvStack(nn.Module):
@@ -85,19 +85,20 @@ def sequence(n: int, h: int, w: int, shift: tuple[int, int], obj_v: tuple[int, i
 
 def run_parity(body: nn.Module, frames: list[tuple[torch.Tensor, MotionField]], **cfg: object) -> list:
     """Engine vs dense on every frame, judged against float64 inference of the same body: the engine's float32
-    error may be at most a few times dense float32's own (tests/parity.py, docs/design.md "Parity
-    tolerance"), whatever kernels this CPU has. The executor layout defaults to ``pgemm`` (forced sparse:
+    error may be at most a few times dense float32's own over the sequence (tests/parity.py, docs/design.md
+    "Parity tolerance"), whatever kernels this CPU has. The executor layout defaults to ``pgemm`` (forced sparse:
     ``auto`` may choose dense layers or frames, which are exact for the wrong reason); pass
     ``layout="auto"`` to test the production choice."""
     cfg.setdefault("layout", "pgemm")  # every frame incremental, reused positions read from the moved cache
     eng = Engine(body, tuple(frames[0][0].shape[-2:]), EngineConfig(**cfg))  # type: ignore[arg-type]
-    reference = DenseReference(body)
+    parity = SequenceParity(body)
     stats = []
     with torch.inference_mode():
         for x, f in frames:
             out, st = eng.step(x, f)
-            assert_exact(out, *reference(x))
+            parity.check(out, x)
             stats.append(st)
+    parity.finish()
     return stats
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fluxshard import cpu
-from fluxshard.engine import baselines
+from fluxshard.engine import baselines, calibration
 from fluxshard.engine.engine import Engine, EngineConfig, StepStats, default_profile, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.errors import FluxShardError
@@ -195,7 +195,8 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     fh, fw = stream.info.height, stream.info.width
     mapper = InputMapper((fh, fw), cfg.factor or choose_factor((fh, fw)))
     # every engine method calibrates its executor on its first (dense) frame, at this run's thread count
-    fast = dataclasses.replace(fast_config(cfg.model, cfg.fast_profile), calibrate=True)
+    cal_dir = str(calibration.default_dir())  # the stored per-machine costs `fluxshard run` uses too
+    fast = dataclasses.replace(fast_config(cfg.model, cfg.fast_profile), calibrate=True, calibration_dir=cal_dir)
     # baselines get their own profiles (same target retention) when shipped: truncation tuned for
     # MV-aligned caches would be far too loose for caches that are not aligned at all
     own = {m: dataclasses.replace(EngineConfig.from_file(p), calibrate=True)
@@ -204,7 +205,7 @@ def bench_clip(path: str | Path, cfg: BenchConfig | None = None, clip: str | Non
     base = {m: dataclasses.replace(own.get(m, fast), zero_rescue=-1.0) for m in ("delta", "global-warp")}
     configs = {
         "delta": base["delta"], "global-warp": base["global-warp"], "fluxshard-fast": fast,
-        "fluxshard-exact": EngineConfig(calibrate=True),
+        "fluxshard-exact": EngineConfig(calibrate=True, calibration_dir=cal_dir),
         # no RFAP at all: no strict mask at the first conv, and shard shifts rounded to each layer's stride
         # however misaligned (RFAP's "displacement divisible by the stride" condition dropped)
         "naive-mv": dataclasses.replace(fast, rfap=False, shift_tolerance=1 << 20, carry_tolerance=0.0),

@@ -37,12 +37,17 @@ def run(
                                               min=0.0)] = None,
     refresh: Annotated[int | None, typer.Option(help="Dense refresh every N frames (default: only when needed — "
                                                      "first frame, shape change, cost guard).", min=1)] = None,
-    calibrate: Annotated[bool, typer.Option(help="Measure per-layer sparse/dense costs on the first frame "
-                                                 "(~2 s once; picks better paths at this machine's thread count)."
-                                            )] = True,
+    calibrate: Annotated[bool, typer.Option(help="Pick each layer's executor path from per-layer costs measured "
+                                                 "on the first frame (~2 s once per machine, model, input size "
+                                                 "and thread count; stored in $FLUXSHARD_CACHE/calibration and "
+                                                 "reused, so fast-mode outputs repeat from run to run).")] = True,
+    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Measure the per-layer costs again, "
+                                                                    "replacing the stored ones.")] = False,
     guard: Annotated[bool, typer.Option(help="Cost guard: run frames dense while incremental frames cost more "
-                                             "than dense ones, probing again after 8 frames, backing off to 32 "
-                                             "(output is unaffected).")
+                                             "than dense ones, probing again after 8 frames, backing off to 32. "
+                                             "Exact mode decides from measured times (output unaffected); fast "
+                                             "mode from the work done (mean active fraction above 0.75), so "
+                                             "its output does not depend on timing.")
                      ] = True,
 ) -> None:
     """Run MODEL over CLIP with the FluxShard engine (fast mode by default; --mode exact for verification)."""
@@ -52,7 +57,7 @@ def run(
     from fluxshard.viz import RECOMPUTED, RUN_LEGEND, draw_results, tint_blocks
 
     cfg = engine_config(model, mode, thresholds=thresholds, tau_in=tau_in, tau=tau, refresh=refresh,
-                        calibrate=calibrate, guard=guard)
+                        calibrate=calibrate, guard=guard, recalibrate=recalibrate)
     path = clip_path(clip)
     total = open_video(path).info.frames_expected
     if max_frames is not None:
@@ -90,7 +95,7 @@ def run(
 
 def engine_config(model: str, mode: str, *, thresholds: Path | None = None, tau_in: float | None = None,
                   tau: float | None = None, refresh: int | None = None, calibrate: bool = True,
-                  guard: bool = True) -> EngineConfig:
+                  guard: bool = True, recalibrate: bool = False) -> EngineConfig:
     """The engine configuration `fluxshard run` uses: fast mode from ``thresholds`` or the model's shipped
     profile, with ``tau_in`` / ``tau`` replacing the profile's values in every motion bin."""
     from fluxshard.engine import EngineConfig
@@ -99,7 +104,13 @@ def engine_config(model: str, mode: str, *, thresholds: Path | None = None, tau_
         raise typer.BadParameter(f"--mode must be fast or exact, not {mode!r}")
     if mode == "exact" and (thresholds or tau_in is not None or tau is not None):
         raise typer.BadParameter("--thresholds/--tau-in/--tau only apply to --mode fast")
-    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate, "guard": guard}
+    from fluxshard.engine import calibration
+
+    cal_dir = calibration.default_dir()
+    if recalibrate:
+        calibration.clear(cal_dir)
+    over: dict[str, Any] = {"refresh_every": refresh, "calibrate": calibrate, "guard": guard,
+                            "calibration_dir": str(cal_dir) if calibrate else None}
     if mode == "exact":
         return EngineConfig(**over)
     if tau_in is not None:

@@ -97,3 +97,12 @@ def default_dir() -> Path:
     root = os.environ.get("FLUXSHARD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fluxshard")
     return Path(root).expanduser() / "calibration"
+
+
+def clear(directory: str | Path) -> int:
+    """Delete every stored calibration in ``directory`` (``--recalibrate``); returns how many."""
+    n = 0
+    for p in Path(directory).glob("*.json"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

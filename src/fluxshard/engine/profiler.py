@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxshard.engine import calibration
 from fluxshard.engine.engine import Engine, EngineConfig, bin_of, field_motion
 from fluxshard.engine.inputs import InputMapper, choose_factor
 from fluxshard.errors import FluxShardError
@@ -155,7 +156,9 @@ def _calibrated(adapter: Any, clip: Clip) -> Engine:
     key = (id(adapter.body), clip.mapper.input_hw)
     donor = _CALIBRATED.get(key)
     if donor is None or donor[0] is not adapter.body:
-        eng = Engine(adapter.body, clip.mapper.input_hw, EngineConfig(mode="fast", calibrate=True))
+        # the stored calibration `fluxshard run` uses on this machine: the first regime is its path choice
+        eng = Engine(adapter.body, clip.mapper.input_hw, EngineConfig(mode="fast", calibrate=True,
+                                                                      calibration_dir=str(calibration.default_dir())))
         with torch.inference_mode():
             eng.step(clip.frames[0][0], None)  # a dense frame: calibrates every layer
         donor = _CALIBRATED[key] = (adapter.body, eng)

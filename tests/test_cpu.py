@@ -22,10 +22,10 @@ ctxt 999
 """
 
 
-def test_default_is_auto_and_sets_passive_wait() -> None:
+def test_default_is_auto_and_sets_a_short_spin() -> None:
     env: dict[str, str] = {}
     assert cpu.prepare_env(env) == Policy("auto", None, "default")
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"GOMP_SPINCOUNT": "3000"}
 
 
 @pytest.mark.parametrize("user", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}])
@@ -38,7 +38,7 @@ def test_user_wait_settings_are_kept(user: dict[str, str]) -> None:
 def test_user_thread_count_disables_the_governor() -> None:
     env = {"OMP_NUM_THREADS": "2"}
     assert cpu.prepare_env(env).mode == "fixed"
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # the wait policy still helps a fixed count on a shared CPU
+    assert env["GOMP_SPINCOUNT"] == "3000"  # the short spin still helps a fixed count on a shared CPU
 
 
 def test_fluxshard_threads_values() -> None:
@@ -48,7 +48,7 @@ def test_fluxshard_threads_values() -> None:
     assert cpu.policy_from_env({"FLUXSHARD_THREADS": "1", "OMP_NUM_THREADS": "2"}).threads == 1
     env = {"FLUXSHARD_THREADS": "off"}
     assert cpu.prepare_env(env).mode == "off"
-    assert "OMP_WAIT_POLICY" not in env  # off: the package leaves libgomp's defaults alone
+    assert env == {"FLUXSHARD_THREADS": "off"}  # off: the package leaves libgomp's defaults alone
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5"])
@@ -161,18 +161,18 @@ def test_tick_is_a_no_op_until_configured_and_applies_a_fixed_count() -> None:
 
 
 def _cli(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "FLUXSHARD_THREADS")}
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FLUXSHARD_THREADS")}
     return subprocess.run([sys.executable, "-c", code], env={**e, **env}, capture_output=True, text=True,
                           timeout=60)
 
 
-def test_cli_sets_the_wait_policy_before_torch_loads() -> None:
+def test_cli_sets_the_spin_before_torch_loads() -> None:
     # main() configures first; nothing on the way there (the CLI package, the command modules) may import torch
     r = _cli("import os, sys\nsys.argv = ['fluxshard', '--help']\nfrom fluxshard.cli import main\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
-             "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+             "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "False PASSIVE"
+    assert r.stdout.strip().splitlines()[-1] == "False 3000"
 
 
 def test_cli_rejects_a_bad_fluxshard_threads() -> None:

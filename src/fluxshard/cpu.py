@@ -5,18 +5,21 @@ Why: edge devices share their CPU (a robot runs its other nodes beside the analy
 its slowest thread; with one other busy process on a 2-core machine a 2-thread frame went from 33 ms to ~700 ms.
 Two measures fix it (``benchmarks/contention.py``):
 
-* ``OMP_WAIT_POLICY=PASSIVE`` — set in the environment before torch is first imported (libgomp reads it once,
-  when it loads): idle threads sleep instead of spinning, so they stop stealing the core a preempted teammate
-  needs. :func:`prepare_env` does it; the CLI calls it first thing.
+* a short spin: ``GOMP_SPINCOUNT=3000`` (libgomp's default is 300000, "~3 ms"; this is ~30 µs) — set in the
+  environment before torch is first imported (libgomp reads it once, when it loads): an idle thread spins just
+  long enough to catch the next parallel region of a quiet frame, then sleeps instead of stealing the core a
+  preempted teammate needs. Measured on 2 cores (vtest, detect): quiet as fast as the default spin, where
+  ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all) costs 15–25 % of the quiet frame time. :func:`prepare_env` does
+  it; the CLI calls it first thing.
 * a thread governor — every ``interval`` seconds it reads how much of this process's CPUs other processes used
   (``/proc/stat`` busy time of the affinity CPUs minus this process's own CPU time) and sets
   ``torch.set_num_threads`` to the cores left free (≥ 1), with hysteresis. Thread counts are per calling thread
   in OpenMP, so :func:`tick` must be called from the thread that runs inference (the frame loops do, per frame;
   it costs a clock read, and a ``/proc`` read at most every ``interval``).
 
-``FLUXSHARD_THREADS`` selects the policy: ``auto`` (default: both measures), an integer ``N`` (N threads, passive
-waiting, no governor), or ``off`` (the package touches neither: torch's and libgomp's own defaults). A user's own
-``OMP_NUM_THREADS`` is an explicit thread count (no governor) and a user's ``OMP_WAIT_POLICY`` /
+``FLUXSHARD_THREADS`` selects the policy: ``auto`` (default: both measures), an integer ``N`` (N threads, the
+short spin, no governor), or ``off`` (the package touches neither: torch's and libgomp's own defaults). A user's
+own ``OMP_NUM_THREADS`` is an explicit thread count (no governor) and a user's ``OMP_WAIT_POLICY`` /
 ``GOMP_SPINCOUNT`` is kept as it is.
 """
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from fluxshard.errors import FluxShardError
 
 ENV = "FLUXSHARD_THREADS"
+SPINCOUNT = "3000"  # libgomp spins per idle wait before sleeping (its own estimate: ~100000 per ms)
 INTERVAL_S = 0.5
 MIN_WINDOW_S = 0.2  # shortest reading window worth deciding on (/proc/stat counts in 10 ms ticks)
 # hysteresis, in cores taken by other processes (beyond what whole free cores allow): drop a thread once others
@@ -73,12 +77,12 @@ def policy_from_env(environ: Mapping[str, str]) -> Policy:
 
 
 def prepare_env(environ: MutableMapping[str, str] | None = None) -> Policy:
-    """Set the OpenMP wait policy for ``policy_from_env(environ)``; returns the policy. Must run before torch is
-    first imported to have any effect (libgomp reads its environment once, when it loads)."""
+    """Set the OpenMP wait (the short spin) for ``policy_from_env(environ)``; returns the policy. Must run before
+    torch is first imported to have any effect (libgomp reads its environment once, when it loads)."""
     env = os.environ if environ is None else environ
     policy = policy_from_env(env)
     if policy.mode != "off" and "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["GOMP_SPINCOUNT"] = SPINCOUNT
     return policy
 
 
@@ -209,15 +213,15 @@ _governor: ThreadGovernor | None = None
 
 
 def configure(environ: MutableMapping[str, str] | None = None) -> Policy:
-    """The CLI's entry: wait policy into the environment (before torch loads) and, in auto mode, a governor
+    """The CLI's entry: the short spin into the environment (before torch loads) and, in auto mode, a governor
     whose first reading starts now, so the first frame already sees the load during start-up."""
     global _policy, _governor
     env = os.environ if environ is None else environ
-    had = "OMP_WAIT_POLICY" in env
+    had = "GOMP_SPINCOUNT" in env
     _policy = prepare_env(env)
     _governor = ThreadGovernor() if _policy.mode == "auto" else None
-    if not had and "OMP_WAIT_POLICY" in env and "torch" in sys.modules:
-        print("warning: torch was imported before fluxshard.cpu.configure(): OMP_WAIT_POLICY=PASSIVE comes too "
+    if not had and "GOMP_SPINCOUNT" in env and "torch" in sys.modules:
+        print(f"warning: torch was imported before fluxshard.cpu.configure(): GOMP_SPINCOUNT={SPINCOUNT} comes too "
               "late to take effect", file=sys.stderr)
     return _policy
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -180,3 +182,17 @@ def test_cli_rejects_a_bad_fluxshard_threads() -> None:
              FLUXSHARD_THREADS="many")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: FLUXSHARD_THREADS='many': expected auto, off or a thread count >= 1"
+
+
+def test_frame_loops_tick_once_per_frame(clip_p: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the governor only acts where it is ticked: from the inference thread, once per frame (detect and run)
+    from fluxshard.cli.detect import detect
+    from fluxshard.engine.run import run_clip
+
+    calls: list[int] = []
+    monkeypatch.setattr(cpu, "tick", lambda: calls.append(1))
+    s = run_clip(str(clip_p.path), "nanodet", max_frames=3)
+    assert s.frames == 3 and len(calls) == 3
+    calls.clear()
+    detect(str(clip_p.path), max_frames=4, as_json=True, jsonl=tmp_path / "d.jsonl")
+    assert len(calls) == 4

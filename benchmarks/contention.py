@@ -29,6 +29,7 @@ _NCPU = str(len(os.sched_getaffinity(0)))
 VARIANTS = {"old": {"FLUXSHARD_THREADS": "off"},
             "passive": {"FLUXSHARD_THREADS": _NCPU, "OMP_WAIT_POLICY": "PASSIVE"},
             "static": {"FLUXSHARD_THREADS": _NCPU},
+            "passive-gov": {"OMP_WAIT_POLICY": "PASSIVE"},  # the governor with no spin at all
             "new": {}}
 CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "FLUXSHARD_THREADS")
 TARGET = 2.5
@@ -67,8 +68,26 @@ def _wait_quiet(below: float, max_wait: float) -> float:
     return bg
 
 
+TORCH_LOOP = ("import torch\nimport torch.nn.functional as F\nx = torch.randn(1, 32, 96, 96)\n"
+              "w = torch.randn(32, 32, 3, 3)\nwhile True:\n    F.conv2d(x, w, padding=1)")
+
+
+def _competitor(duty: float, kind: str = "python") -> list[str]:
+    """A busy process: ``duty`` of every 100 ms spinning, the rest asleep (1.0: always busy); ``kind`` torch: a
+    convolution loop at torch's default threads and OpenMP waits (another inference node on the robot)."""
+    if kind == "torch":
+        return [sys.executable, "-c", TORCH_LOOP]
+    if duty >= 1.0:
+        return [sys.executable, "-c", "while True: pass"]
+    busy, idle = 0.1 * duty, 0.1 * (1 - duty)
+    code = (f"import time\nwhile True:\n    t = time.perf_counter() + {busy}\n    while time.perf_counter() < t: pass\n"
+            f"    time.sleep({idle})")
+    return [sys.executable, "-c", code]
+
+
 def measure(cmd: str, variant: str, competitors: int, clip: str, frames: int, timeout: float, nice: int = 0,
-            quiet_below: float = 99.0, max_wait: float = 0.0) -> dict[str, Any]:
+            quiet_below: float = 99.0, max_wait: float = 0.0, duty: float = 1.0, kind: str = "python",
+            ) -> dict[str, Any]:
     """One run of ``cmd`` beside ``competitors`` busy processes (each killed by its own pid afterwards); both
     run at niceness ``nice`` (< 0 needs root: shields the pair from a noisy shared machine, the contention
     between them stays as it is)."""
@@ -80,7 +99,8 @@ def measure(cmd: str, variant: str, competitors: int, clip: str, frames: int, ti
         if nice:
             os.nice(nice)
 
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=renice)
+    plain = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    procs = [subprocess.Popen(_competitor(duty, kind), env=plain, preexec_fn=renice)
              for _ in range(competitors)]
     try:
         if procs:
@@ -108,6 +128,10 @@ def main() -> None:
     ap.add_argument("--commands", default="detect,run")
     ap.add_argument("--variants", default="old,new")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--competitors", default="0,1", help="competitor counts to run (0 is the quiet reference)")
+    ap.add_argument("--competitor", choices=("python", "torch"), default="python",
+                    help="python: a pure-Python busy loop; torch: a convolution loop at torch's defaults")
+    ap.add_argument("--duty", type=float, default=1.0, help="fraction of the time each competitor is busy")
     ap.add_argument("--nice", type=int, default=0, help="niceness of the runs and their competitors (e.g. -10 "
                     "as root on a machine others are using)")
     ap.add_argument("--quiet-below", type=float, default=99.0, help="before each run, wait for the other "
@@ -123,14 +147,16 @@ def main() -> None:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"error: --variants: unknown variant {v!r} ({', '.join(VARIANTS)})")
+    counts = sorted({0, *(int(c) for c in a.competitors.split(",") if c)})
     print(f"cpus {len(os.sched_getaffinity(0))}, frames {a.frames}, repeats {a.repeats}, clip {a.clip}, "
-          f"nice {a.nice}", file=sys.stderr)
+          f"nice {a.nice}, competitor {a.competitor} duty {a.duty}", file=sys.stderr)
     runs: list[dict[str, Any]] = []
     for r in range(a.repeats):
         for cmd in cmds:
             for v in variants:
-                for n in (0, 1):
-                    m = measure(cmd, v, n, a.clip, a.frames, a.timeout, a.nice, a.quiet_below, a.max_wait)
+                for n in counts:
+                    m = measure(cmd, v, n, a.clip, a.frames, a.timeout, a.nice, a.quiet_below, a.max_wait, a.duty,
+                                a.competitor)
                     runs.append(m)
                     print(f"[{r + 1}/{a.repeats}] {cmd:6s} {v:3s} competitors={n}: {m['ms']:8.1f} ms/frame "
                           f"(threads at end {m['threads']}, bg {m['bg_cores']} cores, {m['wall_s']:.1f} s)",
@@ -141,14 +167,19 @@ def main() -> None:
     def cell(cmd: str, v: str, n: int) -> float:
         return statistics.median(m["ms"] for m in runs if (m["cmd"], m["variant"], m["competitors"]) == (cmd, v, n))
 
-    print(f"| command | policy | quiet ms/frame | 1 competitor ms/frame | ratio | ≤ {TARGET}× | loaded / old quiet |")
-    print("|---|---|---:|---:|---:|:---:|---:|")
+    loaded = [n for n in counts if n]
+    head = "".join(f" {n} competitor{'s' * (n > 1)} ms | ratio | ≤ {TARGET}× | / old quiet |" for n in loaded)
+    print(f"| command | policy | quiet ms/frame |{head}")
+    print("|---|---|---:|" + "---:|---:|:---:|---:|" * len(loaded))
     for cmd in cmds:
         for v in variants:
-            q, ld = cell(cmd, v, 0), cell(cmd, v, 1)
-            vs_old = f"{ld / cell(cmd, 'old', 0):.2f}×" if "old" in variants else "-"
-            print(f"| {cmd} | {v} | {q:.1f} | {ld:.1f} | {ld / q:.2f}× | {'yes' if ld / q <= TARGET else 'no'} "
-                  f"| {vs_old} |")
+            q = cell(cmd, v, 0)
+            row = f"| {cmd} | {v} | {q:.1f} |"
+            for n in loaded:
+                ld = cell(cmd, v, n)
+                vs_old = f"{ld / cell(cmd, 'old', 0):.2f}×" if "old" in variants else "-"
+                row += f" {ld:.1f} | {ld / q:.2f}× | {'yes' if ld / q <= TARGET else 'no'} | {vs_old} |"
+            print(row)
     bg = [m["bg_cores"] for m in runs]
     print(f"\nbackground CPU before runs (other processes, cores): median {statistics.median(bg):.2f}, "
           f"max {max(bg):.2f}")

@@ -1,15 +1,16 @@
 """CPU policy: how many torch threads to run and how idle OpenMP threads wait — decided in this one place.
 
 Why: edge devices share their CPU (a robot runs its other nodes beside the analytics). torch's OpenMP runtime
-(libgomp in the CPU wheels) spins idle threads at every barrier by default, and each parallel region waits for
-its slowest thread; with one other busy process on a 2-core machine a 2-thread frame went from 33 ms to ~700 ms.
-Two measures fix it (``benchmarks/contention.py``):
+(libgomp in the CPU wheels) spins idle threads for ~3 ms at every barrier by default, and each parallel region
+waits for its slowest thread; on 2 cores, beside one other torch process, a 2-thread ``detect`` frame went from
+40 ms to 177 ms, and to 0.7–2 s beside several (other jobs on a shared host). Two measures fix it
+(``benchmarks/contention.py``):
 
 * a short spin: ``GOMP_SPINCOUNT=3000`` (libgomp's default is 300000, "~3 ms"; this is ~30 µs) — set in the
   environment before torch is first imported (libgomp reads it once, when it loads): an idle thread spins just
   long enough to catch the next parallel region of a quiet frame, then sleeps instead of stealing the core a
-  preempted teammate needs. Measured on 2 cores (vtest, detect): quiet as fast as the default spin, where
-  ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all) costs 15–25 % of the quiet frame time. :func:`prepare_env` does
+  preempted teammate needs. Measured on 2 cores (vtest): quiet as fast as the default spin, where
+  ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all) costs 10–20 % of the quiet frame time. :func:`prepare_env` does
   it; the CLI calls it first thing.
 * a thread governor — every ``interval`` seconds it reads how much of this process's CPUs other processes used
   (``/proc/stat`` busy time of the affinity CPUs minus this process's own CPU time) and sets
@@ -38,8 +39,9 @@ ENV = "FLUXSHARD_THREADS"
 SPINCOUNT = "3000"  # libgomp spins per idle wait before sleeping (its own estimate: ~100000 per ms)
 INTERVAL_S = 0.5
 MIN_WINDOW_S = 0.2  # shortest reading window worth deciding on (/proc/stat counts in 10 ms ticks)
-# hysteresis, in cores taken by other processes (beyond what whole free cores allow): drop a thread once others
-# take more than DROP of a core we would use, add one back only once they leave more than 1 - RAISE of it free
+# hysteresis, in cores' worth of CPU that other processes use: with k threads on n CPUs, drop to k - 1 once others
+# use more than n - k + DROP cores, go back up only once they use less than n - k - 1 + RAISE (a competitor near
+# one threshold then does not make the count flap)
 DROP = 0.5
 RAISE = 0.25
 

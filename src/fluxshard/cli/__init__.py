@@ -54,7 +54,7 @@ def main() -> None:
     from fluxshard import cpu
 
     try:
-        cpu.configure()  # before anything imports torch: libgomp reads OMP_WAIT_POLICY once, when it loads
+        cpu.configure()  # before anything imports torch: libgomp reads GOMP_SPINCOUNT once, when it loads
     except FluxShardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

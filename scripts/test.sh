@@ -4,6 +4,9 @@
 # Stage 2: the yolo venv (requirements/yolo.txt: ultralytics + the torch build torchvision needs; cached like
 # the base one, built on first use) runs only the `-m yolo` tests. FLUXSHARD_SKIP_YOLO=1 skips stage 2.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+# pytest imports torch itself, so the CLI's CPU policy (fluxshard.cpu) never runs in it: give its OpenMP
+# threads the same short spin, so a loaded CI machine does not turn every barrier into a 3 ms busy wait
+export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-3000}
 fs_venv base "$FS_ROOT/requirements/base.txt"
 cd "$FS_ROOT"
 fluxshard data fetch

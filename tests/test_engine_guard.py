@@ -278,3 +278,16 @@ def test_guard_active_must_be_a_fraction() -> None:
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(EngineError, match="guard_active"):
             EngineConfig(mode="fast", guard=True, guard_active=bad)
+
+
+def test_guard_forgets_times_taken_at_another_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact mode's guard compares times; after the thread count changes (the CLI's governor follows the
+    load) the old times measure another machine and another clock, so they are dropped."""
+    eng = Engine(Net().eval(), (48, 64), EngineConfig(guard=True))
+    eng._time(True, 10.0)
+    eng._time(True, 10.0)
+    eng._time(False, 30.0)
+    assert len(eng._dense_ms) == 2 and len(eng._ratios) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
+    eng._time(False, 5.0)
+    assert len(eng._dense_ms) == 0 and len(eng._ratios) == 0 and list(eng._pending_ms) == [5.0]

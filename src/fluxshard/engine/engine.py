@@ -495,6 +495,7 @@ class Engine:
         self._dense_ms: collections.deque[float] = collections.deque(maxlen=5)
         self._ratios: collections.deque[float] = collections.deque(maxlen=5)
         self._pending_ms: collections.deque[float] = collections.deque(maxlen=5)
+        self._timed_threads = 0  # torch threads the guard's times were taken at (see _time)
         self._since_probe = 0
         self._since_dense = 0  # incremental frames since the last timed dense frame (see _guard)
         self._probe_every = self.config.guard_probe  # current probe interval (backs off, see _guard)
@@ -605,7 +606,14 @@ class Engine:
         """Record a frame's time for the cost guard. An incremental frame is kept as its ratio to the median
         of the last dense frames, so a machine that slows down or speeds up between the two kinds of frames
         (a shared host drifts by 1.5× within a minute) does not flip the decision; incremental frames timed
-        before two dense frames exist are converted when they do."""
+        before two dense frames exist are converted when they do. Times taken at another thread count (the
+        CLI's thread governor follows the load) are dropped: they measure another machine, and another clock."""
+        threads = torch.get_num_threads()
+        if threads != self._timed_threads:
+            self._timed_threads = threads
+            self._dense_ms.clear()
+            self._ratios.clear()
+            self._pending_ms.clear()
         if dense:
             self._since_dense = 0
             self._dense_ms.append(ms)

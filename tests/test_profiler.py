@@ -166,13 +166,7 @@ def test_bin_with_too_few_reference_objects_is_not_certified(monkeypatch: pytest
                 {"frames": 20, "retention_map50": None, "reuse": a},  # 20 frames, too few objects
                 {"frames": 20, "retention_map50": 1.0 if a <= 0.1 else 0.9, "reuse": a}]
 
-    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
-    monkeypatch.setattr(profiler, "run_config",
-                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds
-                                                         else -1.0], [0.0], [True]))
-    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
-    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
-    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    clip = _fake_profiler(monkeypatch, fake_per_bin)
     prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, bins=(1.0, 2.0, math.inf),
                             alphas=(0.0, 0.1, 0.2, 0.3, 0.5))
     assert [b["alpha"] for b in prof["bins"]] == [0.2, 0.1, 0.1]
@@ -225,13 +219,7 @@ def test_bin_failing_at_the_tightest_alpha_keeps_it_and_says_so(monkeypatch: pyt
                 {"frames": 2, "retention_map50": 1.0, "reuse": a},  # too few frames
                 {"frames": 20, "retention_map50": 1.0 if a <= 0.1 else 0.9, "reuse": a}]
 
-    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
-    monkeypatch.setattr(profiler, "run_config",
-                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds
-                                                         else -1.0], [0.0], [True]))
-    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
-    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
-    clip = profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]
+    clip = _fake_profiler(monkeypatch, fake_per_bin)
     prof = profiler.profile(FakeAdapter(), "fake", [clip], target=0.99, alphas=(0.0, 0.1, 0.2, 0.3))
     assert [b["alpha"] for b in prof["bins"]] == [0.2, 0.0, 0.1, 0.1]
     assert [b["target_met"] for b in prof["bins"]] == [True, False, True, True]
@@ -337,3 +325,15 @@ def test_share_calibration_prices_the_compiled_path_in_a_copy() -> None:
     assert same._pgemm_layers is donor._pgemm_layers
     with pytest.raises(EngineError, match="pgemm_scale"):
         same.share_calibration(donor, 0.0)
+
+
+def _fake_profiler(monkeypatch: pytest.MonkeyPatch, fake_per_bin: Any) -> Any:
+    """Profiler internals replaced so a test decides each bin's retention per α (``fake_per_bin``): one conv
+    ``c1`` whose recorded value is its threshold; returns the one fake clip to profile."""
+    monkeypatch.setattr(profiler, "layer_scales", lambda adapter, clips: {"c1": 1.0})
+    monkeypatch.setattr(profiler, "run_config",
+                        lambda adapter, clip, cfg, *_: ([cfg.thresholds.get("c1", 0.0) if cfg.thresholds
+                                                         else -1.0], [0.0], [True]))
+    monkeypatch.setattr(profiler, "per_bin", fake_per_bin)
+    monkeypatch.setattr(profiler, "_retention", lambda cand, ref: 1.0)
+    return profiler.Clip("x.mp4", type("M", (), {"input_hw": (8, 8)})(), [], [0.0], [None])  # type: ignore[arg-type]

@@ -8,27 +8,10 @@ from __future__ import annotations
 
 import sys
 
-import typer
-
-from fluxshard.cli._common import CONTEXT, MARKUP
+from fluxshard.cli._common import group
 from fluxshard.errors import FluxShardError
 
-app = typer.Typer(
-    name="fluxshard",
-    help="Motion-aware incremental CNN inference on video.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings=CONTEXT,
-    rich_markup_mode=MARKUP,
-)
-
-
-@app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context) -> None:
-    # Bare `fluxshard` prints the help and succeeds: click's no_args_is_help exits 2, as for a usage error.
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
-        raise typer.Exit(0)
+app = group("Motion-aware incremental CNN inference on video.", name="fluxshard")
 
 
 def _register() -> None:

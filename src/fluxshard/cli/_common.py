@@ -28,6 +28,21 @@ CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 MARKUP: Any = None
 
 
+def group(help_text: str, name: str | None = None) -> typer.Typer:
+    """A command group that prints its help and succeeds when called bare (click's ``no_args_is_help`` exits
+    2, as for a usage error), with the shared ``-h`` and help layout."""
+    app = typer.Typer(name=name, help=help_text, add_completion=False, pretty_exceptions_enable=False,
+                      context_settings=CONTEXT, rich_markup_mode=MARKUP)
+
+    @app.callback(invoke_without_command=True)
+    def _bare(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None:
+            typer.echo(ctx.get_help())
+            raise typer.Exit(0)
+
+    return app
+
+
 class Command(TyperCommand):
     """A typer command whose usage line names arguments ``CLIP`` / ``[NAMES]...`` (upper-case metavars).
 

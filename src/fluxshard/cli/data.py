@@ -13,24 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fluxshard.cli._common import CONTEXT, MARKUP, Command
+from fluxshard.cli._common import Command, group
 from fluxshard.errors import DataError
 
-app = typer.Typer(
-    help="Test data: fetch sha256-verified real clips; make virtual pan-tilt-zoom clips with exact motion.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings=CONTEXT,
-    rich_markup_mode=MARKUP,
-)
-
-
-@app.callback(invoke_without_command=True)
-def _group(ctx: typer.Context) -> None:
-    # Bare `fluxshard data` prints the help and succeeds (click's no_args_is_help exits 2).
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
-        raise typer.Exit(0)
+app = group("Test data: fetch sha256-verified real clips; make virtual pan-tilt-zoom clips with exact motion.")
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True)

@@ -13,10 +13,13 @@ The paper profiles (seed 001 §6.1: 130 / 56 / 25 Mbit/s, "Madrid LTE" traces ap
 shipped; :func:`paper_profile` generates LTE-like variability around each mean, seeded:
 
 * the rate is piecewise constant over ``segment_ms`` (default 200 ms) segments;
-* the segment multiplier follows a bounded random walk: ``m[k+1] = clip(m[k] + N(0, step), 1 - spread,
-  1 + spread)`` with ``spread`` 0.4 and ``step`` 0.08 by default, starting at 1;
-* the multipliers are then scaled so that their mean is exactly 1 (the trace's mean rate equals the
-  profile's to within one packet per period), and the trace lasts ``duration_s`` (default 60 s) before it wraps.
+* the segment multiplier follows a bounded, mean-reverting random walk (a discrete Ornstein–Uhlenbeck process):
+  ``m[k+1] = clip(1 + revert·(m[k] − 1) + N(0, step), 1 − spread, 1 + spread)``, starting at 1, with
+  ``revert`` 0.95 (a correlation time of about 4 s at 200 ms segments), ``step`` 0.08 and ``spread`` 0.4 by
+  default, so the rate wanders between 0.6× and 1.4× the mean over seconds;
+* the multipliers are then rescaled (and re-clipped, a few rounds) so that their mean is 1: the trace's mean
+  rate equals the profile's to within one packet per period, and the trace lasts ``duration_s`` (default
+  60 s) before it wraps.
 """
 
 from __future__ import annotations
@@ -193,6 +196,7 @@ def paper_profile(
     segment_ms: int = 200,
     spread: float = 0.4,
     step_sd: float = 0.08,
+    revert: float = 0.95,
 ) -> Trace:
     """An LTE-like trace with mean ``mbps`` (see the module docstring for the model). ``seed`` defaults to
     ``int(mbps)``, so ``paper_profile(25)`` is the same trace everywhere."""
@@ -202,11 +206,16 @@ def paper_profile(
         raise TraceError(f"bad profile parameters: spread {spread}, segment {segment_ms} ms, duration {duration_s} s")
     rng = np.random.default_rng(int(mbps) if seed is None else seed)
     n_seg = max(1, round(duration_s * 1000 / segment_ms))
+    lo, hi = 1.0 - spread, 1.0 + spread
     m = np.empty(n_seg)
     x = 1.0
     for k in range(n_seg):
         m[k] = x
-        x = float(np.clip(x + rng.normal(0.0, step_sd), 1 - spread, 1 + spread))
+        x = float(np.clip(1.0 + revert * (x - 1.0) + rng.normal(0.0, step_sd), lo, hi))
+    for _ in range(50):  # rescale to mean 1 while staying inside the bound (converges in a few rounds)
+        m = np.clip(m / m.mean(), lo, hi)
+        if abs(m.mean() - 1.0) < 1e-6:
+            break
     m /= m.mean()
     rate = np.repeat(m * mbps / MBPS_PER_PACKET_PER_MS, segment_ms)
     return _spread(rate, name=f"paper-{mbps:g}-seed{int(mbps) if seed is None else seed}")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxshard.data.fetch import clip_path
+from fluxshard.edgecloud import wire
 from fluxshard.edgecloud.dispatch import (
     DispatchLayer,
     block_difference,
@@ -198,7 +199,7 @@ def test_checksum_covers_dtype_and_shape() -> None:
     a = np.arange(12, dtype=np.uint8)
     assert len(checksum(a)) == 16
     assert checksum(a) != checksum(a.reshape(3, 4)) != checksum(a.astype(np.uint16))
-    assert checksum(a) == checksum(a.copy())
+    assert checksum(a) == checksum(a.copy()) == wire.checksum(a)  # one checksum on both sides
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_random_fields_and_images_rebuild_the_mirror(seed: int, steps: int, bloc
     top = 255 if dtype is np.uint8 else 1020
     cache = rng.integers(0, top + 1, (h, w, 3)).astype(dtype)
     layer = DispatchLayer((h, w), block, dtype, tau_in=tau, unit=1.0)
-    layer.update(cache)
+    layer.update(cache, seq=3)
     hb, wb = layer.field.shape
     for _ in range(steps):
         layer.fold(_field(h, w, block, rng.integers(-block, block + 1, (hb, wb)),
@@ -264,6 +265,7 @@ def test_random_fields_and_images_rebuild_the_mirror(seed: int, steps: int, bloc
     cur += rng.integers(-3, 4, cur.shape) * (rng.random(cur.shape[:2]) < rng.random())[:, :, None]
     cur = np.clip(cur, 0, top).astype(dtype)
     p = build_residual(layer, cur, seq=7)
+    assert p.seq == 7 and p.base_seq == 3
     rebuilt = apply_residual(cache, p)
     assert np.array_equal(rebuilt, p.rebuilt)
     assert (np.diff(p.indices) > 0).all() and p.dy.dtype == np.int16

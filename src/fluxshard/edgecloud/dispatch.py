@@ -152,6 +152,7 @@ class DispatchLayer:
         self.tau_in = float(tau_in)
         self.unit = float(unit)
         self.cache: np.ndarray | None = None
+        self.seq: int | None = None  # frame number of the cached input, when the caller numbers frames
         self._acc = AccumulatedField(self.input_hw[0], self.input_hw[1], self.block, strict=True)
 
     @classmethod
@@ -173,10 +174,12 @@ class DispatchLayer:
         """Fold in one frame's field (current → previous frame, at engine input resolution)."""
         return self._acc.update(step)
 
-    def update(self, new_input: np.ndarray) -> None:
-        """This endpoint ran on ``new_input``: it becomes the cache (a private copy), the field resets."""
+    def update(self, new_input: np.ndarray, seq: int | None = None) -> None:
+        """This endpoint ran on ``new_input`` (frame ``seq``): it becomes the cache (a private copy), the field
+        resets."""
         self._check(new_input)
         self.cache = np.array(new_input, copy=True, order="C")
+        self.seq = seq
         self._acc.reset()
 
     def align(self, current: np.ndarray) -> Alignment:

@@ -15,11 +15,11 @@ in both, exactly what the edge's mirror of the cloud layer caches next. A :class
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fluxshard.edgecloud import wire
 from fluxshard.edgecloud.dispatch import DispatchLayer, from_blocks, to_blocks
 from fluxshard.motion.field import MotionField, grid_shape
 from fluxshard.motion.residual import warp_blocks
@@ -33,19 +33,16 @@ class PayloadError(ValueError):
 
 
 def checksum(arr: np.ndarray) -> str:
-    """blake2b-64 hex over the dtype name, the shape and the little-endian C-order bytes."""
-    a = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    h = hashlib.blake2b(digest_size=8)
-    h.update(a.dtype.str.encode())
-    h.update(repr(tuple(int(s) for s in a.shape)).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
+    """blake2b-64 hex over dtype name, shape and little-endian bytes — the wire's own (:func:`wire.checksum`), so
+    the edge's and the server's checksums of one input can never disagree by construction."""
+    return wire.checksum(arr)
 
 
 @dataclass
 class ResidualPayload:
     stream_id: str
     seq: int
+    base_seq: int  # seq of the input the server must hold in its cache (the cloud layer's ``seq``; -1: unnumbered)
     model_hash: str
     block: int
     dy: np.ndarray  # int16 (Hb, Wb)
@@ -97,7 +94,8 @@ def build_residual(cloud_layer: DispatchLayer, current: np.ndarray, *, stream_id
     b = cloud_layer.block
     indices = np.flatnonzero(al.residual).astype(np.int32)
     pixels = to_blocks(current, b)[indices]
-    p = ResidualPayload(stream_id, int(seq), model_hash, b, fld.dy.astype(np.int16), fld.dx.astype(np.int16),
+    base = -1 if cloud_layer.seq is None else cloud_layer.seq
+    p = ResidualPayload(stream_id, int(seq), base, model_hash, b, fld.dy.astype(np.int16), fld.dx.astype(np.int16),
                         fld.valid.copy(), indices, np.ascontiguousarray(pixels), "")
     p.rebuilt = apply_residual(cloud_layer.cache, p, verify=False)
     p.checksum = checksum(p.rebuilt)

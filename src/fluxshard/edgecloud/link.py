@@ -9,8 +9,10 @@ Model (per direction, one link shared by every connection through the proxy, as 
   sockets, so the kernel's TCP windows close and the sender blocks (backpressure: memory stays bounded);
 * a **pacer** that, at each delivery opportunity of the trace, releases up to 1500 bytes from the head of the
   queue. Opportunities that find the queue empty are lost (as in Mahimahi: an idle link does not bank
-  capacity). It wakes on the event loop's timer (about 1 ms granularity) and spends every opportunity that
-  passed since its last wake-up, so the rate is exact over a few milliseconds and bursty below that;
+  capacity, except that bytes arriving at an idle link may use the last millisecond's, as at Mahimahi's 1 ms
+  clock resolution). It wakes on the event loop's timer (1 ms granularity: epoll rounds timeouts up) and
+  spends every opportunity that passed since its last wake-up, so the rate is exact over a few milliseconds
+  and bursty below that;
 * a **delay line** that holds released bytes for ``one_way_delay_ms`` before writing them to the destination.
 
 Faults, settable while running from any thread (Toxiproxy's list, as far as a byte-stream proxy can show it):
@@ -40,6 +42,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +59,10 @@ READ_CHUNK = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 """The pacer stops releasing bytes for a connection whose destination has this much unsent: the receiver
 is not reading, so a real link would carry nothing for it either."""
+
+
+IDLE_LOOKBACK_MS = 1.0
+"""Bytes arriving at an idle link may use the unused opportunities of the last millisecond (see ``_pace``)."""
 
 
 class LinkError(FluxShardError):
@@ -148,6 +155,7 @@ class _Way:
         self.pacer_alarm = _Alarm(loop)
         self.delivery_alarm = _Alarm(loop)
         self.stall_until = 0.0
+        self.spent = 0  # delivery opportunities since origin that are used or lost
         self.bytes_in = 0
         self.bytes_out = 0
         self.queued_max = 0
@@ -334,6 +342,14 @@ class LinkEmulator:
             raise LinkError("link emulator is not running")
         return self._on_loop(self._stats)
 
+    def thread_cpu_s(self) -> float:
+        """CPU seconds the emulator's thread has used (only after :meth:`start_in_thread`): what the link costs
+        the machine, since it shares the cores with the edge and the server."""
+        th = self._thread
+        if th is None or th.ident is None:
+            raise LinkError("thread_cpu_s needs an emulator started with start_in_thread()")
+        return time.clock_gettime(time.pthread_getcpuclockid(th.ident))
+
     @property
     def one_way_delay_ms(self) -> float:
         return self._delay_s * 1000.0
@@ -393,6 +409,7 @@ class LinkEmulator:
             w = self._ways[d]
             w.trace = trace
             w.origin = self._loop.time()
+            w.spent = 0
         self._poke_all()
 
     def _reset_all(self) -> None:
@@ -487,52 +504,61 @@ class LinkEmulator:
     # ---- pacing and delivery ---------------------------------------------------------------------------------
 
     async def _pace(self, w: _Way) -> None:
-        """Release queued bytes at the trace's delivery opportunities (see the module docstring)."""
+        """Release queued bytes at the trace's delivery opportunities (see the module docstring).
+
+        ``w.spent`` counts the opportunities since ``w.origin`` that are used or lost; each release uses one per
+        started 1500 bytes. Opportunities that find the queue empty are lost, but bytes arriving at an idle link
+        may still use the unused ones of the last millisecond: the trace's clock has 1 ms resolution, and in
+        Mahimahi a packet arriving during millisecond t may leave at an opportunity stamped t. Time spent
+        blocked (blackhole, loss stall, a receiver that does not read) forfeits its opportunities."""
         loop = asyncio.get_running_loop()
-        cursor: float | None = None  # trace time (ms) up to which opportunities are spent
         while True:
             now = loop.time()
             hold = max(self._blackhole_until, w.stall_until)
             if now < hold:
-                cursor = None  # opportunities during an outage are lost
                 await w.pacer_alarm.wait(hold if math.isfinite(hold) else None)
+                self._forfeit(w, 0.0)
                 continue
             if not w.queue:
-                cursor = None
                 await w.pacer_alarm.wait(None)
+                self._forfeit(w, IDLE_LOOKBACK_MS)
                 continue
             head_conn: _Conn = w.queue[0][0]
             dst = head_conn.writers[w.name]
             if dst.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                cursor = None
                 with contextlib.suppress(ConnectionError, OSError):
                     await dst.drain()
+                self._forfeit(w, 0.0)
                 continue
             if w.trace is None:
                 self._release(w, math.inf, now)
                 continue
             t = (now - w.origin) * 1000.0
-            if cursor is None or cursor > t:
-                cursor = t
-            n = w.trace.opportunities(cursor, t)
-            if n == 0:
-                nxt = w.trace.next_opportunity(cursor)
-                await w.pacer_alarm.wait(w.origin + nxt / 1000.0)
+            n = w.trace.count_until(t) - w.spent
+            if n <= 0:
+                await w.pacer_alarm.wait(w.origin + w.trace.next_opportunity(t) / 1000.0)
                 continue
-            cursor = t
             if self._loss > 0.0:
-                lost = next((i for i in range(n) if self._rng.random() < self._loss), None)
+                need = -(-w.queued // PACKET_BYTES) or 1
+                lost = next((i for i in range(min(n, need)) if self._rng.random() < self._loss), None)
                 if lost is not None:
-                    self._release(w, lost * PACKET_BYTES, now)
+                    w.spent += self._release(w, lost * PACKET_BYTES, now) + 1  # the lost one is used up too
                     w.losses += 1
                     stall = self._loss_stall_ms if self._loss_stall_ms is not None else max(1.0, 2000 * self._delay_s)
                     w.stall_until = now + stall / 1000.0
                     continue
-            self._release(w, n * PACKET_BYTES, now)
+            w.spent += self._release(w, n * PACKET_BYTES, now)
 
-    def _release(self, w: _Way, budget: float, now: float) -> None:
-        """Move up to ``budget`` bytes from the queue's head into the delay line (EOF markers cost nothing)."""
+    def _forfeit(self, w: _Way, lookback_ms: float) -> None:
+        """Opportunities before ``lookback_ms`` ago can no longer be used."""
+        if w.trace is not None and self._loop is not None:
+            w.spent = max(w.spent, w.trace.count_until((self._loop.time() - w.origin) * 1000.0 - lookback_ms))
+
+    def _release(self, w: _Way, budget: float, now: float) -> int:
+        """Move up to ``budget`` bytes from the queue's head into the delay line (EOF markers cost nothing);
+        returns the delivery opportunities used (one per started 1500 bytes)."""
         q = w.queue
+        total = 0
         while q and (budget > 0 or q[0][1] is None):
             e = q[0]
             conn, data, off, t_in = e
@@ -544,6 +570,7 @@ class LinkEmulator:
             piece = data[off : off + k] if (off or k < len(data)) else data
             e[2] = off + k
             budget -= k
+            total += k
             w.queued -= k
             w.delay_byte_s += k * (now - t_in)
             w.delay_max_s = max(w.delay_max_s, now - t_in)
@@ -552,6 +579,7 @@ class LinkEmulator:
             self._emit(w, conn, piece, now)
         if w.queued < self.queue_bytes:
             w.space.set()
+        return -(-total // PACKET_BYTES)
 
     def _emit(self, w: _Way, conn: _Conn, piece: bytes | None, now: float) -> None:
         if self._delay_s <= 0 and not w.delay_line:

@@ -273,9 +273,16 @@ class _Budget:
     def __init__(self, limits: WireLimits, what: str) -> None:
         self.left, self.limits, self.what = limits.max_decoded_bytes, limits, what
 
-    def tensor(self, t: pb.Tensor, field: str, **kw: object) -> tuple[str, tuple[int, ...]]:
+    def tensor(
+        self,
+        t: pb.Tensor,
+        field: str,
+        dtypes: frozenset[str] | None = None,
+        expect_shape: Sequence[int | None] | None = None,
+    ) -> tuple[str, tuple[int, ...]]:
+        allowed = self.limits.allowed_dtypes if dtypes is None else dtypes & self.limits.allowed_dtypes
         dtype, shape = check_tensor(
-            t, field=field, max_bytes=self.left, allowed_dtypes=self.limits.allowed_dtypes, **kw
+            t, field=field, max_bytes=self.left, allowed_dtypes=allowed, expect_shape=expect_shape
         )
         self.left -= t.raw_size
         return dtype, shape
@@ -314,18 +321,13 @@ def _validate_delta(d: pb.Delta, limits: WireLimits) -> None:
     if d.base_seq >= d.seq:
         raise WireError(f"delta.base_seq: {d.base_seq} is not before seq {d.seq}")
     budget = _Budget(limits, "delta")
-    _, grid = budget.tensor(d.dy, "delta.dy", allowed_dtypes=frozenset({"int16"}) & limits.allowed_dtypes)
+    _, grid = budget.tensor(d.dy, "delta.dy", dtypes=frozenset({"int16"}))
     if len(grid) != 2:
         raise WireError(f"delta.dy: shape {list(grid)} is not a 2-d block grid")
-    budget.tensor(d.dx, "delta.dx", expect_shape=grid, allowed_dtypes=frozenset({"int16"}) & limits.allowed_dtypes)
-    budget.tensor(d.valid, "delta.valid", expect_shape=grid, allowed_dtypes=frozenset({"bool"}) & limits.allowed_dtypes)
-    _, (n,) = budget.tensor(
-        d.block_indices, "delta.block_indices", expect_shape=(None,),
-        allowed_dtypes=frozenset({"int32"}) & limits.allowed_dtypes,
-    )  # fmt: skip
-    _, pix = budget.tensor(
-        d.pixels, "delta.pixels", allowed_dtypes=frozenset({"uint8", "uint16"}) & limits.allowed_dtypes
-    )
+    budget.tensor(d.dx, "delta.dx", expect_shape=grid, dtypes=frozenset({"int16"}))
+    budget.tensor(d.valid, "delta.valid", expect_shape=grid, dtypes=frozenset({"bool"}))
+    _, (n,) = budget.tensor(d.block_indices, "delta.block_indices", frozenset({"int32"}), expect_shape=(None,))
+    _, pix = budget.tensor(d.pixels, "delta.pixels", frozenset({"uint8", "uint16"}))
     if not pix or pix[0] != n:
         raise WireError(f"delta.pixels: shape {list(pix)} does not start with the {n} block indices")
     _checksum_field(d.checksum, "delta.checksum")

@@ -427,3 +427,5 @@ def test_bad_arguments() -> None:
         LinkEmulator(("127.0.0.1", 1), uplink="0")
     with pytest.raises(LinkError, match="not running"):
         LinkEmulator(("127.0.0.1", 1), uplink=10.0).blackhole(1)
+    with pytest.raises(LinkError, match="direction"):
+        LinkEmulator(("127.0.0.1", 1), uplink=10.0).rate(5.0, direction="sideways")  # type: ignore[arg-type]

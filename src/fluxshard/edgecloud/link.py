@@ -5,8 +5,9 @@ network namespace; a trace-driven rate, a one-way delay and faults changed at ru
 
 Model (per direction, one link shared by every connection through the proxy, as a real link is):
 
-* a FIFO **byte queue** of at most ``queue_bytes``; when it is full the proxy stops reading from the source
-  sockets, so the kernel's TCP windows close and the sender blocks (backpressure: memory stays bounded);
+* a FIFO **byte queue** of at most ``queue_bytes`` (plus one read of ≤ 64 KiB per further connection reading
+  at the same moment); when it is full the proxy stops reading from the source sockets, so the kernel's TCP
+  windows close and the sender blocks (backpressure: memory stays bounded);
 * a **pacer** that, at each delivery opportunity of the trace, releases up to 1500 bytes from the head of the
   queue. Opportunities that find the queue empty are lost (as in Mahimahi: an idle link does not bank
   capacity, except that bytes arriving at an idle link may use the last millisecond's, as at Mahimahi's 1 ms
@@ -328,6 +329,8 @@ class LinkEmulator:
     def rate(self, trace: Trace | float | str | None, direction: Direction = "up") -> None:
         """Swap the trace of ``direction`` (``"up"``, ``"down"`` or ``"both"``); the new trace starts at time 0.
         ``None`` removes the rate limit."""
+        if direction not in ("up", "down", "both"):
+            raise LinkError(f"direction must be 'up', 'down' or 'both', got {direction!r}")
         t = _as_trace(trace)
         self._on_loop(self._set_rate, t, direction)
 
@@ -403,8 +406,6 @@ class LinkEmulator:
     def _set_rate(self, trace: Trace | None, direction: Direction) -> None:
         assert self._loop is not None
         for d in ("up", "down") if direction == "both" else (direction,):
-            if d not in self._ways:
-                raise LinkError(f"direction must be 'up', 'down' or 'both', got {direction!r}")
             self._traces[d] = trace
             w = self._ways[d]
             w.trace = trace

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -27,7 +28,12 @@ from fluxshard.errors import FluxShardError
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = sorted(wire.ALLOWED_DTYPES)
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 3), (4, 5, 6), (1, 2, 3, 4), (33, 40)]
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FLUXSHARD_FUZZ_EXAMPLES=5000 for a long hunt (the default keeps each fuzz test well under a second)
+FUZZ = settings(
+    max_examples=int(os.environ.get("FLUXSHARD_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -128,6 +134,7 @@ HOSTILE: dict[str, tuple[Callable[[], pb.Tensor], str]] = {
         lambda: _tensor(dtype="float32", shape=[2**62, 2**62, 4], data=b"", raw_size=16),
         "limit",
     ),
+    "empty with a huge axis": (lambda: _tensor(dtype="bool", shape=[0, 0, 2**60], raw_size=0), "longer than"),
     "five dims": (lambda: _tensor(dtype="uint8", shape=[1] * 5, data=b"\0", raw_size=1), "5 dimensions"),
     "raw_size too big": (lambda: _tensor(dtype="uint8", shape=[4], data=b"\0" * 4, raw_size=5), "raw_size 5"),
     "raw_size huge": (lambda: _tensor(dtype="uint8", shape=[4], data=b"\0" * 4, raw_size=2**64 - 1), "raw_size"),

@@ -50,6 +50,7 @@ MIN_PING_INTERVAL_MS = 5_000
 SERVER_KEEPALIVE_TIME_MS = 30_000  # the server's own pings find dead edges
 
 _CHECKSUM_RE = re.compile(r"[0-9a-f]{16}")
+_MAX_SPAN = 1 << 40  # product of the non-zero axes of any tensor (empty ones included)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ITEMSIZE = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
 _COMPRESSIONS = (pb.Tensor.COMPRESSION_NONE, pb.Tensor.COMPRESSION_ZSTD)
@@ -164,15 +165,14 @@ def _zstd_frame_size(data: bytes, field: str, raw_size: int) -> int:
     raise WireError(f"{field}: zstd frame has more than {max_blocks} blocks for its size")
 
 
-def check_tensor(
+def _check(
     t: pb.Tensor,
-    *,
-    field: str = "tensor",
-    max_bytes: int = MAX_DECODED_BYTES,
-    allowed_dtypes: frozenset[str] = ALLOWED_DTYPES,
-    expect_shape: Sequence[int | None] | None = None,
-) -> tuple[str, tuple[int, ...]]:
-    """Validate a ``Tensor``'s header and data length without decompressing; returns (dtype, shape)."""
+    field: str,
+    max_bytes: int,
+    allowed_dtypes: frozenset[str],
+    expect_shape: Sequence[int | None] | None,
+) -> tuple[str, tuple[int, ...], bytes]:
+    """check_tensor's work; also returns ``t.data``, read once (each access of a protobuf bytes field copies)."""
     if t.dtype not in allowed_dtypes or t.dtype not in ALLOWED_DTYPES:
         allowed = ", ".join(sorted(set(allowed_dtypes) & ALLOWED_DTYPES))
         raise WireError(f"{field}: dtype {t.dtype[:32]!r} is not allowed (allowed: {allowed})")
@@ -190,21 +190,47 @@ def check_tensor(
     size = math.prod(shape) * _ITEMSIZE[t.dtype]  # Python ints: 2**40-sized dims cannot overflow
     if size > max_bytes:
         raise WireError(f"{field}: shape {list(shape)} of {t.dtype} is {size} bytes, limit {max_bytes}")
+    if math.prod(max(d, 1) for d in shape) > _MAX_SPAN:  # an empty array with a 2**60 axis: numpy refuses it
+        raise WireError(f"{field}: shape {list(shape)} has axes longer than {_MAX_SPAN} elements together")
     if t.raw_size != size:
         raise WireError(f"{field}: raw_size {t.raw_size} does not match shape {list(shape)} of {t.dtype} ({size})")
+    data = t.data
     if t.compression == pb.Tensor.COMPRESSION_NONE:
-        if len(t.data) != size:
-            raise WireError(f"{field}: {len(t.data)} data bytes, shape and dtype need {size}")
+        if len(data) != size:
+            raise WireError(f"{field}: {len(data)} data bytes, shape and dtype need {size}")
     elif t.compression == pb.Tensor.COMPRESSION_ZSTD:
         if size == 0:
             raise WireError(f"{field}: zstd compression of an empty tensor")
-        if not 0 < len(t.data) <= _zstd_bound(size):
-            raise WireError(f"{field}: {len(t.data)} zstd bytes cannot hold {size} bytes")
-        if t.data[:4] != _ZSTD_MAGIC:
+        if not 0 < len(data) <= _zstd_bound(size):
+            raise WireError(f"{field}: {len(data)} zstd bytes cannot hold {size} bytes")
+        if data[:4] != _ZSTD_MAGIC:
             raise WireError(f"{field}: data is not a zstd frame (bad magic)")
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as e:
+            raise WireError(f"{field}: invalid zstd frame header ({e})") from None
+        if declared != size:  # also rejects "unknown" (-1): the single-shot decompressor would then grow freely
+            raise WireError(f"{field}: zstd frame declares {declared} bytes, raw_size is {size}")
+        end = _zstd_frame_size(data, field, size)
+        if end != len(data):
+            raise WireError(f"{field}: zstd frame is {end} bytes but data has {len(data)} (truncated or trailing)")
     else:
         raise WireError(f"{field}: unknown compression {t.compression}")
-    return t.dtype, shape
+    return t.dtype, shape, data
+
+
+def check_tensor(
+    t: pb.Tensor,
+    *,
+    field: str = "tensor",
+    max_bytes: int = MAX_DECODED_BYTES,
+    allowed_dtypes: frozenset[str] = ALLOWED_DTYPES,
+    expect_shape: Sequence[int | None] | None = None,
+) -> tuple[str, tuple[int, ...]]:
+    """Validate a ``Tensor`` without decompressing: dtype, dims, declared size against the limit, data length,
+    and for zstd the frame header's content size and the frame's extent; returns (dtype, shape)."""
+    dtype, shape, _ = _check(t, field, max_bytes, allowed_dtypes, expect_shape)
+    return dtype, shape
 
 
 def decode_tensor(
@@ -216,29 +242,16 @@ def decode_tensor(
     field: str = "tensor",
 ) -> np.ndarray:
     """``Tensor`` → read-only array, after :func:`check_tensor`; allocates at most the declared raw_size."""
-    dtype, shape = check_tensor(
-        t, field=field, max_bytes=max_bytes, allowed_dtypes=allowed_dtypes, expect_shape=expect_shape
-    )
-    size = t.raw_size
+    dtype, shape, data = _check(t, field, max_bytes, allowed_dtypes, expect_shape)
     if t.compression == pb.Tensor.COMPRESSION_ZSTD:
-        data = t.data
-        try:
-            declared = zstandard.frame_content_size(data)
-        except zstandard.ZstdError as e:
-            raise WireError(f"{field}: invalid zstd frame header ({e})") from None
-        if declared != size:  # also rejects "unknown" (-1): the single-shot decompressor would then grow freely
-            raise WireError(f"{field}: zstd frame declares {declared} bytes, raw_size is {size}")
-        end = _zstd_frame_size(data, field, size)
-        if end != len(data):
-            raise WireError(f"{field}: zstd frame is {end} bytes but data has {len(data)} (truncated or trailing)")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        try:  # the frame declares exactly raw_size (checked), so the output buffer is raw_size, no growth
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=t.raw_size)
         except zstandard.ZstdError as e:
             raise WireError(f"{field}: corrupt zstd data ({e})") from None
-        if len(raw) != size:
-            raise WireError(f"{field}: zstd data gave {len(raw)} bytes, raw_size is {size}")
+        if len(raw) != t.raw_size:
+            raise WireError(f"{field}: zstd data gave {len(raw)} bytes, raw_size is {t.raw_size}")
     else:
-        raw = t.data
+        raw = data
     arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     if dtype == "bool" and arr.size and int(arr.view(np.uint8).max()) > 1:
         raise WireError(f"{field}: bool tensor holds bytes other than 0 and 1")

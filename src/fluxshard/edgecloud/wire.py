@@ -262,11 +262,12 @@ def decode_tensor(
 
 
 def _text(value: str, field: str, *, required: bool = True, limit: int = MAX_NAME_CHARS) -> None:
+    """Names (limit MAX_NAME_CHARS) must also be printable: they end up in logs and error lines."""
     if required and not value:
         raise WireError(f"{field}: missing")
     if len(value) > limit:
         raise WireError(f"{field}: {len(value)} characters, at most {limit}")
-    if limit == MAX_NAME_CHARS and not value.isprintable():
+    if limit <= MAX_NAME_CHARS and not value.isprintable():
         raise WireError(f"{field}: contains non-printable characters")
 
 
@@ -283,8 +284,8 @@ def _has(msg: object, name: str, field: str) -> None:
 class _Budget:
     """Running total of the decoded bytes a message declares, so five 60 MiB tensors cannot pass one by one."""
 
-    def __init__(self, limits: WireLimits, what: str) -> None:
-        self.left, self.limits, self.what = limits.max_decoded_bytes, limits, what
+    def __init__(self, limits: WireLimits) -> None:
+        self.left, self.limits = limits.max_decoded_bytes, limits
 
     def tensor(
         self,
@@ -333,7 +334,7 @@ def _validate_delta(d: pb.Delta, limits: WireLimits) -> None:
         _has(d, name, "delta")
     if d.base_seq >= d.seq:
         raise WireError(f"delta.base_seq: {d.base_seq} is not before seq {d.seq}")
-    budget = _Budget(limits, "delta")
+    budget = _Budget(limits)
     _, grid = budget.tensor(d.dy, "delta.dy", dtypes=frozenset({"int16"}))
     if len(grid) != 2:
         raise WireError(f"delta.dy: shape {list(grid)} is not a 2-d block grid")
@@ -367,7 +368,7 @@ def validate_edge_message(msg: pb.EdgeMessage, limits: WireLimits = DEFAULT_LIMI
         _validate_hello(msg.hello, limits)
     elif kind == "keyframe":
         _has(msg.keyframe, "input", "keyframe")
-        _Budget(limits, "keyframe").tensor(msg.keyframe.input, "keyframe.input")
+        _Budget(limits).tensor(msg.keyframe.input, "keyframe.input")
         _checksum_field(msg.keyframe.checksum, "keyframe.checksum")
     elif kind == "delta":
         _validate_delta(msg.delta, limits)
@@ -393,7 +394,7 @@ def validate_cloud_message(msg: pb.CloudMessage, limits: WireLimits = DEFAULT_LI
         r = msg.result
         if len(r.outputs) > MAX_OUTPUTS:
             raise WireError(f"result.outputs: {len(r.outputs)} tensors, at most {MAX_OUTPUTS}")
-        budget = _Budget(limits, "result")
+        budget = _Budget(limits)
         for name in sorted(r.outputs):
             _text(name, "result.outputs name")
             budget.tensor(r.outputs[name], f"result.outputs[{name!r}]")

@@ -22,12 +22,14 @@ def _register() -> None:
     from fluxshard.cli import motion as motion_cmd
     from fluxshard.cli import profile as profile_cmd
     from fluxshard.cli import run as run_cmd
+    from fluxshard.cli import serve as serve_cmd
     from fluxshard.cli import tile as tile_cmd
 
     app.add_typer(data_cmd.app, name="data")
     motion_cmd.register(app)
     detect_cmd.register(app)
     run_cmd.register(app)
+    serve_cmd.register(app)
     bench_cmd.register(app)
     profile_cmd.register(app)
     tile_cmd.register(app)

@@ -38,6 +38,17 @@ _PICT_NAMES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}
 _URL_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://", "file:")
 
 
+@dataclass(frozen=True)
+class RawPacket:
+    """One demuxed compressed packet, as the container gave it (``keep_packets``): what a bitstream forwarder
+    sends so that another decoder reproduces this one's frames."""
+
+    data: bytes
+    pts: int | None
+    dts: int | None
+    keyframe: bool
+
+
 @dataclass
 class DecodedFrame:
     """One displayed frame: pixels and the codec's raw motion vectors, both read on demand."""
@@ -49,6 +60,10 @@ class DecodedFrame:
     key_frame: bool
     width: int
     height: int
+    # ``keep_packets`` only: the packets (decode order) fed to the decoder since the previous frame came out,
+    # ending with the one whose decoding released this frame; ``flushed``: released by the end-of-stream drain
+    packets: tuple[RawPacket, ...] | None = field(repr=False, default=None)
+    flushed: bool = False
     _av: Any = field(repr=False, default=None)
     _export: bool = field(repr=False, default=False)  # decoded with +export_mvs
 
@@ -92,6 +107,9 @@ class VideoInfo:
     codec_has_mvs: bool
     max_ref_frames: int | None = None  # H.264 SPS max_num_ref_frames (avcC streams only)
     has_b_frames: bool = True  # the decoder's declared reordering; True when unknown
+    extradata: bytes = b""  # codec extradata (avcC / hvcC / SPS+PPS), for a second decoder of the same packets
+    pix_fmt: str = ""  # decoder output format, e.g. "yuv420p"
+    time_base: Fraction | None = None  # unit of the packets' pts / dts
 
 
 @dataclass
@@ -112,6 +130,8 @@ class VideoSource:
     ``on_error="raise"`` (default) raises :class:`VideoError` when iteration ends if any packet failed to
     decode or the file ended before the announced frame count; ``"collect"`` only records them in
     :attr:`problems`. Either way, every frame that could be decoded is yielded first.
+    ``keep_packets=True`` attaches to each frame the compressed packets consumed since the previous one
+    (:attr:`DecodedFrame.packets`), so they can be forwarded to a second decoder (edge → cloud bitstream payload).
     """
 
     def __init__(
@@ -122,8 +142,10 @@ class VideoSource:
         on_error: Literal["raise", "collect"] = "raise",
         max_frames: int | None = None,
         prefetch: int = 4,
+        keep_packets: bool = False,
     ) -> None:
         self.path = str(path)
+        self.keep_packets = keep_packets
         self.prefetch = prefetch
         self.on_error = on_error
         self.max_frames = max_frames
@@ -168,6 +190,9 @@ class VideoSource:
             codec_has_mvs=self.export_mvs,
             max_ref_frames=max_num_ref_frames(ctx.extradata) if ctx.name == "h264" else None,
             has_b_frames=bool(getattr(ctx, "has_b_frames", True)),
+            extradata=bytes(ctx.extradata or b""),
+            pix_fmt=ctx.pix_fmt or "",
+            time_base=self._stream.time_base,
         )
 
     def __iter__(self) -> Iterator[DecodedFrame]:
@@ -188,8 +213,8 @@ class VideoSource:
 
     def _frames(self) -> Iterator[DecodedFrame]:
         if self.prefetch <= 0:
-            for frame in self._decode():
-                yield self._wrap(frame)
+            for item in self._decode():
+                yield self._wrap(*item)
             return
         # FFmpeg decodes with the GIL released: a producer thread decodes the next frames while the consumer
         # (motion front-end, inference) works on this one.
@@ -223,16 +248,18 @@ class VideoSource:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                yield self._wrap(item)
+                yield self._wrap(*item)
         finally:
             stop.set()
             worker.join()
 
-    def _decode(self) -> Iterator[Any]:
-        """Demux and decode; record problems; yield PyAV frames in display order."""
+    def _decode(self) -> Iterator[tuple[Any, tuple[RawPacket, ...] | None, bool]]:
+        """Demux and decode; record problems; yield (PyAV frame, packets since the previous frame or None,
+        released by the final drain) in display order."""
         stream = self._stream
         demux = self._container.demux(stream)
         n = 0
+        fed: list[RawPacket] = []
         clock = time.thread_time  # CPU time of the decoding thread: robust to the machine being shared
         while True:
             t0 = clock()
@@ -243,6 +270,8 @@ class VideoSource:
             except av.error.FFmpegError as exc:
                 self.problems.append(DecodeProblem(n, f"demux error after frame {n} ({_msg(exc)})"))
                 break
+            if self.keep_packets and packet.size:
+                fed.append(RawPacket(bytes(packet), packet.pts, packet.dts, bool(packet.is_keyframe)))
             try:
                 frames = packet.decode()  # a None packet (end of stream) flushes the decoder
             except av.error.FFmpegError as exc:
@@ -253,12 +282,16 @@ class VideoSource:
             for frame in frames:
                 if frame.is_corrupt:
                     self.problems.append(DecodeProblem(n, f"corrupt data in frame {n} (decoder concealed errors)"))
-                yield frame
+                if self.keep_packets:
+                    yield frame, tuple(fed), packet.size == 0
+                    fed = []
+                else:
+                    yield frame, None, False
                 n += 1
                 if self.max_frames is not None and n >= self.max_frames:
                     return
 
-    def _wrap(self, frame: Any) -> DecodedFrame:
+    def _wrap(self, frame: Any, packets: tuple[RawPacket, ...] | None = None, flushed: bool = False) -> DecodedFrame:
         # The side data is read by whoever needs it, on the consuming thread: with decode-ahead, the decoding
         # thread (the throughput bottleneck) only decodes.
         pict_name = _PICT_NAMES.get(int(frame.pict_type), "?")
@@ -271,6 +304,8 @@ class VideoSource:
             key_frame=bool(frame.key_frame),
             width=frame.width,
             height=frame.height,
+            packets=packets,
+            flushed=flushed,
             _av=frame,
             _export=self.export_mvs,
         )

@@ -28,7 +28,7 @@ from fluxshard.edgecloud import auth, wire
 from fluxshard.edgecloud.dispatch import DispatchLayer, input_tensor, integer_input
 from fluxshard.edgecloud.payload import ResidualPayload, build_residual
 from fluxshard.edgecloud.proto import fluxshard_pb2 as pb
-from fluxshard.edgecloud.server import CloudServer, ServerError, result_outputs
+from fluxshard.edgecloud.server import CloudServer, ServerError, output_names, result_outputs
 from fluxshard.engine import Engine, EngineConfig
 from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.models import ModelAdapter, load_model
@@ -190,6 +190,44 @@ def test_results_are_the_edges_mirror_and_the_engines_outputs(clip: Clip) -> Non
             assert np.array_equal(g, w.numpy())  # same engine, same inputs, same fields
         if t in (0, len(replies) - 1):
             assert_exact(tuple(torch.from_numpy(g.copy()) for g in got), *reference(x))
+
+
+def test_fast_mode_stream_matches_a_local_fast_engine(clip: Clip) -> None:
+    """Fast mode: the server's engine sees the same rebuilt inputs and fields as a local fast engine (same
+    config), so its outputs are the local engine's."""
+    server = _server(clip)
+    edge = Edge(clip)
+    local = Engine(clip.adapter.body, clip.mapper.input_hw, EngineConfig(mode="fast", tau_in=0.01,
+                                                                         default_threshold=0.05))
+
+    async def main() -> list[tuple[pb.CloudMessage, ResidualPayload | None]]:
+        async with serving(server) as port, channel(port) as ch:
+            call = open_stream(ch)
+            assert kind(await ask(call, hello(server, clip, mode=pb.ENGINE_MODE_FAST))) == "welcome"
+            out: list[tuple[pb.CloudMessage, ResidualPayload | None]] = [(await ask(call, edge.keyframe(0)), None)]
+            for t in (1, 2, 4):  # frame 3 ran on the edge: the field accumulates over two frames
+                p, msg = edge.delta(t)
+                out.append((await ask(call, msg), p))
+                edge.sent(p)
+            await call.done_writing()
+            return out
+
+    for reply, p in run(main):
+        assert kind(reply) == "result"
+        rebuilt = clip.inputs[0] if p is None else p.rebuilt
+        assert reply.result.checksum == wire.checksum(rebuilt)
+        fld = None if p is None else MotionField(p.dy.astype(np.int32), p.dx.astype(np.int32), p.valid.copy(),
+                                                  p.block, *clip.mapper.input_hw)
+        want, _ = local.step(input_tensor(clip.mapper, rebuilt), fld)
+        for g, w in zip(result_outputs(reply.result), want, strict=True):
+            assert np.array_equal(g, w.numpy())
+
+
+def test_result_outputs_keep_the_bodys_order() -> None:
+    outs = [np.full((1, 2), i, np.float32) for i in range(12)]
+    r = pb.Result(seq=1, outputs={n: wire.encode_tensor(a) for n, a in zip(output_names(12), outs, strict=True)},
+                  checksum="0" * 16)
+    assert [int(a[0, 0]) for a in result_outputs(r)] == list(range(12))
 
 
 def test_gap_tampering_and_unknown_stream_ask_for_a_keyframe_then_resync(clip: Clip) -> None:

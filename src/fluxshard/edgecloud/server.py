@@ -409,7 +409,8 @@ class CloudServer:
         st.last_active = time.monotonic()
         return pb.CloudMessage(welcome=pb.Welcome(
             protocol_version=wire.PROTOCOL_VERSION, stream_id=h.stream_id, server_id=self.server_id,
-            max_message_bytes=self.limits.max_message_bytes, idle_timeout_ms=int(self.idle_timeout_s * 1000)))
+            max_message_bytes=self.limits.max_message_bytes,
+            idle_timeout_ms=min(int(self.idle_timeout_s * 1000), 2**32 - 1)))
 
     def _mapper(self, h: pb.Hello) -> InputMapper:
         """The input mapping that turns this stream's integer input into the body's (see the module docstring)."""

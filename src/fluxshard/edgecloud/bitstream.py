@@ -30,9 +30,9 @@ unconverted until a later target passes them.
 eviction, decode error) it must start again at a keyframe packet (IDR, or CRA for HEVC). The edge keeps the
 packets back to the keyframe of the GOP that contains the current frame in display order (the last keyframe whose
 pts ≤ the frame's pts; with B-frames at a GOP boundary that can be the previous GOP) and sends them in one
-Packets message (:meth:`PacketTap.resync_packets`). Cost: every packet since that keyframe, from one keyframe
-packet (~1 lossless-frame's worth of bytes at the GOP start) up to a whole GOP (cup: 30 frames, up to ~2× a
-zstd lossless keyframe near the GOP's end; measured in ``benchmarks/edgecloud_payload.py``). The alternative the
+Packets message (:meth:`PacketTap.resync_packets`). Cost: every packet since that keyframe, from the keyframe
+packet alone at the GOP start (cup: ~18 kB) up to a whole GOP at its end (cup, GOP 30: up to 189 kB, 1.1× a zstd
+lossless keyframe of 165 kB; bikes: up to 112 kB vs 215 kB; ``benchmarks/edgecloud_payload.py``). The alternative the
 edge may choose when that is larger: a lossless Keyframe for this frame and edge-only frames until the next
 keyframe packet, from which packets flow again.
 

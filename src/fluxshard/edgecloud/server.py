@@ -14,6 +14,13 @@
   field (the one the edge's mirror of the cloud layer used) and the rebuilt input becomes the cache.
 * No cache: ``NeedKeyframe(unknown_stream)``, or ``(evicted)`` when the idle sweeper dropped it (a state idle
   longer than ``idle_timeout_s`` loses its engine and cache, open call or not). A Keyframe resyncs either.
+* ``Packets`` (bitstream streams: Hello ``payload_kind`` bitstream with its ``codec``) — ``base_seq`` must equal the
+  last Packets seq the decoder took, unless the packets start at a keyframe (a resync restarts the decoder);
+  :class:`~fluxshard.edgecloud.bitstream.BitstreamDecoder` decodes them; ``decode_only`` only advances it (no
+  inference, no reply); otherwise the frame with the message's checksum is the input and the engine steps with the
+  message's field when it starts at ``cache_seq`` (else dense); any
+  :class:`~fluxshard.edgecloud.bitstream.BitstreamError` → ``NeedKeyframe`` with its reason (decoder reset).
+  Keyframes and Deltas are also accepted on a bitstream stream (the edge's alternative resync).
 * ``Bye`` ends the call and frees the state; a call that just drops keeps it for a resume until evicted.
 * Malformed messages (:class:`~fluxshard.edgecloud.wire.WireError`) → ``Error(malformed_message)`` and that call
   ends; other streams are unaffected. Every ``Error`` ends its call.
@@ -25,11 +32,17 @@ inference thread, so the event loop keeps reading, answering health checks and a
 computes. ``queue_ms`` = arrival (parsed) → picked up by the inference thread; ``rebuild_ms`` = decode +
 receive layer + checksum; ``compute_ms`` = ``engine.step`` and output encoding is not counted.
 
+**Results.** ``Hello.results`` RAW (default): the body's raw outputs ``out0``, ``out1``, ...; DETECTIONS: the
+adapter's ``postprocess_input`` in engine-input pixels, encoded by :mod:`fluxshard.edgecloud.results` (cup,
+NanoDet at 640x480: see the report figures in ``tests/test_edgecloud_results.py``).
+
 **Engine input.** Frames travel in the dispatch layers' integer form (:func:`~fluxshard.edgecloud.dispatch.
 integer_input`): uint8 pixels, or uint16 f×f box sums. The server turns them into the body's float input with
-:func:`~fluxshard.edgecloud.dispatch.input_tensor` and the model's own affine (``mapper_for``). The Hello does
-not carry the reduction factor f, which uint16 sums need: it is ``16 / block_size`` (the frame-level motion
-block is 16 px, the input block 16/f), and a uint16 stream whose block does not divide 16 is refused.
+:func:`~fluxshard.edgecloud.dispatch.input_tensor` and the model's own affine (``mapper_for``). The reduction
+factor f comes in ``Hello.input_factor`` (the frame-level motion block is then ``block_size · f``); 0 (an older
+edge) falls back to inferring it: ``16 / block_size`` for uint16 sums (the frame-level block is 16 px, the input
+block 16/f; a block that does not divide 16 is refused), 1 for uint8. A bitstream stream's mapper starts from the
+codec's frame size, so the server converts decoded frames exactly as the edge does.
 """
 
 from __future__ import annotations
@@ -51,16 +64,18 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fluxshard.edgecloud import auth, wire
+from fluxshard.edgecloud.bitstream import BitstreamDecoder, BitstreamError, CodecParams, from_packets_message
 from fluxshard.edgecloud.dispatch import input_dtype, input_tensor
 from fluxshard.edgecloud.payload import PayloadError, ResidualPayload, apply_residual
 from fluxshard.edgecloud.proto import fluxshard_pb2 as pb
+from fluxshard.edgecloud.results import encode_results
 from fluxshard.engine import Engine, EngineConfig
 from fluxshard.engine.engine import default_profile
 from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.engine.profiler import model_hash
 from fluxshard.errors import FluxShardError
 from fluxshard.models import ModelAdapter, load_model
-from fluxshard.motion.field import MotionField
+from fluxshard.motion.field import MotionField, grid_shape
 
 SERVICE = "fluxshard.edgecloud.v1.Inference"
 FRAME_BLOCK = 16  # frame-level motion block (px) the edge's mapper uses; the input block is FRAME_BLOCK / f
@@ -123,6 +138,9 @@ class _Stream:
     hello: pb.Hello
     mapper: InputMapper
     engine: Engine | None = None
+    decoder: BitstreamDecoder | None = None  # bitstream streams only
+    packets_seq: int | None = None  # last Packets seq the decoder took
+    decoder_lost: int = NK.REASON_UNKNOWN_STREAM  # why the decoder has no state
     cache: np.ndarray | None = None
     cache_seq: int | None = None
     lost: int = NK.REASON_UNKNOWN_STREAM  # why there is no cache (unknown stream, or evicted)
@@ -267,6 +285,9 @@ class CloudServer:
     def _evict(self, st: _Stream) -> None:
         """Drop the engine and cache (the heavy part); a call still holding ``st`` hears "evicted"."""
         st.engine, st.cache, st.cache_seq = None, None, None
+        if st.decoder is not None:
+            st.decoder.reset()
+        st.packets_seq, st.decoder_lost = None, NK.REASON_EVICTED
         st.lost, st.evicted = NK.REASON_EVICTED, True
         if self.streams.get(st.stream_id) is st:
             del self.streams[st.stream_id]
@@ -314,7 +335,8 @@ class CloudServer:
                     if r.end:
                         return
                 else:
-                    yield reply
+                    if reply is not None:  # decode_only Packets get no answer
+                        yield reply
         finally:
             reader.cancel()
             st = call.stream
@@ -341,7 +363,8 @@ class CloudServer:
         if st is not None and st.owner is call and not st.busy and self.streams.get(st.stream_id) is st:
             del self.streams[st.stream_id]
 
-    async def _dispatch(self, call: _Call, msg: pb.EdgeMessage, kind: str, arrived: float) -> pb.CloudMessage:
+    async def _dispatch(self, call: _Call, msg: pb.EdgeMessage, kind: str, arrived: float,
+                        ) -> pb.CloudMessage | None:
         if kind == "hello":
             return await self._hello(call, msg.hello)
         if call.hello is None or call.stream is None:
@@ -350,15 +373,18 @@ class CloudServer:
         if st.owner is not call:
             raise _error(pb.Error.CODE_PROTOCOL_VIOLATION,
                          f"stream {st.stream_id!r} was taken over by a newer connection")
-        if kind == "packets":
-            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, "bitstream payload not supported yet")
-        if kind == "keyframe" and st.evicted:
+        if kind == "packets" and st.decoder is None:
+            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, "packets on a stream whose Hello did not say bitstream")
+        restart = kind == "packets" and bool(msg.packets.packets) and msg.packets.packets[0].keyframe
+        if st.evicted and (kind == "keyframe" or restart):
             self._admit(st)
+        if kind == "packets" and st.evicted:
+            raise _need(msg.packets.seq, NK.REASON_EVICTED, f"stream {st.stream_id!r}: evicted after idling")
         if kind == "delta" and st.cache is None:
             seq = msg.delta.seq
             why = "evicted after idling" if st.lost == NK.REASON_EVICTED else "no keyframe received yet"
             raise _need(seq, st.lost, f"stream {st.stream_id!r}: {why}")
-        work = self._keyframe if kind == "keyframe" else self._delta
+        work = {"keyframe": self._keyframe, "delta": self._delta, "packets": self._packets}[kind]
         st.busy = True
         st.last_active = time.monotonic()
         try:
@@ -381,7 +407,12 @@ class CloudServer:
         if mode not in self.modes:
             raise _error(pb.Error.CODE_MODEL_MISMATCH, f"mode {mode}; this server runs {', '.join(self.modes)}")
         mapper = self._mapper(h)
-        params = (mode, tuple(h.input_shape), h.input_dtype, h.block_size, h.payload_kind)
+        if h.results == pb.RESULTS_DETECTIONS and (self.adapter.task not in ("detect", "pose")
+                                                   or not hasattr(self.adapter, "postprocess_input")):
+            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"{self.model_name} ({self.adapter.task}) cannot send "
+                         "compact results; ask for RESULTS_RAW")
+        params = (mode, tuple(h.input_shape), h.input_dtype, h.block_size, h.payload_kind, h.results,
+                  h.input_factor, h.codec.SerializeToString(deterministic=True))
         st = self.streams.get(h.stream_id)
         if st is not None and st.params == params and not st.busy:
             st.owner = call  # resume: an older call on this id, if still open, is told it was taken over
@@ -391,7 +422,7 @@ class CloudServer:
             if st is not None:  # new parameters: the old state goes (a call still on it is told it was taken over)
                 del self.streams[h.stream_id]
                 st.engine, st.cache, st.cache_seq, st.owner = None, None, None, None
-            st = _Stream(h.stream_id, params, h, mapper, owner=call)
+            st = _Stream(h.stream_id, params, h, mapper, owner=call, decoder=self._decoder(h, mapper))
             if h.stream_id in self._evicted:
                 st.lost = NK.REASON_EVICTED
             self._admit(st)
@@ -418,21 +449,46 @@ class CloudServer:
         if len(shape) != 3 or shape[2] != 3 or h.input_dtype not in ("uint8", "uint16"):
             raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"input {h.input_dtype} {list(shape)}: the server takes "
                          "the integer form (H, W, 3) of uint8 pixels or uint16 box sums")
-        factor = 1
-        if h.input_dtype == "uint16":
+        factor, block = h.input_factor, FRAME_BLOCK
+        if factor:  # declared by the edge: the frame-level block is the input block times f
+            block = h.block_size * factor
+        elif h.input_dtype == "uint16":  # an older edge: infer it (see the module docstring)
             b = h.block_size
             factor = FRAME_BLOCK // b if FRAME_BLOCK % b == 0 else 0
             if not 2 <= factor <= 16:
                 raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"uint16 box sums need a block size that divides "
                              f"{FRAME_BLOCK} into a factor of 2-16, got {b}")
+        else:
+            factor = 1
         hw = (shape[0], shape[1])
-        base = mapper_for(self.adapter, (hw[0] * factor, hw[1] * factor), factor)
-        mapper = InputMapper((hw[0] * factor, hw[1] * factor), factor, block=FRAME_BLOCK, canvas_hw=hw,
-                             scale=base.scale, shift=base.shift, integer=base.integer)
-        if input_dtype(mapper).name != h.input_dtype or (base.canvas_hw is not None and base.canvas_hw != hw):
-            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"input {h.input_dtype} {list(shape)} does not fit "
-                         f"{self.model_name}'s input mapping")
+        try:
+            if h.payload_kind == pb.PAYLOAD_KIND_BITSTREAM:  # decoded frames are converted here: the real frame size
+                mapper = mapper_for(self.adapter, (h.codec.height, h.codec.width), factor, block=block)
+                fits = mapper.input_hw == hw and mapper.input_block == h.block_size
+            else:
+                base = mapper_for(self.adapter, (hw[0] * factor, hw[1] * factor), factor, block=block)
+                mapper = InputMapper((hw[0] * factor, hw[1] * factor), factor, block=block, canvas_hw=hw,
+                                     scale=base.scale, shift=base.shift, integer=base.integer)
+                fits = base.canvas_hw is None or base.canvas_hw == hw
+            fits = fits and input_dtype(mapper).name == h.input_dtype
+        except ValueError as exc:
+            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"input {h.input_dtype} {list(shape)} with factor "
+                         f"{factor}: {exc}") from None
+        if not fits:
+            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, f"input {h.input_dtype} {list(shape)} (block "
+                         f"{h.block_size}, factor {factor}) does not fit {self.model_name}'s input mapping")
         return mapper
+
+    def _decoder(self, h: pb.Hello, mapper: InputMapper) -> BitstreamDecoder | None:
+        """A bitstream stream's decoder, opened from the Hello's codec parameters (checked)."""
+        if h.payload_kind != pb.PAYLOAD_KIND_BITSTREAM:
+            return None
+        try:
+            return BitstreamDecoder(CodecParams.from_message(h.codec), mapper)
+        except wire.WireError as exc:
+            raise _error(pb.Error.CODE_MALFORMED_MESSAGE, str(exc)) from None
+        except BitstreamError as exc:
+            raise _error(pb.Error.CODE_PROTOCOL_VIOLATION, str(exc)) from None
 
     # -------------------------------------------------------------------------------------------- inference thread
     def _build(self, st: _Stream) -> None:
@@ -485,6 +541,64 @@ class CloudServer:
         t1 = time.perf_counter()
         return self._infer(st, d.seq, rebuilt, fld, arrs.checksum, t0 - arrived, t1 - t0)
 
+    def _packets(self, st: _Stream, msg: pb.EdgeMessage, arrived: float) -> pb.CloudMessage | None:
+        """Bitstream receive layer: decode, pick the frame by checksum, infer (see the module docstring)."""
+        t0 = time.perf_counter()
+        try:
+            p = from_packets_message(msg.packets, self.limits)
+        except wire.WireError as exc:
+            raise _error(pb.Error.CODE_MALFORMED_MESSAGE, str(exc)) from None
+        dec = st.decoder
+        assert dec is not None
+        restart = bool(p.packets) and p.packets[0].keyframe
+        if restart:
+            if p.base_seq != st.packets_seq:
+                dec.reset()  # a resync: the packets since a keyframe restart the decoder
+        elif dec.needs_keyframe and not (p.packets == () and p.base_seq == st.packets_seq):
+            raise _need(p.seq, st.decoder_lost, f"packets {p.seq}: the server's decoder needs packets from a "
+                        "keyframe on (resync)")
+        elif p.base_seq != st.packets_seq:
+            dec.reset()
+            st.decoder_lost = NK.REASON_SEQUENCE_GAP
+            raise _need(p.seq, NK.REASON_SEQUENCE_GAP, f"packets {p.seq} follow frame {p.base_seq}; the server's "
+                        f"decoder is at frame {st.packets_seq}")
+        fld = None
+        if not p.decode_only and msg.packets.HasField("dy"):
+            fld = self._packets_field(st, msg.packets)
+        if st.engine is None:  # readmitted after eviction
+            try:
+                self._build(st)
+            except Exception as exc:  # only this stream is affected
+                raise _error(pb.Error.CODE_INTERNAL, f"cannot rebuild the engine: {exc}") from None
+        try:
+            x = dec.decode(p.packets, checksum=None if p.decode_only else p.checksum, flush=bool(msg.packets.flush))
+        except BitstreamError as exc:
+            st.packets_seq, st.decoder_lost = None, exc.need_keyframe_reason
+            raise _need(p.seq, exc.need_keyframe_reason, f"packets {p.seq}: {exc}") from None
+        st.packets_seq = p.seq
+        if x is None:
+            return None  # decode_only: the edge ran this frame, no reply
+        t1 = time.perf_counter()
+        if fld is None:
+            st.engine.reset()  # type: ignore[union-attr]  # no usable field: dense
+        return self._infer(st, p.seq, np.array(x, copy=True, order="C"), fld, p.checksum, t0 - arrived, t1 - t0)
+
+    def _packets_field(self, st: _Stream, m: pb.Packets) -> MotionField | None:
+        """The Packets' accumulated field, when it starts at the engine's cached frame (else None: run dense)."""
+        kw = {"max_bytes": self.limits.max_decoded_bytes, "allowed_dtypes": self.limits.allowed_dtypes}
+        dy = wire.decode_tensor(m.dy, field="packets.dy", **kw)
+        dx = wire.decode_tensor(m.dx, field="packets.dx", **kw)
+        valid = wire.decode_tensor(m.valid, field="packets.valid", **kw)
+        h, w = st.mapper.input_hw
+        b = st.hello.block_size
+        if dy.shape != grid_shape(h, w, b):
+            raise _error(pb.Error.CODE_MALFORMED_MESSAGE, f"packets.dy: grid {list(dy.shape)} is not the "
+                         f"{h}x{w} input's block grid of {b}")
+        if st.cache_seq is None or m.field_base_seq != st.cache_seq:
+            return None
+        return MotionField(dy.astype(np.int32), dx.astype(np.int32), np.array(valid, copy=True), b, h, w,
+                           source="accumulated")
+
     def _infer(self, st: _Stream, seq: int, cache: np.ndarray, fld: MotionField | None, checksum: str,
                queue_s: float, rebuild_s: float) -> pb.CloudMessage:
         assert st.engine is not None
@@ -497,8 +611,11 @@ class CloudServer:
         compute_ms = (time.perf_counter() - t0) * 1e3
         st.cache, st.cache_seq = cache, seq
         tensors = out if isinstance(out, list | tuple) else (out,)
-        outputs = {name: wire.encode_tensor(_numpy(t)) for name, t in zip(output_names(len(tensors)), tensors,
-                                                                            strict=True)}
+        if st.hello.results == pb.RESULTS_DETECTIONS:
+            outputs = encode_results(self.adapter.postprocess_input(tensors, st.mapper.input_hw))  # type: ignore[attr-defined]
+        else:
+            outputs = {name: wire.encode_tensor(_numpy(t)) for name, t in zip(output_names(len(tensors)), tensors,
+                                                                                strict=True)}
         return pb.CloudMessage(result=pb.Result(seq=seq, outputs=outputs, compute_ms=compute_ms,
                                                 queue_ms=max(queue_s, 0.0) * 1e3, checksum=checksum,
                                                 rebuild_ms=rebuild_s * 1e3))

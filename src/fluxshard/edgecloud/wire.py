@@ -39,6 +39,7 @@ MAX_OUTPUTS = 64  # named tensors in one Result
 MAX_EXTRADATA_BYTES = 1 << 20
 MAX_INPUT_DIM = 1 << 16  # any axis of the engine input
 MAX_BLOCK_SIZE = 1024
+MAX_INPUT_FACTOR = 64  # Hello.input_factor (uint16 box sums allow at most 16: 255·f² must fit)
 ZSTD_LEVEL = 3
 MIN_COMPRESS_BYTES = 64  # below this a zstd frame header costs more than it saves
 
@@ -327,6 +328,12 @@ def _validate_hello(h: pb.Hello, limits: WireLimits) -> None:
             raise WireError(f"hello.codec: frame size {h.codec.width}x{h.codec.height} is not positive")
     elif h.payload_kind != pb.PAYLOAD_KIND_RESIDUAL:
         raise WireError(f"hello.payload_kind: {h.payload_kind} is not residual or bitstream")
+    if h.results not in pb.ResultsKind.values():
+        raise WireError(f"hello.results: {h.results} is not raw or detections")
+    if h.input_factor > MAX_INPUT_FACTOR:
+        raise WireError(f"hello.input_factor: {h.input_factor} is not in 0-{MAX_INPUT_FACTOR} (0 = unknown)")
+    if h.input_dtype == "uint16" and h.input_factor and not 2 <= h.input_factor <= 16:
+        raise WireError(f"hello.input_factor: uint16 box sums need a factor of 2-16, got {h.input_factor}")
 
 
 def _validate_delta(d: pb.Delta, limits: WireLimits) -> None:
@@ -347,16 +354,31 @@ def _validate_delta(d: pb.Delta, limits: WireLimits) -> None:
     _checksum_field(d.checksum, "delta.checksum")
 
 
-def _validate_packets(p: pb.Packets) -> None:
+def _validate_packets(p: pb.Packets, limits: WireLimits = DEFAULT_LIMITS) -> None:
     if p.base_seq >= p.seq:
         raise WireError(f"packets.base_seq: {p.base_seq} is not before seq {p.seq}")
-    if not 1 <= len(p.packets) <= MAX_PACKETS:
-        raise WireError(f"packets.packets: {len(p.packets)} packets, 1-{MAX_PACKETS} allowed")
+    low = 0 if p.flush else 1  # a drain may come without packets
+    if not low <= len(p.packets) <= MAX_PACKETS:
+        raise WireError(f"packets.packets: {len(p.packets)} packets, {low}-{MAX_PACKETS} allowed")
     for i, pkt in enumerate(p.packets):
         if not pkt.data:
             raise WireError(f"packets.packets[{i}].data: empty")
     if not p.decode_only:
         _checksum_field(p.checksum, "packets.checksum")
+    present = [name for name in ("dy", "dx", "valid") if p.HasField(name)]
+    if present and len(present) != 3:
+        raise WireError(f"packets: field tensors {', '.join(present)} without the others (dy, dx, valid: all or none)")
+    if present:
+        if p.decode_only:
+            raise WireError("packets: a decode_only message carries no motion field")
+        if p.field_base_seq >= p.seq:
+            raise WireError(f"packets.field_base_seq: {p.field_base_seq} is not before seq {p.seq}")
+        budget = _Budget(limits)
+        _, grid = budget.tensor(p.dy, "packets.dy", dtypes=frozenset({"int16"}))
+        if len(grid) != 2:
+            raise WireError(f"packets.dy: shape {list(grid)} is not a 2-d block grid")
+        budget.tensor(p.dx, "packets.dx", expect_shape=grid, dtypes=frozenset({"int16"}))
+        budget.tensor(p.valid, "packets.valid", expect_shape=grid, dtypes=frozenset({"bool"}))
 
 
 def validate_edge_message(msg: pb.EdgeMessage, limits: WireLimits = DEFAULT_LIMITS) -> str:
@@ -373,7 +395,7 @@ def validate_edge_message(msg: pb.EdgeMessage, limits: WireLimits = DEFAULT_LIMI
     elif kind == "delta":
         _validate_delta(msg.delta, limits)
     elif kind == "packets":
-        _validate_packets(msg.packets)
+        _validate_packets(msg.packets, limits)
     else:
         _text(msg.bye.reason, "bye.reason", required=False, limit=MAX_TEXT_CHARS)
     return kind

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66luxshard.proto\x12\x16\x66luxshard.edgecloud.v1\"\xc2\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12?\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32*.fluxshard.edgecloud.v1.Tensor.Compression\x12\x10\n\x08raw_size\x18\x05 \x01(\x04\"9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\"\x96\x01\n\x0f\x43odecParameters\x12\x12\n\ncodec_name\x18\x01 \x01(\t\x12\x11\n\textradata\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0f\n\x07pix_fmt\x18\x05 \x01(\t\x12\x15\n\rtime_base_num\x18\x06 \x01(\x03\x12\x15\n\rtime_base_den\x18\x07 \x01(\x03\"\xbf\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x30\n\x04mode\x18\x05 \x01(\x0e\x32\".fluxshard.edgecloud.v1.EngineMode\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x39\n\x0cpayload_kind\x18\t \x01(\x0e\x32#.fluxshard.edgecloud.v1.PayloadKind\x12\x36\n\x05\x63odec\x18\n \x01(\x0b\x32\'.fluxshard.edgecloud.v1.CodecParameters\"X\n\x08Keyframe\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x05input\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"\xa6\x02\n\x05\x44\x65lta\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x02 \x01(\x04\x12*\n\x02\x64y\x18\x03 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12*\n\x02\x64x\x18\x04 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12-\n\x05valid\x18\x05 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x35\n\rblock_indices\x18\x06 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12.\n\x06pixels\x18\x07 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\t\"B\n\x06Packet\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03pts\x18\x02 \x01(\x03\x12\x0b\n\x03\x64ts\x18\x03 \x01(\x03\x12\x10\n\x08keyframe\x18\x04 \x01(\x08\"\x80\x01\n\x07Packets\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x02 \x01(\x04\x12/\n\x07packets\x18\x03 \x03(\x0b\x32\x1e.fluxshard.edgecloud.v1.Packet\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_only\x18\x05 \x01(\x08\"\x15\n\x03\x42ye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8b\x02\n\x0b\x45\x64geMessage\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.HelloH\x00\x12\x34\n\x08keyframe\x18\x02 \x01(\x0b\x32 .fluxshard.edgecloud.v1.KeyframeH\x00\x12.\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.DeltaH\x00\x12\x32\n\x07packets\x18\x04 \x01(\x0b\x32\x1f.fluxshard.edgecloud.v1.PacketsH\x00\x12*\n\x03\x62ye\x18\x05 \x01(\x0b\x32\x1b.fluxshard.edgecloud.v1.ByeH\x00\x42\x06\n\x04\x62ody\"}\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fidle_timeout_ms\x18\x05 \x01(\r\"\xef\x01\n\x06Result\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12<\n\x07outputs\x18\x02 \x03(\x0b\x32+.fluxshard.edgecloud.v1.Result.OutputsEntry\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\x12\n\nrebuild_ms\x18\x06 \x01(\x01\x1aN\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor:\x02\x38\x01\"\x8a\x02\n\x0cNeedKeyframe\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12;\n\x06reason\x18\x02 \x01(\x0e\x32+.fluxshard.edgecloud.v1.NeedKeyframe.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9f\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_CHECKSUM_MISMATCH\x10\x01\x12\x17\n\x13REASON_SEQUENCE_GAP\x10\x02\x12\x19\n\x15REASON_UNKNOWN_STREAM\x10\x03\x12\x12\n\x0eREASON_EVICTED\x10\x04\x12\x17\n\x13REASON_DECODE_ERROR\x10\x05\"\x89\x02\n\x05\x45rror\x12\x30\n\x04\x63ode\x18\x01 \x01(\x0e\x32\".fluxshard.edgecloud.v1.Error.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbc\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ODE_MALFORMED_MESSAGE\x10\x01\x12\x1c\n\x18\x43ODE_UNSUPPORTED_VERSION\x10\x02\x12\x17\n\x13\x43ODE_MODEL_MISMATCH\x10\x03\x12\x1b\n\x17\x43ODE_PROTOCOL_VIOLATION\x10\x04\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x05\x12\x11\n\rCODE_INTERNAL\x10\x06\"\xeb\x01\n\x0c\x43loudMessage\x12\x32\n\x07welcome\x18\x01 \x01(\x0b\x32\x1f.fluxshard.edgecloud.v1.WelcomeH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.ResultH\x00\x12=\n\rneed_keyframe\x18\x03 \x01(\x0b\x32$.fluxshard.edgecloud.v1.NeedKeyframeH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.ErrorH\x00\x42\x06\n\x04\x62ody*V\n\nEngineMode\x12\x1b\n\x17\x45NGINE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_MODE_EXACT\x10\x01\x12\x14\n\x10\x45NGINE_MODE_FAST\x10\x02*b\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYLOAD_KIND_RESIDUAL\x10\x01\x12\x1a\n\x16PAYLOAD_KIND_BITSTREAM\x10\x02\x32\x64\n\tInference\x12W\n\x06Stream\x12#.fluxshard.edgecloud.v1.EdgeMessage\x1a$.fluxshard.edgecloud.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66luxshard.proto\x12\x16\x66luxshard.edgecloud.v1\"\xc2\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12?\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32*.fluxshard.edgecloud.v1.Tensor.Compression\x12\x10\n\x08raw_size\x18\x05 \x01(\x04\"9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\"\x96\x01\n\x0f\x43odecParameters\x12\x12\n\ncodec_name\x18\x01 \x01(\t\x12\x11\n\textradata\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0f\n\x07pix_fmt\x18\x05 \x01(\t\x12\x15\n\rtime_base_num\x18\x06 \x01(\x03\x12\x15\n\rtime_base_den\x18\x07 \x01(\x03\"\x8b\x03\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x30\n\x04mode\x18\x05 \x01(\x0e\x32\".fluxshard.edgecloud.v1.EngineMode\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x39\n\x0cpayload_kind\x18\t \x01(\x0e\x32#.fluxshard.edgecloud.v1.PayloadKind\x12\x36\n\x05\x63odec\x18\n \x01(\x0b\x32\'.fluxshard.edgecloud.v1.CodecParameters\x12\x34\n\x07results\x18\x0b \x01(\x0e\x32#.fluxshard.edgecloud.v1.ResultsKind\x12\x14\n\x0cinput_factor\x18\x0c \x01(\r\"X\n\x08Keyframe\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x05input\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"\xa6\x02\n\x05\x44\x65lta\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x02 \x01(\x04\x12*\n\x02\x64y\x18\x03 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12*\n\x02\x64x\x18\x04 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12-\n\x05valid\x18\x05 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x35\n\rblock_indices\x18\x06 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12.\n\x06pixels\x18\x07 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\t\"B\n\x06Packet\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03pts\x18\x02 \x01(\x03\x12\x0b\n\x03\x64ts\x18\x03 \x01(\x03\x12\x10\n\x08keyframe\x18\x04 \x01(\x08\"\xae\x02\n\x07Packets\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x02 \x01(\x04\x12/\n\x07packets\x18\x03 \x03(\x0b\x32\x1e.fluxshard.edgecloud.v1.Packet\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_only\x18\x05 \x01(\x08\x12*\n\x02\x64y\x18\x06 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12*\n\x02\x64x\x18\x07 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12-\n\x05valid\x18\x08 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor\x12\x16\n\x0e\x66ield_base_seq\x18\t \x01(\x04\x12\r\n\x05\x66lush\x18\n \x01(\x08\"\x15\n\x03\x42ye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8b\x02\n\x0b\x45\x64geMessage\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.HelloH\x00\x12\x34\n\x08keyframe\x18\x02 \x01(\x0b\x32 .fluxshard.edgecloud.v1.KeyframeH\x00\x12.\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.DeltaH\x00\x12\x32\n\x07packets\x18\x04 \x01(\x0b\x32\x1f.fluxshard.edgecloud.v1.PacketsH\x00\x12*\n\x03\x62ye\x18\x05 \x01(\x0b\x32\x1b.fluxshard.edgecloud.v1.ByeH\x00\x42\x06\n\x04\x62ody\"}\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fidle_timeout_ms\x18\x05 \x01(\r\"\xef\x01\n\x06Result\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12<\n\x07outputs\x18\x02 \x03(\x0b\x32+.fluxshard.edgecloud.v1.Result.OutputsEntry\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\x12\n\nrebuild_ms\x18\x06 \x01(\x01\x1aN\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.Tensor:\x02\x38\x01\"\x8a\x02\n\x0cNeedKeyframe\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12;\n\x06reason\x18\x02 \x01(\x0e\x32+.fluxshard.edgecloud.v1.NeedKeyframe.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9f\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_CHECKSUM_MISMATCH\x10\x01\x12\x17\n\x13REASON_SEQUENCE_GAP\x10\x02\x12\x19\n\x15REASON_UNKNOWN_STREAM\x10\x03\x12\x12\n\x0eREASON_EVICTED\x10\x04\x12\x17\n\x13REASON_DECODE_ERROR\x10\x05\"\x89\x02\n\x05\x45rror\x12\x30\n\x04\x63ode\x18\x01 \x01(\x0e\x32\".fluxshard.edgecloud.v1.Error.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbc\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ODE_MALFORMED_MESSAGE\x10\x01\x12\x1c\n\x18\x43ODE_UNSUPPORTED_VERSION\x10\x02\x12\x17\n\x13\x43ODE_MODEL_MISMATCH\x10\x03\x12\x1b\n\x17\x43ODE_PROTOCOL_VIOLATION\x10\x04\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x05\x12\x11\n\rCODE_INTERNAL\x10\x06\"\xeb\x01\n\x0c\x43loudMessage\x12\x32\n\x07welcome\x18\x01 \x01(\x0b\x32\x1f.fluxshard.edgecloud.v1.WelcomeH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.fluxshard.edgecloud.v1.ResultH\x00\x12=\n\rneed_keyframe\x18\x03 \x01(\x0b\x32$.fluxshard.edgecloud.v1.NeedKeyframeH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.fluxshard.edgecloud.v1.ErrorH\x00\x42\x06\n\x04\x62ody*V\n\nEngineMode\x12\x1b\n\x17\x45NGINE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_MODE_EXACT\x10\x01\x12\x14\n\x10\x45NGINE_MODE_FAST\x10\x02*b\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYLOAD_KIND_RESIDUAL\x10\x01\x12\x1a\n\x16PAYLOAD_KIND_BITSTREAM\x10\x02*6\n\x0bResultsKind\x12\x0f\n\x0bRESULTS_RAW\x10\x00\x12\x16\n\x12RESULTS_DETECTIONS\x10\x01\x32\x64\n\tInference\x12W\n\x06Stream\x12#.fluxshard.edgecloud.v1.EdgeMessage\x1a$.fluxshard.edgecloud.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESULT_OUTPUTSENTRY']._loaded_options = None
   _globals['_RESULT_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINEMODE']._serialized_start=2738
-  _globals['_ENGINEMODE']._serialized_end=2824
-  _globals['_PAYLOADKIND']._serialized_start=2826
-  _globals['_PAYLOADKIND']._serialized_end=2924
+  _globals['_ENGINEMODE']._serialized_start=2988
+  _globals['_ENGINEMODE']._serialized_end=3074
+  _globals['_PAYLOADKIND']._serialized_start=3076
+  _globals['_PAYLOADKIND']._serialized_end=3174
+  _globals['_RESULTSKIND']._serialized_start=3176
+  _globals['_RESULTSKIND']._serialized_end=3230
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=238
   _globals['_TENSOR_COMPRESSION']._serialized_start=181
@@ -46,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CODECPARAMETERS']._serialized_start=241
   _globals['_CODECPARAMETERS']._serialized_end=391
   _globals['_HELLO']._serialized_start=394
-  _globals['_HELLO']._serialized_end=713
-  _globals['_KEYFRAME']._serialized_start=715
-  _globals['_KEYFRAME']._serialized_end=803
-  _globals['_DELTA']._serialized_start=806
-  _globals['_DELTA']._serialized_end=1100
-  _globals['_PACKET']._serialized_start=1102
-  _globals['_PACKET']._serialized_end=1168
-  _globals['_PACKETS']._serialized_start=1171
-  _globals['_PACKETS']._serialized_end=1299
-  _globals['_BYE']._serialized_start=1301
-  _globals['_BYE']._serialized_end=1322
-  _globals['_EDGEMESSAGE']._serialized_start=1325
-  _globals['_EDGEMESSAGE']._serialized_end=1592
-  _globals['_WELCOME']._serialized_start=1594
-  _globals['_WELCOME']._serialized_end=1719
-  _globals['_RESULT']._serialized_start=1722
-  _globals['_RESULT']._serialized_end=1961
-  _globals['_RESULT_OUTPUTSENTRY']._serialized_start=1883
-  _globals['_RESULT_OUTPUTSENTRY']._serialized_end=1961
-  _globals['_NEEDKEYFRAME']._serialized_start=1964
-  _globals['_NEEDKEYFRAME']._serialized_end=2230
-  _globals['_NEEDKEYFRAME_REASON']._serialized_start=2071
-  _globals['_NEEDKEYFRAME_REASON']._serialized_end=2230
-  _globals['_ERROR']._serialized_start=2233
-  _globals['_ERROR']._serialized_end=2498
-  _globals['_ERROR_CODE']._serialized_start=2310
-  _globals['_ERROR_CODE']._serialized_end=2498
-  _globals['_CLOUDMESSAGE']._serialized_start=2501
-  _globals['_CLOUDMESSAGE']._serialized_end=2736
-  _globals['_INFERENCE']._serialized_start=2926
-  _globals['_INFERENCE']._serialized_end=3026
+  _globals['_HELLO']._serialized_end=789
+  _globals['_KEYFRAME']._serialized_start=791
+  _globals['_KEYFRAME']._serialized_end=879
+  _globals['_DELTA']._serialized_start=882
+  _globals['_DELTA']._serialized_end=1176
+  _globals['_PACKET']._serialized_start=1178
+  _globals['_PACKET']._serialized_end=1244
+  _globals['_PACKETS']._serialized_start=1247
+  _globals['_PACKETS']._serialized_end=1549
+  _globals['_BYE']._serialized_start=1551
+  _globals['_BYE']._serialized_end=1572
+  _globals['_EDGEMESSAGE']._serialized_start=1575
+  _globals['_EDGEMESSAGE']._serialized_end=1842
+  _globals['_WELCOME']._serialized_start=1844
+  _globals['_WELCOME']._serialized_end=1969
+  _globals['_RESULT']._serialized_start=1972
+  _globals['_RESULT']._serialized_end=2211
+  _globals['_RESULT_OUTPUTSENTRY']._serialized_start=2133
+  _globals['_RESULT_OUTPUTSENTRY']._serialized_end=2211
+  _globals['_NEEDKEYFRAME']._serialized_start=2214
+  _globals['_NEEDKEYFRAME']._serialized_end=2480
+  _globals['_NEEDKEYFRAME_REASON']._serialized_start=2321
+  _globals['_NEEDKEYFRAME_REASON']._serialized_end=2480
+  _globals['_ERROR']._serialized_start=2483
+  _globals['_ERROR']._serialized_end=2748
+  _globals['_ERROR_CODE']._serialized_start=2560
+  _globals['_ERROR_CODE']._serialized_end=2748
+  _globals['_CLOUDMESSAGE']._serialized_start=2751
+  _globals['_CLOUDMESSAGE']._serialized_end=2986
+  _globals['_INFERENCE']._serialized_start=3232
+  _globals['_INFERENCE']._serialized_end=3332
 # @@protoc_insertion_point(module_scope)

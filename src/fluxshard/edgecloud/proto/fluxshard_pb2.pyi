@@ -20,12 +20,19 @@ class PayloadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAYLOAD_KIND_UNSPECIFIED: _ClassVar[PayloadKind]
     PAYLOAD_KIND_RESIDUAL: _ClassVar[PayloadKind]
     PAYLOAD_KIND_BITSTREAM: _ClassVar[PayloadKind]
+
+class ResultsKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULTS_RAW: _ClassVar[ResultsKind]
+    RESULTS_DETECTIONS: _ClassVar[ResultsKind]
 ENGINE_MODE_UNSPECIFIED: EngineMode
 ENGINE_MODE_EXACT: EngineMode
 ENGINE_MODE_FAST: EngineMode
 PAYLOAD_KIND_UNSPECIFIED: PayloadKind
 PAYLOAD_KIND_RESIDUAL: PayloadKind
 PAYLOAD_KIND_BITSTREAM: PayloadKind
+RESULTS_RAW: ResultsKind
+RESULTS_DETECTIONS: ResultsKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "compression", "raw_size")
@@ -66,7 +73,7 @@ class CodecParameters(_message.Message):
     def __init__(self, codec_name: _Optional[str] = ..., extradata: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., pix_fmt: _Optional[str] = ..., time_base_num: _Optional[int] = ..., time_base_den: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "stream_id", "model_name", "model_hash", "mode", "input_shape", "input_dtype", "block_size", "payload_kind", "codec")
+    __slots__ = ("protocol_version", "stream_id", "model_name", "model_hash", "mode", "input_shape", "input_dtype", "block_size", "payload_kind", "codec", "results", "input_factor")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +84,8 @@ class Hello(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_KIND_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FACTOR_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     stream_id: str
     model_name: str
@@ -87,7 +96,9 @@ class Hello(_message.Message):
     block_size: int
     payload_kind: PayloadKind
     codec: CodecParameters
-    def __init__(self, protocol_version: _Optional[int] = ..., stream_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., mode: _Optional[_Union[EngineMode, str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., codec: _Optional[_Union[CodecParameters, _Mapping]] = ...) -> None: ...
+    results: ResultsKind
+    input_factor: int
+    def __init__(self, protocol_version: _Optional[int] = ..., stream_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., mode: _Optional[_Union[EngineMode, str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., codec: _Optional[_Union[CodecParameters, _Mapping]] = ..., results: _Optional[_Union[ResultsKind, str]] = ..., input_factor: _Optional[int] = ...) -> None: ...
 
 class Keyframe(_message.Message):
     __slots__ = ("seq", "input", "checksum")
@@ -132,18 +143,28 @@ class Packet(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., pts: _Optional[int] = ..., dts: _Optional[int] = ..., keyframe: _Optional[bool] = ...) -> None: ...
 
 class Packets(_message.Message):
-    __slots__ = ("seq", "base_seq", "packets", "checksum", "decode_only")
+    __slots__ = ("seq", "base_seq", "packets", "checksum", "decode_only", "dy", "dx", "valid", "field_base_seq", "flush")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_SEQ_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     DECODE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DY_FIELD_NUMBER: _ClassVar[int]
+    DX_FIELD_NUMBER: _ClassVar[int]
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    FIELD_BASE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     base_seq: int
     packets: _containers.RepeatedCompositeFieldContainer[Packet]
     checksum: str
     decode_only: bool
-    def __init__(self, seq: _Optional[int] = ..., base_seq: _Optional[int] = ..., packets: _Optional[_Iterable[_Union[Packet, _Mapping]]] = ..., checksum: _Optional[str] = ..., decode_only: _Optional[bool] = ...) -> None: ...
+    dy: Tensor
+    dx: Tensor
+    valid: Tensor
+    field_base_seq: int
+    flush: bool
+    def __init__(self, seq: _Optional[int] = ..., base_seq: _Optional[int] = ..., packets: _Optional[_Iterable[_Union[Packet, _Mapping]]] = ..., checksum: _Optional[str] = ..., decode_only: _Optional[bool] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., dx: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., field_base_seq: _Optional[int] = ..., flush: _Optional[bool] = ...) -> None: ...
 
 class Bye(_message.Message):
     __slots__ = ("reason",)

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxshard.data.fetch import clip_path
 from fluxshard.edgecloud import auth, wire
+from fluxshard.edgecloud.bitstream import PacketTap, edge_input, to_packets_message
 from fluxshard.edgecloud.dispatch import DispatchLayer, input_tensor, integer_input
 from fluxshard.edgecloud.payload import ResidualPayload, build_residual
 from fluxshard.edgecloud.proto import fluxshard_pb2 as pb
@@ -516,3 +517,155 @@ def test_serve_prints_listening_answers_health_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------- bitstream
+
+
+def _packets_msg(seq: int, base: int, packets: Any, checksum: str, *, decode_only: bool = False,
+                 fld: MotionField | None = None, field_base: int = 0) -> pb.EdgeMessage:
+    msg = to_packets_message(seq, base, packets, checksum, decode_only=decode_only)
+    if fld is not None:
+        msg.dy.CopyFrom(wire.encode_tensor(fld.dy.astype(np.int16)))
+        msg.dx.CopyFrom(wire.encode_tensor(fld.dx.astype(np.int16)))
+        msg.valid.CopyFrom(wire.encode_tensor(fld.valid))
+        msg.field_base_seq = field_base
+    return pb.EdgeMessage(packets=msg)
+
+
+def _bitstream_hello(server: CloudServer, clip: Clip, tap: PacketTap, **kw: Any) -> pb.EdgeMessage:
+    return hello(server, clip, payload_kind=pb.PAYLOAD_KIND_BITSTREAM, codec=tap.params.to_message(),
+                 input_factor=clip.mapper.factor, **kw)
+
+
+def test_bitstream_packets_give_the_edges_inputs_and_the_engines_outputs(clip: Clip) -> None:
+    """cup as forwarded packets (seq = frame + 1): frame 2 goes decode_only (no reply, the field accumulates over
+    two frames), the others carry the field since the cloud's last frame; checksums are the edge inputs', outputs
+    a local exact engine's fed the same inputs and fields; frame 0 has no field (dense)."""
+    server = _server(clip)
+    tap = PacketTap(clip_path("cup"), max_frames=len(clip.inputs))
+    tfs = list(tap)
+    local = Engine(clip.adapter.body, clip.mapper.input_hw, EngineConfig())
+    for t, tf in enumerate(tfs):
+        assert np.array_equal(edge_input(clip.mapper, tf.frame), clip.inputs[t])
+    mirror = DispatchLayer.for_mapper(clip.mapper)
+    sent: list[tuple[int, MotionField | None]] = []
+
+    async def main() -> list[pb.CloudMessage]:
+        async with serving(server) as port, channel(port) as ch:
+            call = open_stream(ch)
+            assert kind(await ask(call, _bitstream_hello(server, clip, tap))) == "welcome"
+            out = []
+            for t, tf in enumerate(tfs):
+                cs = wire.checksum(clip.inputs[t])
+                if t == 0:
+                    out.append(await ask(call, _packets_msg(1, 0, tf.packets, cs)))
+                    sent.append((t, None))
+                    mirror.update(clip.inputs[t], seq=1)
+                    continue
+                fld = mirror.fold(clip.fields[t])
+                if t == 2:  # the edge ran it: the server only decodes
+                    await call.write(_packets_msg(t + 1, t, tf.packets, "", decode_only=True))
+                    continue
+                out.append(await ask(call, _packets_msg(t + 1, t, tf.packets, cs, fld=fld, field_base=mirror.seq)))
+                sent.append((t, fld))
+                mirror.update(clip.inputs[t], seq=t + 1)
+            await call.done_writing()
+            return out
+
+    replies = run(main)
+    assert len(replies) == len(sent) == len(tfs) - 1
+    for reply, (t, fld) in zip(replies, sent, strict=True):
+        assert kind(reply) == "result", reply
+        r = reply.result
+        assert r.seq == t + 1 and r.checksum == wire.checksum(clip.inputs[t])
+        if fld is not None:
+            fld = MotionField(fld.dy.astype(np.int16).astype(np.int32), fld.dx.astype(np.int16).astype(np.int32),
+                              fld.valid.copy(), fld.block, *clip.mapper.input_hw)
+        want, _ = local.step(input_tensor(clip.mapper, clip.inputs[t]), fld)
+        for g, w in zip(result_outputs(r), want, strict=True):
+            assert np.array_equal(g, w.numpy()), f"frame {t}"
+
+
+def test_bitstream_corrupt_packets_ask_for_a_keyframe_then_a_resync_recovers(clip: Clip) -> None:
+    """A damaged packet → NeedKeyframe(decode_error); the next plain packets also need a keyframe; the resync packets
+    (from the GOP's keyframe) recover the exact input. Packets before any keyframe → unknown_stream; Packets on a
+    residual stream end it with protocol_violation."""
+    server = _server(clip)
+    tap = PacketTap(clip_path("cup"), max_frames=6)
+    tfs: list[Any] = []
+    it = iter(tap)
+
+    async def main() -> tuple[list[pb.CloudMessage], pb.CloudMessage]:
+        async with serving(server) as port, channel(port) as ch:
+            call = open_stream(ch)
+            await ask(call, _bitstream_hello(server, clip, tap))
+            tfs.extend(next(it) for _ in range(2))
+            cs = [wire.checksum(clip.inputs[t]) for t in range(6)]
+            out = [await ask(call, _packets_msg(2, 1, tfs[1].packets, cs[1]))]  # not from a keyframe: no state
+            out.append(await ask(call, _packets_msg(2, 1, tfs[0].packets + tfs[1].packets, cs[1])))
+            tfs.append(next(it))
+            (p,) = tfs[2].packets
+            bad = np.random.default_rng(5).integers(0, 256, len(p.data), dtype=np.uint8).tobytes()
+            out.append(await ask(call, _packets_msg(3, 2, (replace(p, data=bad),), cs[2])))
+            tfs.append(next(it))
+            out.append(await ask(call, _packets_msg(4, 3, tfs[3].packets, cs[3])))  # the decoder lost its state
+            tfs.append(next(it))
+            out.append(await ask(call, _packets_msg(5, 4, tap.resync_packets(), cs[4])))
+            tfs.append(next(it))
+            out.append(await ask(call, _packets_msg(6, 5, tfs[5].packets, cs[5])))
+            other = open_stream(ch)
+            await ask(other, hello(server, clip, stream_id="residual"))
+            wrong = await ask(other, _packets_msg(2, 1, tfs[0].packets, cs[0]))
+            return out, wrong
+
+    (none, first, corrupt, lost, resync, after), wrong = run(main)
+    assert kind(none) == "need_keyframe" and none.need_keyframe.reason == NK.REASON_UNKNOWN_STREAM
+    assert kind(first) == "result" and first.result.checksum == wire.checksum(clip.inputs[1])
+    assert kind(corrupt) == "need_keyframe" and corrupt.need_keyframe.reason == NK.REASON_DECODE_ERROR
+    assert corrupt.need_keyframe.seq == 3 and "\n" not in corrupt.need_keyframe.detail
+    assert kind(lost) == "need_keyframe" and lost.need_keyframe.reason == NK.REASON_DECODE_ERROR
+    assert kind(resync) == "result" and resync.result.checksum == wire.checksum(clip.inputs[4])
+    assert kind(after) == "result" and after.result.checksum == wire.checksum(clip.inputs[5])
+    assert kind(wrong) == "error" and wrong.error.code == pb.Error.CODE_PROTOCOL_VIOLATION
+
+
+def test_bitstream_sequence_gap_and_wrong_checksum(clip: Clip) -> None:
+    """Plain packets after a skipped message → sequence_gap; a checksum no decoded frame has → checksum_mismatch."""
+    server = _server(clip)
+    tap = PacketTap(clip_path("cup"), max_frames=4)
+    tfs = list(tap)
+    cs = [wire.checksum(clip.inputs[t]) for t in range(4)]
+
+    async def main() -> list[pb.CloudMessage]:
+        async with serving(server) as port, channel(port) as ch:
+            call = open_stream(ch)
+            await ask(call, _bitstream_hello(server, clip, tap))
+            out = [await ask(call, _packets_msg(1, 0, tfs[0].packets, cs[0]))]
+            out.append(await ask(call, _packets_msg(3, 2, tfs[2].packets, cs[2])))  # frame 1's packets never came
+            out.append(await ask(call, _packets_msg(1, 0, tfs[0].packets, cs[1])))  # decodes frame 0, wants frame 1
+            return out
+
+    ok, gap, mismatch = run(main)
+    assert kind(ok) == "result"
+    assert kind(gap) == "need_keyframe" and gap.need_keyframe.reason == NK.REASON_SEQUENCE_GAP
+    assert kind(mismatch) == "need_keyframe" and mismatch.need_keyframe.reason == NK.REASON_CHECKSUM_MISMATCH
+
+
+def test_hello_input_factor_is_used_and_checked(clip: Clip) -> None:
+    """An explicit factor that does not fit the declared input is refused; the right one is accepted."""
+    server = _server(clip)
+
+    async def main() -> list[pb.CloudMessage]:
+        async with serving(server) as port, channel(port) as ch:
+            out = []
+            for sid, factor, dtype in (("ok", 4, "uint16"), ("u8", 4, "uint8")):
+                call = open_stream(ch)
+                out.append(await ask(call, hello(server, clip, stream_id=sid, input_factor=factor,
+                                                 input_dtype=dtype)))
+            return out
+
+    ok, u8 = run(main)
+    assert kind(ok) == "welcome"
+    assert kind(u8) == "error" and u8.error.code == pb.Error.CODE_PROTOCOL_VIOLATION
+    assert "factor 4" in u8.error.message

@@ -1,0 +1,213 @@
+"""The edge runtime against an in-process CloudServer over loopback: cloud frames equal a local exact engine's,
+the edge policy sends nothing, the auto policy follows the estimates, a server that goes away and a NeedKeyframe
+both fall back to the edge without losing a frame, and the next cloud frame resyncs with a keyframe."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fluxshard.data.fetch import clip_path
+from fluxshard.edgecloud.dispatch import DispatchLayer, input_tensor, integer_input
+from fluxshard.edgecloud.edge import EdgeError, EdgeRuntime, FrameRecord
+from fluxshard.edgecloud.proto import fluxshard_pb2 as pb
+from fluxshard.edgecloud.server import CloudServer
+from fluxshard.engine import Engine, EngineConfig
+from fluxshard.engine.inputs import mapper_for
+from fluxshard.models import ModelAdapter, load_model
+from fluxshard.motion import MotionFrame, MotionStream
+
+FACTOR = 4  # cup 480×640 → 120×160 engine input (uint16 box sums, 4-px blocks), as the server tests
+BIG_BUDGET = 60_000.0  # ms: a shared CI machine must never time a test frame out unless the test wants it
+
+
+@pytest.fixture(scope="module")
+def adapter() -> ModelAdapter:
+    return load_model("nanodet")
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[MotionFrame]:
+    return list(MotionStream(clip_path("cup"), block=16, max_frames=6))
+
+
+class ServerThread:
+    """A CloudServer on its own event loop thread (the runtime has its own), so the test can stop it mid-stream."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = CloudServer(adapter, insecure=True)
+        self.port = self.call(self.server.start())
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def server(adapter: ModelAdapter) -> Iterator[ServerThread]:
+    s = ServerThread(adapter)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def runtime(adapter: ModelAdapter, server: ServerThread | None, policy: str, **kw: Any) -> EdgeRuntime:
+    kw.setdefault("budget_ms", BIG_BUDGET)
+    kw.setdefault("dense_ms", 20.0)
+    return EdgeRuntime(adapter, "exact", policy, server.target if server else None, insecure=True, factor=FACTOR,
+                       **kw)
+
+
+def reference(adapter: ModelAdapter, frames: list[MotionFrame], cloud: list[int]) -> dict[int, list[np.ndarray]]:
+    """A local exact engine stepped on the cloud frames with the effective field a mirror of the cloud layer
+    sends (what the server's engine sees): its raw outputs per frame."""
+    mapper = mapper_for(adapter, frames[0].frame.rgb.shape[:2], FACTOR)
+    engine = Engine(adapter.body, mapper.input_hw, EngineConfig())
+    layer = DispatchLayer.for_mapper(mapper)
+    out = {}
+    for mf in frames:
+        x = integer_input(mapper, mf.frame.rgb)
+        if layer.cache is not None:
+            layer.fold(mapper.field(mf.field))
+        if mf.index not in cloud:
+            continue
+        fld = layer.align(x).field if layer.cache is not None else None
+        o, _ = engine.step(input_tensor(mapper, x), fld)
+        out[mf.index] = [t.numpy() for t in o]
+        layer.update(x, seq=mf.index)
+    return out
+
+
+def same_results(a: FrameRecord, b: list[np.ndarray]) -> None:
+    assert len(a.outputs) == len(b)
+    for g, w in zip(a.outputs, b, strict=True):
+        assert np.array_equal(g, w)
+
+
+def test_cloud_policy_exact_frames_equal_a_local_exact_engine(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                              server: ServerThread) -> None:
+    with runtime(adapter, server, "cloud") as rt:
+        recs = [rt.process(mf) for mf in frames]
+        s = rt.summary()
+    assert [r.endpoint for r in recs] == ["cloud"] * len(frames)
+    assert all(r.checksum_ok for r in recs) and not any(r.fallback for r in recs)
+    assert [r.keyframe for r in recs] == [True] + [False] * (len(frames) - 1)
+    assert recs[1].bytes_up < recs[0].bytes_up  # deltas are smaller than the keyframe
+    assert all(r.bytes_down > 0 and r.measured.compute_ms > 0 and r.measured.transfer_ms >= 0 for r in recs)
+    ref = reference(adapter, frames, [mf.index for mf in frames])
+    for r in recs:
+        same_results(r, ref[r.index])
+    # results equal a local exact edge-only run (exact: both equal dense within float32; the boxes agree)
+    with runtime(adapter, None, "edge") as local:
+        for mf, r in zip(frames, recs, strict=True):
+            e = local.process(mf)
+            assert np.array_equal(e.results.class_ids, r.results.class_ids)
+            np.testing.assert_allclose(e.results.boxes, r.results.boxes, atol=1e-3)
+    assert s["frames"] == s["frames_cloud"] == len(frames) and s["lost_frames"] == 0 and s["resyncs"] == 0
+    assert s["uplink_bytes_total"] == sum(r.bytes_up for r in recs) and s["estimate_error_median"] is not None
+
+
+def test_edge_policy_sends_nothing(adapter: ModelAdapter, frames: list[MotionFrame], server: ServerThread) -> None:
+    with runtime(adapter, server, "edge") as rt:
+        recs = [rt.process(mf) for mf in frames[:3]]
+        s = rt.summary()
+    assert all(r.endpoint == "edge" and r.reason == "policy edge" and r.bytes_up == 0 for r in recs)
+    assert s["uplink_bytes_total"] == 0 and s["frames_edge"] == 3 and s["frames_fallback"] == 0
+    assert not server.server.streams  # never even said Hello
+
+
+def test_auto_policy_follows_the_estimates(adapter: ModelAdapter, frames: list[MotionFrame],
+                                           server: ServerThread) -> None:
+    with runtime(adapter, server, "auto", edge_slowdown=1e4, dense_ms=1.0, link_mbps=1e4, link_rtt_ms=0.1) as rt:
+        slow_edge = [rt.process(mf) for mf in frames[:3]]
+    assert [r.endpoint for r in slow_edge] == ["cloud"] * 3
+    assert all(r.reason == "cloud estimate lower" and r.predicted.compute_ms >= 0 for r in slow_edge)
+    with runtime(adapter, server, "auto", edge_slowdown=1.0, link_mbps=0.1) as rt:
+        slow_link = [rt.process(mf) for mf in frames[:3]]
+        s = rt.summary()
+    assert [r.endpoint for r in slow_link] == ["edge"] * 3 and s["uplink_bytes_total"] == 0
+    assert all(r.reason == "edge estimate lower" for r in slow_link)
+
+
+def test_server_stopped_mid_stream_falls_back_to_the_edge(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                          server: ServerThread) -> None:
+    with runtime(adapter, server, "cloud") as rt:
+        recs = [rt.process(mf) for mf in frames[:2]]
+        server.call(server.server.stop(0))
+        recs += [rt.process(mf) for mf in frames[2:]]
+        s = rt.summary()
+    assert [r.endpoint for r in recs[:2]] == ["cloud", "cloud"]
+    assert all(r.endpoint == "edge" and r.fallback for r in recs[2:])
+    assert [r.index for r in recs] == [mf.index for mf in frames]  # frame count preserved
+    assert s["frames"] == len(frames) and s["lost_frames"] == 0 and s["frames_fallback"] == len(frames) - 2
+    assert rt.cloud_error is not None
+    # edge fallbacks computed the same detections a pure edge run does on those frames
+    with runtime(adapter, None, "edge") as local:
+        for mf, r in zip(frames, recs, strict=True):
+            e = local.process(mf)
+            np.testing.assert_allclose(e.results.boxes, r.results.boxes, atol=1e-3)
+
+
+def test_need_keyframe_falls_back_then_resyncs(adapter: ModelAdapter, frames: list[MotionFrame],
+                                               server: ServerThread) -> None:
+    tampered: list[int] = []
+
+    def tamper(msg: pb.EdgeMessage) -> None:
+        if msg.delta.seq == frames[2].index:
+            msg.delta.checksum = "0" * 16
+            tampered.append(msg.delta.seq)
+
+    with runtime(adapter, server, "cloud") as rt:
+        rt.on_delta = tamper
+        recs = [rt.process(mf) for mf in frames[:5]]
+        s = rt.summary()
+    assert tampered == [frames[2].index]
+    bad = recs[2]
+    assert bad.endpoint == "edge" and bad.decided == "cloud" and bad.fallback and "CHECKSUM_MISMATCH" in bad.reason
+    assert [r.keyframe for r in recs] == [True, False, False, True, False]  # resync on the next cloud frame
+    assert all(r.endpoint == "cloud" and r.checksum_ok for i, r in enumerate(recs) if i != 2)
+    assert s["resyncs"] == 1 and s["frames_fallback"] == 1 and s["lost_frames"] == 0
+    ref = reference(adapter, frames[:5], [mf.index for i, mf in enumerate(frames[:5]) if i != 2])
+    for i in (0, 1, 3, 4):
+        same_results(recs[i], ref[recs[i].index])
+
+
+def test_reply_later_than_the_budget_falls_back(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                server: ServerThread) -> None:
+    """A budget no reply can meet: every frame is computed on the edge, each cloud attempt is a keyframe, and the
+    late replies of abandoned frames are dropped (not taken for a later frame's)."""
+    with runtime(adapter, server, "cloud", budget_ms=0.5, dense_ms=0.01, link_mbps=1e6, link_rtt_ms=0.0) as rt:
+        recs = [rt.process(mf) for mf in frames[:3]]  # the estimate (~0.01 ms) is within the budget: it tries
+        s = rt.summary()
+    assert all(r.endpoint == "edge" and r.decided == "cloud" and r.fallback for r in recs)
+    assert all("no reply within" in r.reason and r.keyframe for r in recs)
+    assert s["resyncs"] == 2 and s["lost_frames"] == 0
+
+
+def test_bad_configuration_is_refused(adapter: ModelAdapter) -> None:
+    with pytest.raises(EdgeError, match="policy cloud needs a server target"):
+        EdgeRuntime(adapter, "exact", "cloud", None)
+    with pytest.raises(EdgeError, match="no TLS CA"):
+        EdgeRuntime(adapter, "exact", "auto", "127.0.0.1:1")
+    with pytest.raises(EdgeError, match="edge_slowdown"):
+        EdgeRuntime(adapter, "exact", "edge", edge_slowdown=0.5)
+    with pytest.raises(EdgeError, match="policy must be"):
+        EdgeRuntime(adapter, "exact", "nearest")

@@ -5,6 +5,7 @@ both fall back to the edge without losing a frame, and the next cloud frame resy
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -132,6 +133,21 @@ def test_edge_policy_sends_nothing(adapter: ModelAdapter, frames: list[MotionFra
     assert all(r.endpoint == "edge" and r.reason == "policy edge" and r.bytes_up == 0 for r in recs)
     assert s["uplink_bytes_total"] == 0 and s["frames_edge"] == 3 and s["frames_fallback"] == 0
     assert not server.server.streams  # never even said Hello
+    row = json.loads(json.dumps(recs[1].to_dict()))  # a JSON-ready log row
+    assert row["endpoint"] == "edge" and row["measured"]["compute_ms"] > 0 and row["predicted"]["total_ms"] > 0
+
+
+def test_fast_mode_cloud_frames_rebuild_the_mirror(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                   server: ServerThread) -> None:
+    """Fast mode: the mirror applies τ_in, so the server rebuilds an approximation of the frame — still bit for bit
+    the mirror's (every checksum agrees) and the deltas shrink."""
+    rt = EdgeRuntime(adapter, "fast", "cloud", server.target, insecure=True, factor=FACTOR, budget_ms=BIG_BUDGET,
+                     dense_ms=20.0)
+    with rt:
+        recs = [rt.process(mf) for mf in frames[:4]]
+    assert rt.cloud_layer is not None and rt.cloud_layer.tau_in > 0
+    assert all(r.endpoint == "cloud" and r.checksum_ok for r in recs)
+    assert max(r.bytes_up for r in recs[1:]) < recs[0].bytes_up
 
 
 def test_auto_policy_follows_the_estimates(adapter: ModelAdapter, frames: list[MotionFrame],

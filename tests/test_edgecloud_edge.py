@@ -142,12 +142,13 @@ def test_fast_mode_cloud_frames_rebuild_the_mirror(adapter: ModelAdapter, frames
     """Fast mode: the mirror applies τ_in, so the server rebuilds an approximation of the frame — still bit for bit
     the mirror's (every checksum agrees) and the deltas shrink."""
     rt = EdgeRuntime(adapter, "fast", "cloud", server.target, insecure=True, factor=FACTOR, budget_ms=BIG_BUDGET,
-                     dense_ms=20.0)
+                     dense_ms=20.0, link_rtt_ms=500.0)
     with rt:
         recs = [rt.process(mf) for mf in frames[:4]]
     assert rt.cloud_layer is not None and rt.cloud_layer.tau_in > 0
     assert all(r.endpoint == "cloud" and r.checksum_ok for r in recs)
     assert max(r.bytes_up for r in recs[1:]) < recs[0].bytes_up
+    assert rt.link.rtt_ms < 500.0  # loopback replies came back faster than the RTT prior: it was lowered
 
 
 def test_auto_policy_follows_the_estimates(adapter: ModelAdapter, frames: list[MotionFrame],

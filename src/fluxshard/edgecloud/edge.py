@@ -22,8 +22,10 @@ engine's own last input), then the edge layer caches the input.
 F× the measured one; the estimator is fed the unstretched time and stretches its prediction by F. Cloud: the
 server reports compute, queue and rebuild ms with each Result; *transfer* = (reply arrival − send start) − those
 three, i.e. uplink + downlink + one RTT, measured on the reply, never on send completion (a write completes when
-gRPC buffers it). The link estimator gets an RTT sample from payloads under its ``min_bytes`` and a transfer
-sample (transfer − estimated RTT) from larger ones. The recorded cloud compute is server compute + rebuild.
+gRPC buffers it). The link estimator gets an RTT sample from payloads under its ``min_bytes`` and from any
+reply whose transfer time is below the RTT estimate (the whole network time bounds the RTT from above), and a
+transfer sample (transfer − estimated RTT) from payloads of at least ``min_bytes``. The recorded cloud compute
+is server compute + rebuild.
 
 No reconnect in this version: once the channel dies every later frame runs on the edge ("cloud unavailable").
 """
@@ -491,9 +493,9 @@ class EdgeRuntime:
     def _observe_cloud(self, nbytes: int, active: float, transfer_ms: float, r: pb.Result) -> None:
         assert self.cloud_est is not None
         self.cloud_est.observe(active, r.compute_ms + r.rebuild_ms, r.queue_ms)
-        if nbytes < self.link.min_bytes:
+        if nbytes < self.link.min_bytes or transfer_ms < self.link.rtt_ms:  # the network time bounds the RTT
             self.link.observe_rtt(transfer_ms)
-        else:
+        if nbytes >= self.link.min_bytes:
             self.link.observe_transfer(nbytes, max(transfer_ms - self.link.rtt_ms, 0.0) / 1e3)
 
     def _edge_step(self, x: np.ndarray, active: float) -> tuple[list[np.ndarray], float]:

@@ -669,3 +669,61 @@ def test_hello_input_factor_is_used_and_checked(clip: Clip) -> None:
     assert kind(ok) == "welcome"
     assert kind(u8) == "error" and u8.error.code == pb.Error.CODE_PROTOCOL_VIOLATION
     assert "factor 4" in u8.error.message
+
+
+def test_new_fields_are_validated_on_the_wire(clip: Clip) -> None:
+    """Hello.results / input_factor and the Packets field / flush: bad values are clean WireErrors."""
+    server = _server(clip)
+    bad_hellos = {
+        "hello.results": hello(server, clip, results=7),
+        "hello.input_factor: 65": hello(server, clip, input_factor=65),
+        "hello.input_factor: uint16": hello(server, clip, input_factor=1),
+    }
+    for match, msg in bad_hellos.items():
+        with pytest.raises(wire.WireError, match=match):
+            wire.parse_edge_message(msg.SerializeToString())
+    grid = np.zeros((4, 5), np.int16)
+    cs = "0" * 16
+    pkt = pb.Packet(data=b"x")
+    ok = pb.Packets(seq=2, base_seq=1, packets=[pkt], checksum=cs, dy=wire.encode_tensor(grid),
+                    dx=wire.encode_tensor(grid), valid=wire.encode_tensor(grid.astype(bool)), field_base_seq=1)
+    wire.validate_edge_message(pb.EdgeMessage(packets=ok))
+    wire.validate_edge_message(pb.EdgeMessage(packets=pb.Packets(seq=2, base_seq=1, checksum=cs, flush=True)))
+    bad = {
+        "0 packets": pb.Packets(seq=2, base_seq=1, checksum=cs),
+        "all or none": pb.Packets(seq=2, base_seq=1, packets=[pkt], checksum=cs, dy=wire.encode_tensor(grid)),
+        r"packets\.dx": pb.Packets(seq=2, base_seq=1, packets=[pkt], checksum=cs, dy=wire.encode_tensor(grid),
+                                   dx=wire.encode_tensor(grid[:2]), valid=wire.encode_tensor(grid.astype(bool))),
+        "field_base_seq": pb.Packets(seq=2, base_seq=1, packets=[pkt], checksum=cs, dy=wire.encode_tensor(grid),
+                                     dx=wire.encode_tensor(grid), valid=wire.encode_tensor(grid.astype(bool)),
+                                     field_base_seq=2),
+    }
+    for match, p in bad.items():
+        with pytest.raises(wire.WireError, match=match):
+            wire.validate_edge_message(pb.EdgeMessage(packets=p))
+
+
+def test_bitstream_flush_drains_and_then_needs_a_keyframe(clip: Clip) -> None:
+    """``flush`` on the last Packets drains the decoder (the frame still answers); plain packets after it need a
+    keyframe, and packets from the keyframe on restart it."""
+    server = _server(clip)
+    tap = PacketTap(clip_path("cup"), max_frames=3)
+    tfs = list(tap)
+    cs = [wire.checksum(clip.inputs[t]) for t in range(3)]
+
+    async def main() -> list[pb.CloudMessage]:
+        async with serving(server) as port, channel(port) as ch:
+            call = open_stream(ch)
+            await ask(call, _bitstream_hello(server, clip, tap))
+            out = [await ask(call, _packets_msg(1, 0, tfs[0].packets, cs[0]))]
+            m = _packets_msg(2, 1, tfs[1].packets, cs[1])
+            m.packets.flush = True
+            out.append(await ask(call, m))
+            out.append(await ask(call, _packets_msg(3, 2, tfs[2].packets, cs[2])))
+            out.append(await ask(call, _packets_msg(3, 2, [p for t in tfs for p in t.packets], cs[2])))
+            return out
+
+    first, flushed, lost, restarted = run(main)
+    assert kind(first) == "result" and kind(flushed) == "result" and flushed.result.checksum == cs[1]
+    assert kind(lost) == "need_keyframe"
+    assert kind(restarted) == "result" and restarted.result.checksum == cs[2]

@@ -34,7 +34,7 @@ receive layer + checksum; ``compute_ms`` = ``engine.step`` and output encoding i
 
 **Results.** ``Hello.results`` RAW (default): the body's raw outputs ``out0``, ``out1``, ...; DETECTIONS: the
 adapter's ``postprocess_input`` in engine-input pixels, encoded by :mod:`fluxshard.edgecloud.results` (cup,
-NanoDet at 640x480: see the report figures in ``tests/test_edgecloud_results.py``).
+NanoDet at 640x480: 2.75 MB RAW vs ~210 B DETECTIONS per Result, ``tests/test_edgecloud_results.py``).
 
 **Engine input.** Frames travel in the dispatch layers' integer form (:func:`~fluxshard.edgecloud.dispatch.
 integer_input`): uint8 pixels, or uint16 f×f box sums. The server turns them into the body's float input with

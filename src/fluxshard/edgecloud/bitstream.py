@@ -14,8 +14,8 @@ frame. A second decoder with the same codec parameters and threading (SLICE or N
 fed the same packets in the same groups, releases the same frame after each group, so a :class:`TapFrame`'s
 packets are exactly what the server needs to output that frame. The first group holds the decoder's whole
 reordering delay (bikes: 3 packets, then 1 per frame); frames only released by the end-of-stream drain
-(``flushed``, the last ``has_b_frames`` frames of a file) have no packets: protocol v1 cannot ask the server to
-drain (a Packets message needs ≥ 1 packet), so the edge sends those few as keyframe / residual or runs them itself.
+(``flushed``, the last ``has_b_frames`` frames of a file) have no packets of their own: the edge asks the server
+to drain with ``Packets.flush`` (zero packets allowed then), or sends those few as keyframe / residual.
 
 **Which decoded frame is the target.** Normally each group releases exactly one frame. A decoder opened
 mid-stream (a resync) may release frames earlier than the edge's (a fresh decoder starts with the SPS's
@@ -148,7 +148,7 @@ class TapFrame:
     index: int  # display order, from 0
     pts: int | None
     packets: tuple[RawPacket, ...]
-    flushed: bool  # released by the end-of-stream drain: no packets, cannot go as Packets (protocol v1)
+    flushed: bool  # released by the end-of-stream drain: no packets of its own (the server drains on Packets.flush)
     frame: DecodedFrame = field(repr=False)
 
     @property

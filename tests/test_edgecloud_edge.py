@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,11 +41,11 @@ def frames() -> list[MotionFrame]:
 class ServerThread:
     """A CloudServer on its own event loop thread (the runtime has its own), so the test can stop it mid-stream."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, port: int = 0) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = CloudServer(adapter, insecure=True)
+        self.server = CloudServer(adapter, insecure=True, port=port)
         self.port = self.call(self.server.start())
 
     def call(self, coro: Any) -> Any:
@@ -73,6 +74,8 @@ def server(adapter: ModelAdapter) -> Iterator[ServerThread]:
 def runtime(adapter: ModelAdapter, server: ServerThread | None, policy: str, **kw: Any) -> EdgeRuntime:
     kw.setdefault("budget_ms", BIG_BUDGET)
     kw.setdefault("dense_ms", 20.0)
+    if "results" not in kw:
+        kw.setdefault("raw_outputs", True)  # the parity tests compare raw outputs
     return EdgeRuntime(adapter, "exact", policy, server.target if server else None, insecure=True, factor=FACTOR,
                        **kw)
 
@@ -228,3 +231,91 @@ def test_bad_configuration_is_refused(adapter: ModelAdapter) -> None:
         EdgeRuntime(adapter, "exact", "edge", edge_slowdown=0.5)
     with pytest.raises(EdgeError, match="policy must be"):
         EdgeRuntime(adapter, "exact", "nearest")
+
+
+def test_detections_downlink_equals_an_edge_run_and_is_small(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                             server: ServerThread) -> None:
+    """results=detections (the default): the server sends decoded detections (engine-input pixels), the edge maps
+    them to the frame; they equal an edge-only run's and each Result is a few hundred bytes, not MBs."""
+    with runtime(adapter, server, "cloud", results="detections") as rt:
+        recs = [rt.process(mf) for mf in frames[:4]]
+        st = server.server.streams[rt.stream_id]  # freed at Bye
+        assert st.hello.results == pb.RESULTS_DETECTIONS and st.hello.input_factor == FACTOR
+    assert all(r.endpoint == "cloud" and r.checksum_ok and not r.outputs for r in recs)
+    assert all(0 < r.bytes_down < 2000 for r in recs)
+    with runtime(adapter, None, "edge") as local:
+        for mf, r in zip(frames, recs, strict=False):
+            e = local.process(mf)
+            assert len(e.results) > 0 and np.array_equal(e.results.class_ids, r.results.class_ids)
+            np.testing.assert_allclose(e.results.boxes, r.results.boxes, atol=1e-3)
+            np.testing.assert_allclose(e.results.scores, r.results.scores, atol=1e-5)
+    with runtime(adapter, server, "cloud", raw_outputs=True) as raw:
+        big = raw.process(frames[0])
+    assert big.bytes_down > 50 * max(r.bytes_down for r in recs) and big.outputs
+
+
+def test_results_option_is_checked(adapter: ModelAdapter) -> None:
+    with pytest.raises(EdgeError, match="results must be detections or raw"):
+        EdgeRuntime(adapter, "exact", "edge", results="boxes")
+    with pytest.raises(EdgeError, match="raw_outputs needs results='raw'"):
+        EdgeRuntime(adapter, "exact", "edge", results="detections", raw_outputs=True)
+    with pytest.raises(EdgeError, match="reconnect backoff"):
+        EdgeRuntime(adapter, "exact", "edge", reconnect_min_s=2.0, reconnect_max_s=1.0)
+
+
+def wait_for(cond: Any, timeout_s: float = 8.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_reconnects_to_a_restarted_server_with_a_keyframe(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                          server: ServerThread) -> None:
+    """The server stops mid-stream; frames run on the edge meanwhile; a new server on the same port (another
+    server id: empty caches) is found by the background reconnect, and the next cloud frame is a Keyframe."""
+    port = server.port
+    with runtime(adapter, server, "cloud", reconnect_min_s=0.05, reconnect_max_s=0.2) as rt:
+        recs = [rt.process(mf) for mf in frames[:2]]
+        old_id = server.server.server_id
+        server.close()
+        recs.append(rt.process(frames[2]))  # the channel is dead: edge
+        assert not rt.cloud_available and rt.cloud_error is not None
+        new = ServerThread(adapter, port=port)
+        try:
+            assert new.port == port and new.server.server_id != old_id
+            assert wait_for(lambda: rt.cloud_available)
+            recs += [rt.process(mf) for mf in frames[3:]]
+            s = rt.summary()
+        finally:
+            rt.close()
+            new.close()
+        server.close = lambda: None  # type: ignore[method-assign]  # already closed
+    assert [r.endpoint for r in recs] == ["cloud", "cloud", "edge", "cloud", "cloud", "cloud"]
+    assert recs[2].fallback and [r.keyframe for r in recs] == [True, False, False, True, False, False]
+    assert all(r.checksum_ok for r in recs[3:])
+    assert s["lost_frames"] == 0 and s["resyncs"] == 1 and s["cloud_error"] is None
+    assert rt.reconnects == 1 and rt.resumes == 0
+    ref = reference(adapter, frames[3:], [mf.index for mf in frames[3:]])  # a fresh server engine from frame 3
+    for r in recs[3:]:
+        same_results(r, ref[r.index])
+
+
+def test_reconnect_to_the_same_server_resumes_with_deltas(adapter: ModelAdapter, frames: list[MotionFrame],
+                                                          server: ServerThread) -> None:
+    """The call drops but the server lives (same server id): it kept the stream, the mirror is still its cache, so
+    the next cloud frame is a Delta (no resync) and its outputs are exact."""
+    with runtime(adapter, server, "cloud", reconnect_min_s=0.05, reconnect_max_s=0.2) as rt:
+        recs = [rt.process(mf) for mf in frames[:2]]
+        assert rt._loop is not None
+        rt._loop.call_soon_threadsafe(rt._call.cancel)  # the transport drops (from the edge's side)
+        assert wait_for(lambda: rt.reconnects == 1 and rt.cloud_available)
+        recs += [rt.process(mf) for mf in frames[2:4]]
+        s = rt.summary()
+    assert rt.resumes == 1 and [r.keyframe for r in recs] == [True, False, False, False]
+    assert all(r.endpoint == "cloud" and r.checksum_ok for r in recs) and s["resyncs"] == 0
+    ref = reference(adapter, frames[:4], [mf.index for mf in frames[:4]])
+    for r in recs:
+        same_results(r, ref[r.index])

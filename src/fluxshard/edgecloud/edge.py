@@ -27,7 +27,17 @@ reply whose transfer time is below the RTT estimate (the whole network time boun
 transfer sample (transfer − estimated RTT) from payloads of at least ``min_bytes``. The recorded cloud compute
 is server compute + rebuild.
 
-No reconnect in this version: once the channel dies every later frame runs on the edge ("cloud unavailable").
+**Results downlink.** ``results="detections"`` (the default) asks the server for compact results
+(:mod:`~fluxshard.edgecloud.results`, a few hundred bytes instead of ~MBs of raw float32 heads) and maps them to frame
+pixels with the edge's own mapper; ``raw_outputs=True`` (or ``results="raw"``) asks for the raw body outputs, for
+verification (``FrameRecord.outputs`` of cloud frames is empty with detections).
+
+**Reconnect.** When the channel dies, later frames run on the edge ("cloud unavailable") while a background task
+reconnects with jittered exponential backoff (``reconnect_min_s`` doubling to ``reconnect_max_s``), sending the
+same Hello (same stream id). The same ``Welcome.server_id`` as before means the server kept the stream: the mirror
+stays valid and Deltas resume (a frame lost in flight is caught by the server's ``base_seq`` check →
+NeedKeyframe); another server id means its caches are empty: the mirror is stale, the next cloud frame is a
+Keyframe (a resync).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import secrets
 import threading
 import time
@@ -61,17 +72,19 @@ from fluxshard.edgecloud.policy import (
     decide,
 )
 from fluxshard.edgecloud.proto import fluxshard_pb2 as pb
+from fluxshard.edgecloud.results import decode_results
 from fluxshard.edgecloud.server import SERVICE, default_engine_config, result_outputs
 from fluxshard.engine import Engine, EngineConfig
 from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.engine.profiler import model_hash
 from fluxshard.errors import FluxShardError
 from fluxshard.models import ModelAdapter, load_model
-from fluxshard.models.base import Detections, Keypoints, Results
+from fluxshard.models.base import COCO_CLASSES, Detections, Keypoints, Results
 from fluxshard.motion import MotionFrame
 
 METHOD = f"/{SERVICE}/Stream"
 _MODES = {"exact": pb.ENGINE_MODE_EXACT, "fast": pb.ENGINE_MODE_FAST}
+_RESULTS = {"detections": pb.RESULTS_DETECTIONS, "raw": pb.RESULTS_RAW}
 _DEAD = object()
 
 
@@ -150,7 +163,9 @@ class EdgeRuntime:
     (emulated slower edge, see the module docstring); ``link_mbps`` / ``link_rtt_ms``: the link estimator's
     prior; ``engine_config``: the local engine's (default: the server's default for the mode — no calibration,
     no cost guard, so results are deterministic); ``dense_ms``: estimator seed (default: one dense pass timed
-    on the first frame); ``factor``: input reduction (default: fit 640 px).
+    on the first frame); ``factor``: input reduction (default: fit 640 px); ``results``: detections | raw
+    (what a cloud Result carries; default detections, raw when ``raw_outputs``); ``reconnect`` with
+    ``reconnect_min_s`` / ``reconnect_max_s``: background reconnect backoff (see the module docstring).
 
     Test hook: ``on_delta(msg)`` may edit each outgoing Delta before it is serialized (e.g. tamper with it)."""
 
@@ -173,6 +188,11 @@ class EdgeRuntime:
         engine_config: EngineConfig | None = None,
         dense_ms: float | None = None,
         connect_timeout_s: float = 10.0,
+        results: str | None = None,
+        raw_outputs: bool = False,
+        reconnect: bool = True,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 5.0,
     ) -> None:
         if mode not in _MODES:
             raise EdgeError(f"mode must be exact or fast, not {mode!r}")
@@ -186,6 +206,15 @@ class EdgeRuntime:
             raise EdgeError(f"budget_ms must be a positive number, got {budget_ms}")
         if not (math.isfinite(edge_slowdown) and edge_slowdown >= 1.0):
             raise EdgeError(f"edge_slowdown must be ≥ 1, got {edge_slowdown}")
+        if results is None:
+            results = "raw" if raw_outputs else "detections"
+        if results not in _RESULTS:
+            raise EdgeError(f"results must be detections or raw, not {results!r}")
+        if raw_outputs and results != "raw":
+            raise EdgeError("raw_outputs needs results='raw' (raw outputs are not sent with detections)")
+        if not (0 < reconnect_min_s <= reconnect_max_s):
+            raise EdgeError(f"reconnect backoff needs 0 < reconnect_min_s ≤ reconnect_max_s, got "
+                            f"{reconnect_min_s}, {reconnect_max_s}")
         self.adapter = load_model(model) if isinstance(model, str) else model
         if not hasattr(self.adapter, "postprocess_input"):
             raise EdgeError(f"model {self.adapter.name!r} cannot run at native input resolution "
@@ -200,6 +229,11 @@ class EdgeRuntime:
         self.config = engine_config or default_engine_config(self.adapter.name, mode)
         self.dense_ms = dense_ms
         self.connect_timeout_s = float(connect_timeout_s)
+        self.results_kind = results
+        self.reconnect = reconnect
+        self.reconnect_backoff_s = (float(reconnect_min_s), float(reconnect_max_s))
+        self.reconnects = 0  # successful reconnects
+        self.resumes = 0  # of which the server still held the stream (same server id)
         self.on_delta: Callable[[pb.EdgeMessage], None] | None = None
         self.records: list[FrameRecord] = []
         self.resyncs = 0
@@ -221,6 +255,10 @@ class EdgeRuntime:
         self._replies: asyncio.Queue[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
+        self._hello: pb.Hello | None = None
+        self._server_id: str | None = None
+        self._reconnector: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> EdgeRuntime:
@@ -247,6 +285,9 @@ class EdgeRuntime:
         self._loop, self._thread = None, None
 
     async def _shutdown(self) -> None:
+        self._closing = True
+        if self._reconnector is not None:
+            self._reconnector.cancel()
         if self._call is not None and self.cloud_error is None:
             with contextlib.suppress(Exception):
                 bye = pb.EdgeMessage(bye=pb.Bye(reason="done")).SerializeToString()
@@ -288,14 +329,56 @@ class EdgeRuntime:
         self._thread = threading.Thread(target=self._loop.run_forever, name="fluxshard-edge-io", daemon=True)
         self._thread.start()
         x_shape = (*self.mapper.input_hw, 3)
-        hello = pb.Hello(protocol_version=wire.PROTOCOL_VERSION, stream_id=self.stream_id,
-                         model_name=self.adapter.name, model_hash=model_hash(self.adapter.body),
-                         mode=_MODES[self.mode], input_shape=x_shape, input_dtype=input_dtype(self.mapper).name,
-                         block_size=self.mapper.input_block, payload_kind=pb.PAYLOAD_KIND_RESIDUAL)
-        fut = asyncio.run_coroutine_threadsafe(self._open(hello), self._loop)
+        self._hello = pb.Hello(protocol_version=wire.PROTOCOL_VERSION, stream_id=self.stream_id,
+                               model_name=self.adapter.name, model_hash=model_hash(self.adapter.body),
+                               mode=_MODES[self.mode], input_shape=x_shape,
+                               input_dtype=input_dtype(self.mapper).name, block_size=self.mapper.input_block,
+                               payload_kind=pb.PAYLOAD_KIND_RESIDUAL, results=_RESULTS[self.results_kind],
+                               input_factor=self.mapper.factor)
+        fut = asyncio.run_coroutine_threadsafe(self._open(self._hello), self._loop)
         reply = fut.result(self.connect_timeout_s + 5.0)
         if isinstance(reply, pb.CloudMessage) and reply.WhichOneof("body") == "error":
             raise EdgeError(f"server {self.target} refused the stream: {reply.error.message}")
+        if reply is None:  # unreachable for now: frames run on the edge while it retries
+            asyncio.run_coroutine_threadsafe(self._lost_async(self.cloud_error or "unreachable"), self._loop)
+
+    async def _lost_async(self, why: str) -> None:
+        self._lost(why)
+
+    def _lost(self, why: str) -> None:
+        """(I/O thread) The channel died: later frames go to the edge; start reconnecting unless already."""
+        self._connected = False
+        self.cloud_error = why
+        if self.reconnect and not self._closing and (self._reconnector is None or self._reconnector.done()):
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Retry Hello (same stream id) with jittered exponential backoff until it is welcomed or we close."""
+        assert self._hello is not None
+        delay, cap = self.reconnect_backoff_s
+        while not self._closing:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await self._drop_call()
+            reply = await self._open(self._hello)
+            if self._connected:
+                self.reconnects += 1
+                return
+            if isinstance(reply, pb.CloudMessage) and reply.WhichOneof("body") == "error":
+                return  # refused (not unreachable): retrying would be refused again
+            delay = min(delay * 2.0, cap)
+
+    async def _drop_call(self) -> None:
+        """Forget the dead call and channel (their reader must not report the new call dead)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+            self._channel = None
 
     async def _open(self, hello: pb.Hello) -> pb.CloudMessage | None:
         try:
@@ -317,18 +400,27 @@ class EdgeRuntime:
         if msg.WhichOneof("body") != "welcome":
             self.cloud_error = f"{self.target} answered Hello with {msg.WhichOneof('body')}"
             return msg
+        sid = msg.welcome.server_id
+        if self._server_id is not None:
+            if sid == self._server_id:
+                self.resumes += 1  # the server kept the stream: the mirror is still its cache
+            else:
+                self._stale = True  # a restarted server: empty caches, the next cloud frame is a Keyframe
+        self._server_id = sid
         self._replies = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-        self._connected = True
+        self._reader = asyncio.create_task(self._read(self._call))
+        self.cloud_error = None
+        self._connected = True  # last: the frame thread may use the stream from here on
         return msg
 
-    async def _read(self) -> None:
-        """Every reply, stamped on arrival, into the queue; the end of the stream as ``_DEAD``."""
+    async def _read(self, call: Any) -> None:
+        """Every reply, stamped on arrival, into the queue; the end of the stream as ``_DEAD`` (and a reconnect)."""
         assert self._replies is not None
+        replies = self._replies
         why = "the server closed the stream"
         try:
             while True:
-                data = await self._call.read()
+                data = await call.read()
                 if data is grpc.aio.EOF:
                     break
                 now = time.perf_counter()
@@ -337,37 +429,49 @@ class EdgeRuntime:
                 except wire.WireError as exc:
                     why = f"malformed reply: {exc}"
                     break
-                await self._replies.put((msg, len(data), now))
+                await replies.put((msg, len(data), now))
         except grpc.RpcError as exc:
             why = _why(exc)
         except asyncio.CancelledError:
-            return
-        await self._replies.put((_DEAD, why))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # we stopped reading (drop, close)
+                raise
+            why = "the call was cancelled"  # the call itself (transport) was cancelled under us
+        await replies.put((_DEAD, why))
+        if call is self._call:
+            self._lost(why)
 
     async def _exchange(self, data: bytes, seq: int, timeout_s: float) -> tuple[Any, int, float, float]:
         """Send one frame's message, wait for its reply (Result or NeedKeyframe of ``seq``, or an Error).
         Returns (reply | "timeout" | ("dead", why), bytes down, send start, arrival)."""
-        assert self._replies is not None
         t0 = time.perf_counter()
+        if not self._connected or self._replies is None or self._call is None:  # died since the frame looked
+            return ("dead", self.cloud_error or "not connected"), 0, t0, t0
+        replies = self._replies
         deadline = t0 + timeout_s
         try:  # a write only blocks under flow control: one stuck for the connect timeout means a dead link
             await asyncio.wait_for(self._call.write(data), self.connect_timeout_s)
         except TimeoutError:
-            return ("dead", f"send blocked for {self.connect_timeout_s:g} s"), 0, t0, time.perf_counter()
+            why = f"send blocked for {self.connect_timeout_s:g} s"
+            self._lost(why)
+            return ("dead", why), 0, t0, time.perf_counter()
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            self._lost(_why(exc))
             return ("dead", _why(exc)), 0, t0, time.perf_counter()
         while True:
             try:
-                item = await asyncio.wait_for(self._replies.get(), max(deadline - time.perf_counter(), 0.0))
+                item = await asyncio.wait_for(replies.get(), max(deadline - time.perf_counter(), 0.0))
             except TimeoutError:
                 return "timeout", 0, t0, time.perf_counter()
             if item[0] is _DEAD:
-                await self._replies.put(item)  # stays dead for every later wait
+                await replies.put(item)  # stays dead for every later wait
                 return ("dead", item[1]), 0, t0, time.perf_counter()
             msg, nbytes, arrived = item
             kind = msg.WhichOneof("body")
             if kind == "error":
-                return ("dead", f"server error: {msg.error.message}"), nbytes, t0, arrived
+                why = f"server error: {msg.error.message}"
+                self._lost(why)
+                return ("dead", why), nbytes, t0, arrived
             got = msg.result.seq if kind == "result" else msg.need_keyframe.seq if kind == "need_keyframe" else None
             if got == seq:
                 return msg, nbytes, t0, arrived
@@ -411,6 +515,7 @@ class EdgeRuntime:
         reason, fallback, outputs = d.reason, False, None
         bytes_up = bytes_down = 0
         checksum_ok: bool | None = None
+        cloud_results: Results | None = None
         measured = Latency()
         if d.endpoint == "cloud":
             bytes_up = len(msg_bytes)
@@ -431,7 +536,12 @@ class EdgeRuntime:
                     assert payload_rebuilt is not None
                     self.cloud_layer.update(payload_rebuilt, seq=seq)
                     self._stale = False
-                    outputs = [np.require(o, requirements="W") for o in result_outputs(r)]  # torch wants writable
+                    if self.results_kind == "raw":
+                        outputs = [np.require(o, requirements="W") for o in result_outputs(r)]  # torch: writable
+                    else:
+                        cloud_results = decode_results(r, class_names=getattr(self.adapter, "class_names",
+                                                                              COCO_CLASSES))
+                        outputs = []
                 else:
                     fallback, reason = True, f"fallback: result checksum {r.checksum} != mirror's {checksum}"
             elif isinstance(reply, pb.CloudMessage):  # NeedKeyframe
@@ -440,18 +550,19 @@ class EdgeRuntime:
                 reason = f"fallback: need keyframe ({pb.NeedKeyframe.Reason.Name(nk.reason)}: {nk.detail})"
             elif reply == "timeout":
                 fallback, reason = True, f"fallback: no reply within {self.budget_ms:g} ms"
-            else:
-                self.cloud_error = reply[1]
+            else:  # the I/O thread already marked the cloud lost and is reconnecting
                 fallback, reason = True, f"fallback: cloud lost ({reply[1]})"
-            if fallback:
-                self._stale = True
+            if fallback and not isinstance(reply, tuple):
+                self._stale = True  # a dead channel keeps the mirror: a resume may still use it
         endpoint: Endpoint = "cloud" if outputs is not None else "edge"
         if outputs is None:
             outputs, measured.compute_ms = self._edge_step(x, active_edge)
         if not fallback and d.reason == "cloud unavailable" and self.policy != "edge" and self.target is not None:
             fallback = True  # the policy wanted the cloud (or might have): it could not serve this frame
-        results = to_frame(self.adapter.postprocess_input([torch.from_numpy(o) for o in outputs],
-                                                          self.mapper.input_hw), self.mapper)
+        if cloud_results is None:
+            cloud_results = self.adapter.postprocess_input([torch.from_numpy(o) for o in outputs],
+                                                           self.mapper.input_hw)
+        results = to_frame(cloud_results, self.mapper)
         err = None
         if not fallback:
             pred = d.edge_ms if endpoint == "edge" else d.cloud_ms

@@ -19,6 +19,7 @@ def _register() -> None:
     from fluxshard.cli import bench as bench_cmd
     from fluxshard.cli import data as data_cmd
     from fluxshard.cli import detect as detect_cmd
+    from fluxshard.cli import edge as edge_cmd
     from fluxshard.cli import motion as motion_cmd
     from fluxshard.cli import profile as profile_cmd
     from fluxshard.cli import run as run_cmd
@@ -30,6 +31,7 @@ def _register() -> None:
     detect_cmd.register(app)
     run_cmd.register(app)
     serve_cmd.register(app)
+    edge_cmd.register(app)
     bench_cmd.register(app)
     profile_cmd.register(app)
     tile_cmd.register(app)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +66,38 @@ def test_edge_policy_sends_nothing_and_starts_no_server() -> None:
 
 @pytest.mark.slow
 def test_emulated_link_lies_on_the_path() -> None:
-    s = summary(run_cli(*SMALL, "--policy", "cloud", "--link", "20", "--rtt", "40", "--json"))
+    s = summary(run_cli(*SMALL, "--policy", "cloud", "--link", "20", "--rtt", "40", "--verify", "--json"))
     assert s["frames_cloud"] == 5 and s["lost_frames"] == 0
     assert s["latency_ms_median"] >= 40.0  # every cloud frame pays at least one emulated RTT
     link = s["link"]
     assert link["rtt_ms"] == 40.0 and link["mbps_mean"] == pytest.approx(20.0)
     assert link["up_bytes"] >= s["uplink_bytes_total"]  # what the runtime sent went through the emulator
     assert gone(s["server_pid"])
+    # --verify: dense inference of the same engine input; exact mode equals it up to summation order
+    assert s["max_abs_diff_frames"] == 5 and s["max_abs_diff"] <= 1e-4
+    assert s["retention_map50"] is not None or "n/a" in s["retention_note"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_the_embedded_server(tmp_path: Path) -> None:
+    rows = tmp_path / "frames.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "fluxshard", "edge", "cup", "--factor", "4", "--policy", "cloud",
+                          "--json", "--jsonl", str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (rows.exists() and rows.read_text().count("\n") >= 2):  # the server is up, frames flow
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.stderr else ""
+            time.sleep(0.1)
+        children = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert len(children) == 1  # the embedded server
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and gone(children[0])
 
 
 def test_unreachable_server_falls_back_to_the_edge() -> None:

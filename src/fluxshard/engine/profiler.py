@@ -34,7 +34,7 @@ Decisions (the seed gives the idea, not the numbers; see docs/design.md):
   and the choices made with fast mode's compiled path priced at ½× and 2× its measured cost
   (``Engine.share_calibration(pgemm_scale=...)``); every retention is the worst of the three. The paths
   differ in float summation order, a truncation test that flips on 1e-6 changes what later frames recompute,
-  and calibration on this shared machine varies 2–3× between runs: the delta profile of session 9, certified
+  and calibration on this shared machine varies 2–3× between runs: a delta profile certified
   at 1.000 on bikes in its 2–6 px bin under one calibration, measured 0.87–0.95 under others. A profile must
   hold on the paths a user's run will take, not only on the ones the profiling run happened to take.
 """

@@ -35,7 +35,7 @@ FORMAT = "fluxshard-tiling-profile"
 VERSION = 1
 PLAN_RUNTIME_MARGIN = 0.10
 MODES = ("conservative", "non-conservative")
-#: Quantile (percent) of the conservative plan latency model (session 5). The contract is "at most 1 % of
+#: Quantile (percent) of the conservative plan latency model. The contract is "at most 1 % of
 #: frames late" per clip and SLO; a plan filled up to its p99 misses ~1 % of frames whenever the load matches
 #: the profile and more when it drifts, so the model targets the 99.9th percentile (design.md, Uirapuru
 #: tiling, *Conservative quantile*).
@@ -92,7 +92,7 @@ class FamilyProfile:
     #: Geometries not listed: factor 1.
     tile_calib: dict[str, list[float]] = field(default_factory=dict)
     #: The profiling run's timed tiles in the order they ran, ``[[observed ms, profiled mean ms], ...]`` (a
-    #: deployment profile, session 5): :attr:`plan_tail` can be recomputed at another quantile from it
+    #: deployment profile): :attr:`plan_tail` can be recomputed at another quantile from it
     #: (:meth:`with_tail_quantile`) without re-profiling. Empty: the tail is fixed.
     plan_runs: tuple[tuple[float, float], ...] = ()
 

@@ -518,7 +518,7 @@ CALIB_MIN_ESTIMATE = 0.02
 def plan_calibration(refs: Sequence[Detections], runs: Sequence[dict[tuple[tuple[float, ...], int], Detections]],
                      width: int, height: int, grids: Sequence[tuple[int, int]], tile_acc: dict[str, list[list[float]]],
                      pooled: np.ndarray, clamp: tuple[float, float] = CALIB_CLAMP) -> dict[str, list[float]]:
-    """Plan-level calibration of the accuracy model, per tile geometry and member (session 4).
+    """Plan-level calibration of the accuracy model, per tile geometry and member.
 
     For each ``(nx, ny)`` grid in ``grids`` and member ``m``, the plan "every cell of the grid run with ``m``" is
     evaluated on the deployment views: its measured COCO AP@[.5:.95] (the cells' detections merged with NMS,
@@ -528,8 +528,9 @@ def plan_calibration(refs: Sequence[Detections], runs: Sequence[dict[tuple[tuple
     ``clamp``; 1 when the estimate is below :data:`CALIB_MIN_ESTIMATE` or nothing was measured. What it
     corrects: per-tile AP is scored tile by tile (objects by centre, cut ones ignored), so it misses what
     the merge does across tiles (duplicates of cut objects, score ranking across tiles and members) and how
-    closely a member's boxes match the reference's - measured on wide_a session 3, UT-416 scored 0.95 where its
-    estimate said 0.84, DS-416 0.22 for 0.34 (ratios 0.6-1.13 across the eight fixed configurations).
+    closely a member's boxes match the reference's - measured on wide_a without calibration, UT-416 scored
+    0.95 where its estimate said 0.84, DS-416 0.22 for 0.34 (ratios 0.6-1.13 across the eight fixed
+    configurations).
     ``runs[v][(rect rounded to 3 decimals, m)]``: the tile's detections in view px."""
     from fluxshard.metrics.coco import DENSE_REFERENCE, average_precision
     from fluxshard.tiling.planner import count_objects, grid_histograms

@@ -336,17 +336,22 @@ def _validate_hello(h: pb.Hello, limits: WireLimits) -> None:
         raise WireError(f"hello.input_factor: uint16 box sums need a factor of 2-16, got {h.input_factor}")
 
 
+def _field_grid(budget: _Budget, msg: pb.Delta | pb.Packets, prefix: str) -> None:
+    """The accumulated motion field a Delta or Packets carries: int16 dy, dx and bool valid on one 2-d grid."""
+    _, grid = budget.tensor(msg.dy, f"{prefix}.dy", dtypes=frozenset({"int16"}))
+    if len(grid) != 2:
+        raise WireError(f"{prefix}.dy: shape {list(grid)} is not a 2-d block grid")
+    budget.tensor(msg.dx, f"{prefix}.dx", expect_shape=grid, dtypes=frozenset({"int16"}))
+    budget.tensor(msg.valid, f"{prefix}.valid", expect_shape=grid, dtypes=frozenset({"bool"}))
+
+
 def _validate_delta(d: pb.Delta, limits: WireLimits) -> None:
     for name in ("dy", "dx", "valid", "block_indices", "pixels"):
         _has(d, name, "delta")
     if d.base_seq >= d.seq:
         raise WireError(f"delta.base_seq: {d.base_seq} is not before seq {d.seq}")
     budget = _Budget(limits)
-    _, grid = budget.tensor(d.dy, "delta.dy", dtypes=frozenset({"int16"}))
-    if len(grid) != 2:
-        raise WireError(f"delta.dy: shape {list(grid)} is not a 2-d block grid")
-    budget.tensor(d.dx, "delta.dx", expect_shape=grid, dtypes=frozenset({"int16"}))
-    budget.tensor(d.valid, "delta.valid", expect_shape=grid, dtypes=frozenset({"bool"}))
+    _field_grid(budget, d, "delta")
     _, (n,) = budget.tensor(d.block_indices, "delta.block_indices", frozenset({"int32"}), expect_shape=(None,))
     _, pix = budget.tensor(d.pixels, "delta.pixels", frozenset({"uint8", "uint16"}))
     if not pix or pix[0] != n:
@@ -373,12 +378,7 @@ def _validate_packets(p: pb.Packets, limits: WireLimits = DEFAULT_LIMITS) -> Non
             raise WireError("packets: a decode_only message carries no motion field")
         if p.field_base_seq >= p.seq:
             raise WireError(f"packets.field_base_seq: {p.field_base_seq} is not before seq {p.seq}")
-        budget = _Budget(limits)
-        _, grid = budget.tensor(p.dy, "packets.dy", dtypes=frozenset({"int16"}))
-        if len(grid) != 2:
-            raise WireError(f"packets.dy: shape {list(grid)} is not a 2-d block grid")
-        budget.tensor(p.dx, "packets.dx", expect_shape=grid, dtypes=frozenset({"int16"}))
-        budget.tensor(p.valid, "packets.valid", expect_shape=grid, dtypes=frozenset({"bool"}))
+        _field_grid(_Budget(limits), p, "packets")
 
 
 def validate_edge_message(msg: pb.EdgeMessage, limits: WireLimits = DEFAULT_LIMITS) -> str:

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from fluxshard.errors import FluxShardError
 
@@ -44,6 +46,18 @@ MIN_WINDOW_S = 0.2  # shortest reading window worth deciding on (/proc/stat coun
 # one threshold then does not make the count flap)
 DROP = 0.5
 RAISE = 0.25
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (``platform.processor()`` is often empty on Linux): what
+    measured costs are keyed by."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class CpuPolicyError(FluxShardError):

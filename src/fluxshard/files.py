@@ -12,6 +12,15 @@ import tempfile
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """``$FLUXSHARD_CACHE``, defaulting like ``scripts/_env.sh`` (``$XDG_CACHE_HOME/fluxshard``, else
+    ``~/.cache/fluxshard``) so shell scripts and every Python cache (clips, calibrations, tiling profiles)
+    agree."""
+    root = os.environ.get("FLUXSHARD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fluxshard")
+    return Path(root).expanduser()
+
+
 def umask() -> int:
     """The process umask (reading it means setting it: restored at once)."""
     mask = os.umask(0o022)

@@ -258,7 +258,7 @@ def _run(runtime: Any, path: str, max_frames: int | None, verify: bool, rows: IO
     import torch
 
     from fluxshard.edgecloud.dispatch import input_tensor, integer_input
-    from fluxshard.edgecloud.edge import to_frame
+    from fluxshard.engine.run import results_to_frame
     from fluxshard.motion import MotionStream
     from fluxshard.video import open_video
 
@@ -289,7 +289,7 @@ def _run(runtime: Any, path: str, max_frames: int | None, verify: bool, rows: IO
                     diffs.append(d)
                     row["max_abs_diff"] = d
                 cand.append(rec.results)
-                ref.append(to_frame(runtime.adapter.postprocess_input(list(outs), mapper.input_hw), mapper))
+                ref.append(results_to_frame(runtime.adapter.postprocess_input(list(outs), mapper.input_hw), mapper))
             if rows is not None:
                 rows.write(json.dumps(row) + "\n")
             progress.advance(task)

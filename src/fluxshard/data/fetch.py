@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from fluxshard.errors import DataError
-from fluxshard.files import publish
+from fluxshard.files import cache_root, publish
 
 _CHUNK = 1 << 20
 
@@ -83,12 +83,8 @@ Status = Callable[[str], None]
 
 
 def cache_dir() -> Path:
-    """``$FLUXSHARD_CACHE/data``, defaulting like ``scripts/_env.sh`` so shell scripts and Python agree."""
-    root = os.environ.get("FLUXSHARD_CACHE") or ""
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = os.path.join(xdg, "fluxshard")
-    return Path(root).expanduser() / "data"
+    """``$FLUXSHARD_CACHE/data`` (see :func:`fluxshard.files.cache_root`)."""
+    return cache_root() / "data"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -77,9 +77,10 @@ from fluxshard.edgecloud.server import SERVICE, default_engine_config, result_ou
 from fluxshard.engine import Engine, EngineConfig
 from fluxshard.engine.inputs import InputMapper, mapper_for
 from fluxshard.engine.profiler import model_hash
+from fluxshard.engine.run import results_to_frame
 from fluxshard.errors import FluxShardError
 from fluxshard.models import ModelAdapter, load_model
-from fluxshard.models.base import COCO_CLASSES, Detections, Keypoints, Results
+from fluxshard.models.base import COCO_CLASSES, Results
 from fluxshard.motion import MotionFrame
 
 METHOD = f"/{SERVICE}/Stream"
@@ -137,17 +138,6 @@ class FrameRecord:
         d["measured"] = {**asdict(self.measured), "total_ms": self.measured.total_ms}
         d["results"] = len(self.results)
         return d
-
-
-def to_frame(results: Results, mapper: InputMapper) -> Results:
-    """Results in engine-input pixels → frame pixels (what ``fluxshard run`` reports)."""
-    if isinstance(results, Keypoints):
-        kp = results.keypoints.copy()
-        kp[..., :2] = mapper.points_to_frame(kp[..., :2])
-        boxes = mapper.boxes_to_frame(results.boxes) if len(results) else results.boxes
-        return Keypoints(kp, results.scores, boxes, results.names, results.skeleton)
-    boxes = mapper.boxes_to_frame(results.boxes) if len(results) else results.boxes
-    return Detections(boxes, results.scores, results.class_ids, results.class_names)
 
 
 def _numpy(outs: Any) -> list[np.ndarray]:
@@ -562,7 +552,7 @@ class EdgeRuntime:
         if cloud_results is None:
             cloud_results = self.adapter.postprocess_input([torch.from_numpy(o) for o in outputs],
                                                            self.mapper.input_hw)
-        results = to_frame(cloud_results, self.mapper)
+        results = results_to_frame(cloud_results, self.mapper)
         err = None
         if not fallback:
             pred = d.edge_ms if endpoint == "edge" else d.cloud_ms

@@ -15,25 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fluxshard.cpu import cpu_name
+from fluxshard.files import cache_root, write_text_atomic
+
 VERSION = 1
-
-
-def cpu_name() -> str:
-    """The CPU model as the kernel reports it (``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_key() -> dict[str, Any]:
@@ -63,19 +53,8 @@ def load(directory: str | Path, key: str) -> dict[str, Any] | None:
 def save(directory: str | Path, key: str, data: dict[str, Any], conditions: dict[str, Any]) -> Path:
     """Write atomically (a concurrent reader sees the old file or the new one, never half of one), readable
     by others like any cache file."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{key}.json"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{key}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": VERSION, "key": key, "conditions": conditions, **data}, fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    blob = json.dumps({"version": VERSION, "key": key, "conditions": conditions, **data}, indent=1)
+    return write_text_atomic(Path(directory) / f"{key}.json", blob)
 
 
 def jsonable(v: Any) -> Any:
@@ -93,10 +72,8 @@ def tuplify(v: Any) -> Any:
 
 
 def default_dir() -> Path:
-    """``$FLUXSHARD_CACHE/calibration`` (defaulting like ``scripts/_env.sh``): where the CLI keeps them."""
-    root = os.environ.get("FLUXSHARD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fluxshard")
-    return Path(root).expanduser() / "calibration"
+    """``$FLUXSHARD_CACHE/calibration``: where the CLI keeps them."""
+    return cache_root() / "calibration"
 
 
 def clear(directory: str | Path) -> int:

@@ -123,7 +123,7 @@ def run_clip(
             fld = mapper.field(mf.field)
             t0 = time.perf_counter()
             out, st = engine.step(x, fld)
-            dets = _to_frame(adapter.postprocess_input(out, mapper.input_hw), mapper)
+            dets = results_to_frame(adapter.postprocess_input(out, mapper.input_hw), mapper)
             eng_ms.append((time.perf_counter() - t0) * 1e3)
             active.append(st.active_fraction)
             s.guard_frames += st.reason == "cost guard"
@@ -133,7 +133,7 @@ def run_clip(
             if verify:
                 t0 = time.perf_counter()
                 dense_out = adapter.body(x.contiguous(memory_format=torch.channels_last))  # dense at its best
-                dense_dets = _to_frame(adapter.postprocess_input(dense_out, mapper.input_hw), mapper)
+                dense_dets = results_to_frame(adapter.postprocess_input(dense_out, mapper.input_hw), mapper)
                 dense_ms.append((time.perf_counter() - t0) * 1e3)
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 refs = dense_out if isinstance(dense_out, (tuple, list)) else (dense_out,)
@@ -192,7 +192,8 @@ def thresholds_source(model: str, cfg: EngineConfig) -> str | None:
             + ("" if shipped else f" (no profile shipped for {model!r})"))
 
 
-def _to_frame(d: Results, mapper: InputMapper) -> Results:
+def results_to_frame(d: Results, mapper: InputMapper) -> Results:
+    """Results in engine-input pixels → frame pixels (what every report and overlay uses)."""
     if isinstance(d, Keypoints):
         kp = d.keypoints.copy()
         kp[..., :2] = mapper.points_to_frame(kp[..., :2])

@@ -33,7 +33,6 @@ import io
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from fluxshard.cpu import cpu_name
+from fluxshard.files import cache_root
 from fluxshard.models.base import Detections
 from fluxshard.tiling.bins import EDGES, N_BINS, REMIX_EDGES_PX
 from fluxshard.tiling.infer import DetectorFamily, TileRun, merge, reference_grid, uniform_grid
@@ -69,18 +70,11 @@ def machine_key() -> str:
     """CPU model, logical CPUs and torch threads: what the latencies depend on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu} x{os.cpu_count()} t{torch.get_num_threads()}"
+    return f"{cpu_name()} x{os.cpu_count()} t{torch.get_num_threads()}"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("FLUXSHARD_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "fluxshard") / "tiling"
+    return cache_root() / "tiling"
 
 
 def cache_path(family: DetectorFamily) -> Path:
